@@ -1,0 +1,20 @@
+"""Shared pytest fixtures: where the real chest X-ray sets live, and tiny-size defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# ../shared/data beside the checkout; CXR_SHARED_DATA overrides (a user's fresh clone has none).
+SHARED_DATA = Path(os.environ.get(
+    "CXR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real-data folder, or a skip with the reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real chest X-ray data not found at {SHARED_DATA} (set CXR_SHARED_DATA)")
+    return SHARED_DATA
