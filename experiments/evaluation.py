@@ -1,0 +1,349 @@
+"""Evaluation shared by every experiment: metrics with bootstrap CIs, and a paper-ready report.
+
+`evaluate_predictions` turns labels and class probabilities into a JSON-ready dict (point
+estimates from sklearn.metrics; 95% percentile-bootstrap CIs that resample patients when patient
+ids are known, so correlated images of one patient do not narrow the interval). `write_report`
+writes metrics.json, report.md and the confusion / ROC / reliability plots into a run folder.
+
+Macro averages and the macro ROC-AUC run over the classes present in `y_true`; an absent class
+gets ROC-AUC None and a warning instead of an exception (cross-dataset evaluation needs this).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
+
+from ensembles.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
+
+_PROBA_SUM_TOL = 1e-3
+
+
+def _check_inputs(y_true, proba, class_names, patient_ids):
+    y = np.asarray(y_true)
+    p = np.asarray(proba, dtype=np.float64)
+    k = len(class_names)
+    if y.ndim != 1 or p.ndim != 2 or len(y) != len(p):
+        raise ValueError(f"need y_true [N] and proba [N, K]; got {y.shape} and {p.shape}")
+    if len(y) == 0:
+        raise ValueError("no examples to evaluate")
+    if p.shape[1] != k:
+        raise ValueError(f"proba has {p.shape[1]} columns but {k} class names: {list(class_names)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y_true must hold integer labels, got dtype {y.dtype}")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must lie in [0, {k}); got range [{y.min()}, {y.max()}]")
+    if not np.all(np.isfinite(p)) or p.min() < 0 or p.max() > 1:
+        raise ValueError("proba must be finite and within [0, 1]")
+    worst = float(np.max(np.abs(p.sum(axis=1) - 1.0)))
+    if worst > _PROBA_SUM_TOL:
+        raise ValueError(f"proba rows must sum to 1 (worst row is off by {worst:.3g})")
+    ids = None
+    if patient_ids is not None:
+        ids = np.asarray(patient_ids).astype(str)
+        if ids.shape != y.shape:
+            raise ValueError(f"patient_ids has shape {ids.shape}, expected {y.shape}")
+    return y.astype(np.int64), p, ids
+
+
+def resampling_units(patient_ids: np.ndarray | None, n: int) -> tuple[np.ndarray, str]:
+    """Unit index per example for the bootstrap: one unit per patient when any id is known
+    (examples with an unknown id, '', are their own unit), else one unit per example."""
+    if patient_ids is None or not np.any(patient_ids != ""):
+        return np.arange(n), "example"
+    ids = np.where(patient_ids == "", np.char.add("\0example", np.arange(n).astype(str)),
+                   patient_ids)
+    return np.unique(ids, return_inverse=True)[1].ravel(), "patient"
+
+
+def bootstrap_weights(units: np.ndarray, n_bootstrap: int, seed: int,
+                      chunk: int = 128) -> Iterator[np.ndarray]:
+    """Multiplicity of each example in `n_bootstrap` resamples of units drawn with replacement.
+
+    Yields float [<=chunk, N] blocks (memory stays chunk * N): resampling a unit brings all of
+    its examples along.
+    """
+    n_units = int(units.max()) + 1
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_bootstrap, chunk):
+        b = min(chunk, n_bootstrap - start)
+        draws = rng.integers(0, n_units, size=(b, n_units))
+        offsets = (np.arange(b) * n_units)[:, None]
+        counts = np.bincount((draws + offsets).ravel(), minlength=b * n_units)
+        yield counts.reshape(b, n_units)[:, units].astype(np.float64)
+
+
+def weighted_confusion(y: np.ndarray, pred: np.ndarray, k: int, w: np.ndarray) -> np.ndarray:
+    """Confusion matrices [B, K, K] (rows = true) of example weights w [B, N]."""
+    cell = np.eye(k * k)[y * k + pred]                     # [N, K*K]
+    return (w @ cell).reshape(len(w), k, k)
+
+
+def weighted_ovr_auc(y: np.ndarray, scores: np.ndarray, positive: int, w: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC-AUC of `scores` for class `positive` under each weight row of w [B, N].
+
+    Exact Mann-Whitney form with ties counted half, so unit weights give sklearn's roc_auc_score;
+    NaN where a resample has no positive or no negative example.
+    """
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])   # first index of each tied group
+    is_pos = (y[order] == positive)
+    wp = np.add.reduceat(w[:, order] * is_pos, starts, axis=1)
+    wn = np.add.reduceat(w[:, order] * ~is_pos, starts, axis=1)
+    below = np.cumsum(wn, axis=1) - wn
+    num = np.sum(wp * (below + 0.5 * wn), axis=1)
+    den = wp.sum(axis=1) * wn.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)
+
+
+def _bootstrap(y, proba, w) -> dict[str, np.ndarray]:
+    """Accuracy, macro F1, macro OvR ROC-AUC and per-class recall for each weight row."""
+    k = proba.shape[1]
+    pred = proba.argmax(axis=1)
+    cm = weighted_confusion(y, pred, k, w)
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, tp / support, np.nan)
+        f1 = np.where(support > 0, np.where(tp > 0, 2 * tp / (support + predicted), 0.0), np.nan)
+    auc = np.stack([weighted_ovr_auc(y, proba[:, c], c, w) for c in range(k)], axis=1)
+    with np.errstate(invalid="ignore"):
+        return {"accuracy": tp.sum(axis=1) / w.sum(axis=1),
+                "macro_f1": _nanmean_rows(f1),
+                "roc_auc_macro": _nanmean_rows(auc),
+                "recall": recall}
+
+
+def _nanmean_rows(x: np.ndarray) -> np.ndarray:
+    n = np.sum(~np.isnan(x), axis=1)
+    return np.where(n > 0, np.nansum(x, axis=1) / np.maximum(n, 1), np.nan)
+
+
+def _ci(values: np.ndarray) -> list[float] | None:
+    v = values[~np.isnan(values)]
+    if len(v) == 0:
+        return None
+    lo, hi = np.percentile(v, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_ids=None,
+                         n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Classification metrics of `proba` [N, K] against integer labels, JSON-ready.
+
+    Keys: accuracy, per_class {name: precision, recall, specificity, f1, support, roc_auc},
+    macro_/weighted_ precision, recall, specificity, f1, confusion_matrix (rows = true),
+    roc_auc_macro, ece, ci95 (None when n_bootstrap == 0), bootstrap, class_names,
+    n_examples, n_patients, absent_classes, warnings.
+    """
+    y, p, ids = _check_inputs(y_true, proba, class_names, patient_ids)
+    names = [str(c) for c in class_names]
+    k, n = len(names), len(y)
+    labels = np.arange(k)
+    pred = p.argmax(axis=1)
+    cm = skm.confusion_matrix(y, pred, labels=labels)
+    prec, rec, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=0)
+    present = support > 0
+    absent = [names[c] for c in labels if not present[c]]
+    warnings = [f"class {c!r} is absent from y_true: its recall, specificity and ROC-AUC are "
+                f"undefined and left out of the macro averages" for c in absent]
+
+    per_class = {}
+    for c in labels:
+        negatives = n - support[c]
+        fp = cm[:, c].sum() - cm[c, c]
+        auc = (float(skm.roc_auc_score(y == c, p[:, c]))
+               if present[c] and negatives > 0 else None)
+        per_class[names[c]] = {
+            "precision": float(prec[c]),
+            "recall": float(rec[c]) if present[c] else None,
+            "specificity": float((negatives - fp) / negatives) if negatives > 0 else None,
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+            "roc_auc": auc,
+        }
+
+    out: dict = {"class_names": names, "n_examples": int(n),
+                 "n_patients": int(len(set(ids[ids != ""]))) if ids is not None else 0,
+                 "accuracy": float(skm.accuracy_score(y, pred))}
+    weights = support[present] / support[present].sum()
+    for metric in ("precision", "recall", "specificity", "f1"):
+        vals = [per_class[names[c]][metric] for c in labels if present[c]]
+        out[f"macro_{metric}"] = _mean_or_none(vals)
+        defined = [(v, w) for v, w in zip(vals, weights) if v is not None]
+        out[f"weighted_{metric}"] = (float(sum(v * w for v, w in defined) / sum(w for _, w in defined))
+                                     if defined else None)
+    out["per_class"] = per_class
+    out["confusion_matrix"] = cm.astype(int).tolist()
+    out["roc_auc_macro"] = _mean_or_none([per_class[c]["roc_auc"] for c in names])
+    out["ece"] = expected_calibration_error(y, p, DEFAULT_BINS)
+    out["absent_classes"] = absent
+    out["warnings"] = warnings
+
+    units, unit_kind = resampling_units(ids, n)
+    out["bootstrap"] = {"n_resamples": int(n_bootstrap), "unit": unit_kind,
+                        "n_units": int(units.max()) + 1, "seed": int(seed), "method": "percentile"}
+    if n_bootstrap <= 0:
+        out["ci95"] = None
+        return out
+    blocks = [_bootstrap(y, p, w) for w in bootstrap_weights(units, n_bootstrap, seed)]
+    boot = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
+    out["ci95"] = {
+        "accuracy": _ci(boot["accuracy"]),
+        "macro_f1": _ci(boot["macro_f1"]),
+        "roc_auc_macro": _ci(boot["roc_auc_macro"]) if out["roc_auc_macro"] is not None else None,
+        "recall": {names[c]: (_ci(boot["recall"][:, c]) if present[c] else None) for c in labels},
+    }
+    return out
+
+
+# ---------------------------------------------------------------------------------- report
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_ci(x: float | None, ci: Sequence[float] | None) -> str:
+    return _fmt(x) if ci is None else f"{_fmt(x)} ({_fmt(ci[0])}-{_fmt(ci[1])})"
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def report_markdown(metrics: Mapping, title: str,
+                    extra_sections: Mapping[str, str] | None = None) -> str:
+    """The report.md text: data summary, classification table with CIs, confusion, AUC, ECE."""
+    names = metrics["class_names"]
+    ci = metrics.get("ci95") or {}
+    rec_ci = ci.get("recall", {})
+    boot = metrics["bootstrap"]
+    lines = [f"# {title}", "", "## Data", "",
+             f"- examples: {metrics['n_examples']}, patients: {metrics['n_patients'] or 'unknown'}",
+             "- support: " + ", ".join(f"{c} {metrics['per_class'][c]['support']}" for c in names)]
+    if ci:
+        lines.append(f"- 95% CIs: percentile bootstrap, {boot['n_resamples']} resamples of "
+                     f"{boot['n_units']} {boot['unit']}s (seed {boot['seed']})")
+    lines += [f"- warning: {w}" for w in metrics.get("warnings", [])]
+
+    rows = [[c, _fmt(m["precision"]), _fmt_ci(m["recall"], rec_ci.get(c)), _fmt(m["specificity"]),
+             _fmt(m["f1"]), str(m["support"])]
+            for c, m in metrics["per_class"].items()]
+    total = str(metrics["n_examples"])
+    rows.append(["**accuracy**", "", _fmt_ci(metrics["accuracy"], ci.get("accuracy")), "", "", total])
+    for avg in ("macro", "weighted"):
+        f1_ci = ci.get("macro_f1") if avg == "macro" else None
+        rows.append([f"**{avg} avg**", _fmt(metrics[f"{avg}_precision"]),
+                     _fmt(metrics[f"{avg}_recall"]), _fmt(metrics[f"{avg}_specificity"]),
+                     _fmt_ci(metrics[f"{avg}_f1"], f1_ci), total])
+    lines += ["", "## Classification report", ""]
+    lines += _markdown_table(["class", "precision (PPV)", "recall (sensitivity)", "specificity",
+                              "F1", "support"], rows)
+
+    cm = metrics["confusion_matrix"]
+    lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
+    lines += _markdown_table(["true \\ pred", *names], [[n, *map(str, r)] for n, r in zip(names, cm)])
+
+    auc_rows = [[c, _fmt(metrics["per_class"][c]["roc_auc"])] for c in names]
+    auc_rows.append(["**macro**", _fmt_ci(metrics["roc_auc_macro"], ci.get("roc_auc_macro"))])
+    lines += ["", "## ROC-AUC (one-vs-rest)", ""] + _markdown_table(["class", "ROC-AUC"], auc_rows)
+    lines += ["", "## Calibration", "",
+              f"Expected calibration error ({DEFAULT_BINS} equal-width bins on the max "
+              f"probability): {_fmt(metrics['ece'], 4)}"]
+    for heading, body in (extra_sections or {}).items():
+        lines += ["", f"## {heading}", "", body.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> None:
+    fig = Figure(figsize=(1.4 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _plot_roc(y: np.ndarray, proba: np.ndarray, metrics: Mapping, path: Path) -> None:
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    for c, name in enumerate(metrics["class_names"]):
+        auc = metrics["per_class"][name]["roc_auc"]
+        if auc is None:
+            continue
+        fpr, tpr, _ = skm.roc_curve(y == c, proba[:, c])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("One-vs-rest ROC")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _plot_reliability(y: np.ndarray, proba: np.ndarray, ece: float, path: Path) -> None:
+    bins = reliability_bins(y, proba, DEFAULT_BINS)
+    edges, width = bins["edges"][:-1], 1.0 / DEFAULT_BINS
+    filled = bins["count"] > 0
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.bar(edges[filled], bins["accuracy"][filled], width=width, align="edge",
+           edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (ECE {ece:.4f})")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _json_default(x):
+    """Plain Python numbers for numpy values that callers may add to the metrics."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
+                 extra_sections: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Write metrics.json, report.md, confusion.png, roc.png and reliability.png into out_dir.
+
+    `metrics` is evaluate_predictions' output for the same y_true / proba. Returns the paths.
+    """
+    y, p, _ = _check_inputs(y_true, proba, metrics["class_names"], None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in
+             ("metrics.json", "report.md", "confusion.png", "roc.png", "reliability.png")}
+    paths["metrics.json"].write_text(
+        json.dumps(metrics, indent=2, allow_nan=False, default=_json_default) + "\n")
+    paths["report.md"].write_text(report_markdown(metrics, title, extra_sections))
+    _plot_confusion(np.asarray(metrics["confusion_matrix"]), metrics["class_names"],
+                    paths["confusion.png"])
+    _plot_roc(y, p, metrics, paths["roc.png"])
+    _plot_reliability(y, p, metrics["ece"], paths["reliability.png"])
+    return paths
