@@ -24,7 +24,9 @@ from ensembles.calibration import DEFAULT_BINS, expected_calibration_error, reli
 _PROBA_SUM_TOL = 1e-3
 
 
-def _check_inputs(y_true, proba, class_names, patient_ids):
+def check_predictions(y_true, proba, class_names: Sequence[str], patient_ids=None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validated (labels int64 [N], proba float64 [N, K], patient ids str [N] or None)."""
     y = np.asarray(y_true)
     p = np.asarray(proba, dtype=np.float64)
     k = len(class_names)
@@ -103,7 +105,7 @@ def weighted_ovr_auc(y: np.ndarray, scores: np.ndarray, positive: int, w: np.nda
         return np.where(den > 0, num / den, np.nan)
 
 
-def _bootstrap(y, proba, w) -> dict[str, np.ndarray]:
+def bootstrap_metrics(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
     """Accuracy, macro F1, macro OvR ROC-AUC and per-class recall for each weight row."""
     k = proba.shape[1]
     pred = proba.argmax(axis=1)
@@ -148,7 +150,7 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     roc_auc_macro, ece, ci95 (None when n_bootstrap == 0), bootstrap, class_names,
     n_examples, n_patients, absent_classes, warnings.
     """
-    y, p, ids = _check_inputs(y_true, proba, class_names, patient_ids)
+    y, p, ids = check_predictions(y_true, proba, class_names, patient_ids)
     names = [str(c) for c in class_names]
     k, n = len(names), len(y)
     labels = np.arange(k)
@@ -199,7 +201,7 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     if n_bootstrap <= 0:
         out["ci95"] = None
         return out
-    blocks = [_bootstrap(y, p, w) for w in bootstrap_weights(units, n_bootstrap, seed)]
+    blocks = [bootstrap_metrics(y, p, w) for w in bootstrap_weights(units, n_bootstrap, seed)]
     boot = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
     out["ci95"] = {
         "accuracy": _ci(boot["accuracy"]),
@@ -334,7 +336,7 @@ def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
 
     `metrics` is evaluate_predictions' output for the same y_true / proba. Returns the paths.
     """
-    y, p, _ = _check_inputs(y_true, proba, metrics["class_names"], None)
+    y, p, _ = check_predictions(y_true, proba, metrics["class_names"], None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in

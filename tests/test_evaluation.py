@@ -159,3 +159,59 @@ def test_write_report_files(tmp_path):
     assert "60 patients" in text and "## Notes" in text and "seed 7" in text
     row = "| normal | " + " | ".join(map(str, m["confusion_matrix"][1])) + " |"
     assert row in text
+
+
+# ------------------------------------------------------------------------------ stats
+
+def test_mcnemar_on_a_known_table():
+    from math import comb
+
+    from experiments.stats import mcnemar_from_counts
+    # Discordant cells 6 and 16 (the classic 2x2 example [[59, 6], [16, 80]]).
+    exact = mcnemar_from_counts(6, 16)
+    assert exact["method"] == "exact binomial"
+    assert exact["p_value"] == pytest.approx(2 * sum(comb(22, i) for i in range(7)) / 2 ** 22)
+    assert exact["p_value"] == pytest.approx(0.0525, abs=5e-4)
+    approx = mcnemar_from_counts(6, 16, exact=False)
+    assert approx["statistic"] == pytest.approx(81 / 22)
+    assert approx["p_value"] == pytest.approx(0.0550, abs=5e-4)
+    assert mcnemar_from_counts(40, 40)["p_value"] == pytest.approx(1.0, abs=1e-9)
+    assert mcnemar_from_counts(10, 40)["method"].startswith("chi-square")
+
+
+def test_mcnemar_counts_discordant_pairs_from_labels():
+    from experiments.stats import mcnemar
+    y = np.array([0, 1, 2, 0, 1, 2, 0])
+    a = np.array([0, 1, 2, 0, 0, 0, 1])    # right on 0..3
+    b = np.array([0, 0, 0, 1, 1, 2, 1])    # right on 0, 4, 5
+    out = mcnemar(y, a, b)
+    assert (out["b"], out["c"]) == (3, 2)
+    assert out["accuracy_a"] == pytest.approx(4 / 7) and out["accuracy_b"] == pytest.approx(3 / 7)
+
+
+def test_paired_bootstrap_difference_ci_and_p_value():
+    from experiments.stats import paired_bootstrap
+    y, good = _noisy_predictions(300, signal=2.5, seed=8)
+    _, bad = _noisy_predictions(300, signal=0.0, seed=9)
+    same = paired_bootstrap(y, good, good, metric="accuracy", n_bootstrap=200)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0] and same["p_value"] == 1.0
+    res = paired_bootstrap(y, good, bad, metric="macro_f1", n_bootstrap=300)
+    assert res["a"] == pytest.approx(skm.f1_score(y, good.argmax(1), average="macro"))
+    assert res["difference"] == pytest.approx(res["a"] - res["b"])
+    assert 0 < res["ci95"][0] < res["difference"] < res["ci95"][1]
+    assert res["p_value"] < 0.01
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_bootstrap(y, good, bad, metric="kappa")
+
+
+def test_paired_bootstrap_resamples_patients():
+    from experiments.stats import paired_bootstrap
+    y1, a1 = _noisy_predictions(30, signal=1.5, seed=10)
+    _, b1 = _noisy_predictions(30, signal=0.5, seed=11)
+    y, a, b = np.repeat(y1, 8), np.repeat(a1, 8, axis=0), np.repeat(b1, 8, axis=0)
+    ids = np.repeat([f"p{i}" for i in range(30)], 8)
+    flat = paired_bootstrap(y, a, b, metric="accuracy", n_bootstrap=300)
+    grouped = paired_bootstrap(y, a, b, metric="accuracy", patient_ids=ids, n_bootstrap=300)
+    assert grouped["unit"] == "patient" and flat["unit"] == "example"
+    width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
+    assert width(grouped) > 2 * width(flat)
