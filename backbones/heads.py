@@ -16,7 +16,9 @@ Kinds:
                     fc1 + fc2 + predictions. The Dense layers carry the Keras names
                     (fc1, fc2, predictions) under "head", so an importer maps Keras
                     "predictions" to params["head"]["predictions"]. The output is logits;
-                    their softmax equals Keras's `predictions` output.
+                    their softmax equals Keras's `predictions` output. For the custom
+                    CNNs this is the seed reports' original top (flatten + Dense ReLU
+                    [+ Dropout] + output), see backbones/cnns.py.
 
 Outputs are float32 whatever the compute dtype.
 """
@@ -68,6 +70,7 @@ class Head(nn.Module):
     dtype: Any = jnp.float32
     imagenet_flatten: bool = False
     imagenet_hidden: tuple[int, ...] = ()
+    imagenet_dropout: float = 0.0  # after each hidden layer of the imagenet top
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -82,6 +85,8 @@ class Head(nn.Module):
                 x = global_avg_pool(x)
             for i, width in enumerate(self.imagenet_hidden, start=1):
                 x = nn.relu(dense(width, name=f"fc{i}")(x))
+                if self.imagenet_dropout:
+                    x = nn.Dropout(self.imagenet_dropout, deterministic=not train)(x)
             return dense(self.num_classes, name="predictions")(x).astype(jnp.float32)
         hidden, rate = _POOLED_MLPS[self.kind]
         x = global_avg_pool(x)
