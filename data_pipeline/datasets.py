@@ -1,0 +1,174 @@
+"""One entry point to every chest X-ray source: `load_dataset(name, ...) -> Dataset`.
+
+Each source is scanned (errors before anything is written), built once into an array_record
+TFDS dataset under the cache, and read back through `tfds.data_source` without TensorFlow.
+The cache key hashes the source folder's resolved path, its file listing (path, size, mtime)
+and the options, so editing the folder or the options builds anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import builders, layouts
+from data_pipeline import classes as C
+
+DATASETS: tuple[str, ...] = (
+    "synthetic_cxr", "covid19_radiography", "chest_xray_pneumonia", "image_folder")
+
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "synthetic_cxr": {"count": 1000, "image_size": 128, "seed": 0},
+    "covid19_radiography": {},
+    "chest_xray_pneumonia": {"num_classes": 3},
+    "image_folder": {},
+}
+_SCANS = {
+    "covid19_radiography": (layouts.scan_covid19_radiography, builders.Covid19Radiography),
+    "chest_xray_pneumonia": (layouts.scan_chest_xray_pneumonia, builders.ChestXrayPneumonia),
+    "image_folder": (layouts.scan_image_folder, builders.ImageFolder),
+}
+_TEXT_FIELDS = ("patient_id", "path", "source_split")
+
+
+def default_cache_dir() -> Path:
+    """`$CXR_ENSEMBLES_CACHE`, else ~/.cache/cxr-ensembles/tfds."""
+    env = os.environ.get("CXR_ENSEMBLES_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cxr-ensembles" / "tfds"
+
+
+class ExampleSource:
+    """Random access to built examples with text fields as str and labels as int.
+
+    Wraps the `tfds.data_source`; implements `__len__`/`__getitem__` so Grain (and
+    `__getitems__`, batch reads) consume it directly. Picklable for Grain workers.
+    """
+
+    def __init__(self, tfds_source):
+        self._source = tfds_source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return _convert(self._source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [_convert(e) for e in self._source.__getitems__(list(indices))]
+
+    def __repr__(self) -> str:
+        return f"ExampleSource({self._source!r})"
+
+
+def _convert(example: dict[str, Any]) -> dict[str, Any]:
+    out = dict(example, label=int(example["label"]))
+    for k in _TEXT_FIELDS:
+        out[k] = example[k].decode("utf-8") if isinstance(example[k], bytes) else str(example[k])
+    return out
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A built source: random-access examples plus per-example metadata read without decoding."""
+
+    name: str
+    class_names: tuple[str, ...]
+    source: ExampleSource
+    labels: np.ndarray
+    patient_ids: np.ndarray
+    source_splits: np.ndarray
+    paths: np.ndarray
+    skipped: list[dict[str, str]]
+    has_masks: bool
+    build_dir: Path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    defaults = _OPTIONS[name]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        accepted = ", ".join(defaults) or "none"
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name}; accepted: {accepted}")
+    return {**defaults, **options}
+
+
+def _listing(root: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file under root, sorted."""
+    rows = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            st = (Path(folder) / f).stat()
+            rows.append((os.path.relpath(Path(folder) / f, root), st.st_size, st.st_mtime_ns))
+    return rows
+
+
+def cache_key(name: str, root: Path | None, options: dict[str, Any]) -> str:
+    """Hash of dataset, builder version, resolved root, its file listing and the options."""
+    payload = {"dataset": name, "version": str(builders.CxrBuilder.VERSION), "options": options,
+               "root": str(root) if root else None, "files": _listing(root) if root else []}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any]):
+    """Scan (for folders) and return a builder; nothing is written yet."""
+    if name == "synthetic_cxr":
+        class_names = C.select_classes(C.DEFAULT_CLASSES, classes) if classes else C.DEFAULT_CLASSES
+        key = cache_key(name, None, {**opts, "classes": class_names})
+        return builders.SyntheticCxr(class_names=class_names, data_dir=build_root / f"{name}-{key}",
+                                     **opts)
+    scan_fn, builder_cls = _SCANS[name]
+    root = layouts.check_root(data_dir, name)
+    scan = scan_fn(root, **opts)
+    if not scan.records:
+        raise ValueError(f"no images found under {root}")
+    class_names = C.select_classes(scan.classes, classes)
+    records = [r for r in scan.records if r.label in class_names]
+    has_masks = bool(class_names) and set(class_names) <= scan.classes_with_masks
+    key = cache_key(name, root, {**opts, "classes": class_names})
+    return builder_cls(root=root, records=records, issues=scan.issues, class_names=class_names,
+                       has_masks=has_masks, data_dir=build_root / f"{name}-{key}")
+
+
+def load_dataset(name: str, *, data_dir: str | Path | None = None,
+                 classes: Sequence[str] | None = None, cache_dir: str | Path | None = None,
+                 **options) -> Dataset:
+    """Build (once, cached) and open a dataset by name; see docs/interfaces.md.
+
+    Options: synthetic_cxr count=1000, image_size=128, seed=0; chest_xray_pneumonia
+    num_classes=3 (normal/viral/bacterial) or 2 (normal/pneumonia). `classes` keeps a subset
+    of canonical classes in the given order. Raises ValueError / FileNotFoundError with a
+    one-line message for unknown names or options and missing, empty or class-less roots.
+    """
+    opts = _options(name, options)
+    build_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    builder = _builder(name, data_dir, classes, build_root, opts)
+    builder.download_and_prepare()
+    meta = builder.info.metadata
+    source = builder.as_data_source(split=builders.SPLIT)
+    index = meta["index"]
+    if len(index["label"]) != len(source):
+        raise RuntimeError(f"cached build {builder.data_dir} is inconsistent; delete it and retry")
+    return Dataset(
+        name=name,
+        class_names=tuple(builder.info.features["label"].names),
+        source=ExampleSource(source),
+        labels=np.asarray(index["label"], dtype=np.int64),
+        patient_ids=np.asarray(index["patient_id"], dtype=str),
+        source_splits=np.asarray(index["source_split"], dtype=str),
+        paths=np.asarray(index["path"], dtype=str),
+        skipped=list(meta["skipped"]),
+        has_masks="mask" in builder.info.features,
+        build_dir=Path(builder.data_dir))
