@@ -2,8 +2,8 @@
 
 `PlainCNN` is blocks of 3x3 'same' convolutions (+ BatchNorm) + ReLU, each block ending in a
 2x2 max-pool, then the head. The pool is skipped once the map is below 2x2
-(`layers.max_pool_if_fits`), so every model here accepts 32-64 px inputs: cnn16's six pools
-need 64 px, at 32 px its last block keeps the 1x1 map.
+(`layers.max_pool_if_fits`), so the models here accept any input side (1 or 3 channels):
+cnn16's six pools need 64 px, at 32 px its last block keeps the 1x1 map.
 
 head="imagenet" gives each model the top its report used, on the flattened map:
   simple_cnn   Conv32-pool, Conv64-pool;            top Dense 128 ReLU + output
@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from backbones.heads import Head
-from backbones.layers import batch_norm, conv, max_pool_if_fits, scaled
+from backbones.layers import batch_norm, check_input, conv, max_pool_if_fits, scaled
 from backbones.registry import register
 
 
@@ -40,9 +40,12 @@ class PlainCNN(nn.Module):
     width: float = 1.0
     top_hidden: tuple[int, ...] = ()
     top_dropout: float = 0.0
+    min_size: int = 1
+    arch: str = "plain_cnn"  # the registered name, for error messages
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
+        check_input(x, self.arch, self.min_size)
         x = x.astype(self.dtype)
         for i, channels in enumerate(self.blocks, start=1):
             for j, c in enumerate(channels, start=1):
@@ -58,23 +61,23 @@ class PlainCNN(nn.Module):
                     name="head")(x, train=train)
 
 
-def plain_cnn_factory(blocks: tuple[tuple[int, ...], ...],
-                      **options: Any) -> Callable[..., PlainCNN]:
-    """A registry factory for the PlainCNN with these conv blocks and options."""
+def register_plain_cnn(name: str, blocks: tuple[tuple[int, ...], ...],
+                       **options: Any) -> Callable[..., PlainCNN]:
+    """Register, as `name`, a factory for the PlainCNN with these conv blocks and options."""
 
     def factory(*, num_classes: int | None, head: str = "linear", dtype: Any = jnp.float32,
                 axis_name: str | None = None, width: float = 1.0) -> PlainCNN:
         return PlainCNN(num_classes=num_classes, blocks=blocks, head=head, dtype=dtype,
-                        axis_name=axis_name, width=width, **options)
+                        axis_name=axis_name, width=width, arch=name, **options)
 
-    return factory
+    return register(name)(factory)
 
 
-simple_cnn = register("simple_cnn")(plain_cnn_factory(
-    ((32,), (64,)), top_hidden=(128,)))
-complex_cnn = register("complex_cnn")(plain_cnn_factory(
-    ((32,), (64,), (128,), (128,)), top_hidden=(512,), top_dropout=0.5))
-cnn16 = register("cnn16")(plain_cnn_factory(
-    ((64,), (64,), (128,), (128,), (256,), (256,)), top_hidden=(512,), top_dropout=0.2))
-cnn_bn3x2 = register("cnn_bn3x2")(plain_cnn_factory(
-    ((32, 32), (64, 64), (128, 128)), use_batch_norm=True, top_hidden=(128,)))
+simple_cnn = register_plain_cnn("simple_cnn", ((32,), (64,)), top_hidden=(128,))
+complex_cnn = register_plain_cnn(
+    "complex_cnn", ((32,), (64,), (128,), (128,)), top_hidden=(512,), top_dropout=0.5)
+cnn16 = register_plain_cnn(
+    "cnn16", ((64,), (64,), (128,), (128,), (256,), (256,)), top_hidden=(512,),
+    top_dropout=0.2)
+cnn_bn3x2 = register_plain_cnn(
+    "cnn_bn3x2", ((32, 32), (64, 64), (128, 128)), use_batch_norm=True, top_hidden=(128,))

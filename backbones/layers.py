@@ -33,6 +33,13 @@ def batch_norm(*, train: bool, name: str, dtype: Any, axis_name: str | None,
                         param_dtype=jnp.float32, name=name)
 
 
+def check_input(x: jnp.ndarray, name: str, min_size: int) -> None:
+    """One-line ValueError unless `x` is an NHWC batch of 1 or 3 channels, >= min_size px."""
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or min(x.shape[1:3]) < min_size:
+        raise ValueError(f"{name} expects NHWC images with 1 or 3 channels and sides >= "
+                         f"{min_size} px, got shape {tuple(x.shape)}")
+
+
 def max_pool_if_fits(x: jnp.ndarray, window: int = 2) -> jnp.ndarray:
     """Max-pool `window` x `window`, stride `window`, 'valid' (Keras MaxPooling2D default).
 

@@ -3,8 +3,9 @@
 Keras details kept so ImageNet weights import by layer name: zero-pad 3 + 7x7/2 conv1_conv,
 zero-pad 1 + 3x3/2 max-pool, bottleneck stride on the block's first 1x1 conv, convolutions
 with bias, BatchNorm epsilon 1.001e-5, layers named conv{stage}_block{b}_{k}_{conv,bn}
-(k = 0 for the projection shortcut, present where the shape changes: each stage's block1). head="imagenet" is avg_pool + predictions
-(ResNet50: 25,636,712 parameters incl. BN moving statistics).
+(k = 0 for the projection shortcut, present where the shape changes: each stage's block1).
+head="imagenet" is avg_pool + predictions (ResNet50: 25,636,712 parameters incl. BN moving
+statistics). Inputs need sides >= 32 px, as in Keras.
 
 ResNet18/34 (not in Keras) use the same code with basic blocks (two 3x3 convs, `_1_` and
 `_2_`), a projection shortcut only where the shape changes, as in He et al. 2016.
@@ -20,10 +21,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from backbones.heads import Head
-from backbones.layers import batch_norm, conv, scaled
+from backbones.layers import batch_norm, check_input, conv, scaled
 from backbones.registry import register
 
 _EPSILON = 1.001e-5
+MIN_SIZE = 32  # Keras's smallest accepted input side
 
 
 class ResNet(nn.Module):
@@ -36,6 +38,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     axis_name: str | None = None
     width: float = 1.0
+    arch: str = "resnet"  # the registered name, for error messages
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool = False) -> jnp.ndarray:
@@ -43,6 +46,7 @@ class ResNet(nn.Module):
         norm = functools.partial(batch_norm, train=train, dtype=self.dtype,
                                  axis_name=self.axis_name, epsilon=_EPSILON)
 
+        check_input(x, self.arch, MIN_SIZE)
         x = x.astype(self.dtype)
         x = conv_(scaled(64, self.width), 7, strides=2, padding=((3, 3), (3, 3)),
                   name="conv1_conv")(x)
@@ -94,18 +98,19 @@ class ResNet(nn.Module):
         return nn.relu(shortcut + x)
 
 
-def _resnet(stage_sizes: tuple[int, ...], bottleneck: bool) -> Callable[..., ResNet]:
-    """A registry factory for the ResNet with these blocks per stage."""
+def _register_resnet(name: str, stage_sizes: tuple[int, ...],
+                     bottleneck: bool) -> Callable[..., ResNet]:
+    """Register, as `name`, a factory for the ResNet with these blocks per stage."""
 
     def factory(*, num_classes: int | None, head: str = "linear", dtype: Any = jnp.float32,
                 axis_name: str | None = None, width: float = 1.0) -> ResNet:
         return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, bottleneck=bottleneck,
-                      head=head, dtype=dtype, axis_name=axis_name, width=width)
+                      head=head, dtype=dtype, axis_name=axis_name, width=width, arch=name)
 
-    return factory
+    return register(name)(factory)
 
 
-resnet18 = register("resnet18")(_resnet((2, 2, 2, 2), bottleneck=False))
-resnet34 = register("resnet34")(_resnet((3, 4, 6, 3), bottleneck=False))
-resnet50 = register("resnet50")(_resnet((3, 4, 6, 3), bottleneck=True))
-resnet101 = register("resnet101")(_resnet((3, 4, 23, 3), bottleneck=True))
+resnet18 = _register_resnet("resnet18", (2, 2, 2, 2), bottleneck=False)
+resnet34 = _register_resnet("resnet34", (3, 4, 6, 3), bottleneck=False)
+resnet50 = _register_resnet("resnet50", (3, 4, 6, 3), bottleneck=True)
+resnet101 = _register_resnet("resnet101", (3, 4, 23, 3), bottleneck=True)
