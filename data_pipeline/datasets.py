@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from data_pipeline import builders, layouts
 from data_pipeline import classes as C
@@ -156,19 +157,21 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     build_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     builder = _builder(name, data_dir, classes, build_root, opts)
     builder.download_and_prepare()
-    meta = builder.info.metadata
-    source = builder.as_data_source(split=builders.SPLIT)
+    # Read through a generic read-only builder: it pickles (Grain workers) by its folder alone.
+    reader = tfds.builder_from_directory(builder.data_dir)
+    meta = reader.info.metadata
+    source = reader.as_data_source(split=builders.SPLIT)
     index = meta["index"]
     if len(index["label"]) != len(source):
         raise RuntimeError(f"cached build {builder.data_dir} is inconsistent; delete it and retry")
     return Dataset(
         name=name,
-        class_names=tuple(builder.info.features["label"].names),
+        class_names=tuple(reader.info.features["label"].names),
         source=ExampleSource(source),
         labels=np.asarray(index["label"], dtype=np.int64),
         patient_ids=np.asarray(index["patient_id"], dtype=str),
         source_splits=np.asarray(index["source_split"], dtype=str),
         paths=np.asarray(index["path"], dtype=str),
         skipped=list(meta["skipped"]),
-        has_masks="mask" in builder.info.features,
-        build_dir=Path(builder.data_dir))
+        has_masks="mask" in reader.info.features,
+        build_dir=Path(reader.data_dir))
