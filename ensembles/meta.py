@@ -1,0 +1,176 @@
+"""The meta-classifier (stacking): a scikit-learn estimator over concatenated member outputs.
+
+Stacking only generalises when the meta-classifier sees predictions on examples the members
+never trained on (out-of-fold or validation predictions); `fit` therefore takes the example
+index of every row and the members' training indices, and raises if any row was a training
+example. Saved as JSON (never pickle); the gradient-boosting option cannot be saved (below).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
+FORMAT = "cxr-ensembles/meta-logistic-v1"
+MODELS = ("logistic", "gradient_boosting")
+
+
+def make_features(blocks: Mapping[str, object]) -> tuple[np.ndarray, list[dict]]:
+    """Concatenate named blocks of outputs into features [N, F] and their column layout.
+
+    Each block is a [N, C] array (e.g. a single model's probabilities or logits), a [N, M, C]
+    array, or a sequence of per-member [N, C_m] arrays (e.g. "ova/resnet50" member outputs).
+    The layout lists {"block", "member", "columns"} in column order, so a saved model can check
+    that prediction-time features are built the same way.
+    """
+    columns, layout, n = [], [], None
+    for name, block in blocks.items():
+        if isinstance(block, np.ndarray) and block.ndim == 2:
+            parts = [block]
+        elif isinstance(block, np.ndarray) and block.ndim == 3:
+            parts = [block[:, m] for m in range(block.shape[1])]
+        else:
+            parts = [np.asarray(b) for b in block]
+        for m, part in enumerate(parts):
+            if part.ndim != 2:
+                raise ValueError(f"block {name!r} member {m}: expected [N, C], got {part.shape}")
+            if n is not None and len(part) != n:
+                raise ValueError(f"block {name!r} has {len(part)} rows, earlier blocks {n}")
+            n = len(part)
+            columns.append(part.astype(np.float64))
+            layout.append({"block": str(name), "member": m, "columns": int(part.shape[1])})
+    if not columns:
+        raise ValueError("no feature blocks given")
+    x = np.concatenate(columns, axis=1)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("meta-classifier features contain NaN or inf")
+    return x, layout
+
+
+def check_no_leakage(example_indices, train_indices, fold=None) -> None:
+    """Raise ValueError if a row's example was in the training set of the model that predicted it.
+
+    `train_indices` is one index array (members trained once; rows are validation predictions)
+    or, with `fold` [N], one array per fold (row i was predicted by the model of fold[i], as in
+    out-of-fold predictions).
+    """
+    idx = np.asarray(example_indices)
+    if idx.ndim != 1 or len(np.unique(idx)) != len(idx):
+        raise ValueError("example_indices must be a 1-D array of distinct example ids")
+    if fold is None:
+        sets, fold = [np.asarray(train_indices)], np.zeros(len(idx), dtype=int)
+    else:
+        sets, fold = [np.asarray(t) for t in train_indices], np.asarray(fold)
+        if fold.shape != idx.shape or fold.min() < 0 or fold.max() >= len(sets):
+            raise ValueError(f"fold must be [N] with values in [0, {len(sets)})")
+    leaked = np.concatenate([idx[(fold == f) & np.isin(idx, s)] for f, s in enumerate(sets)])
+    if len(leaked):
+        raise ValueError(
+            f"leakage: {len(leaked)} of {len(idx)} meta-classifier examples were member-training "
+            f"examples (ids {sorted(leaked.tolist())[:5]}...); fit on out-of-fold or validation "
+            f"predictions")
+
+
+class MetaClassifier(ClassifierMixin, BaseEstimator):
+    """Stacking meta-classifier: LogisticRegression (default) or HistGradientBoostingClassifier.
+
+    fit(x, y, example_indices=..., train_indices=...) refuses member-training predictions;
+    `layout` (from make_features) is kept and checked by `features`.
+    """
+
+    def __init__(self, model: str = "logistic", C: float = 1.0, max_iter: int = 2000,
+                 random_state: int = 0):
+        self.model = model
+        self.C = C
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _new_estimator(self):
+        if self.model == "logistic":
+            return LogisticRegression(C=self.C, max_iter=self.max_iter)
+        if self.model == "gradient_boosting":
+            return HistGradientBoostingClassifier(max_iter=min(self.max_iter, 200),
+                                                  random_state=self.random_state)
+        raise ValueError(f"unknown meta model {self.model!r}; choose from {', '.join(MODELS)}")
+
+    def fit(self, x, y, *, example_indices, train_indices, fold=None,
+            layout: Sequence[dict] | None = None, n_classes: int | None = None) -> MetaClassifier:
+        """Fit on held-out member outputs x [N, F] with labels y [N] (all n_classes present)."""
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y)
+        if x.ndim != 2 or y.shape != (len(x),):
+            raise ValueError(f"need features [N, F] and labels [N]; got {x.shape} and {y.shape}")
+        if len(np.asarray(example_indices)) != len(x):
+            raise ValueError(f"example_indices has {len(np.asarray(example_indices))} ids for "
+                             f"{len(x)} rows")
+        check_no_leakage(example_indices, train_indices, fold)
+        k = int(y.max()) + 1 if n_classes is None else n_classes
+        missing = sorted(set(range(k)) - set(np.unique(y).tolist()))
+        if missing:
+            raise ValueError(f"meta-classifier training labels lack class(es) {missing}")
+        if layout is not None and sum(b["columns"] for b in layout) != x.shape[1]:
+            raise ValueError(f"layout describes {sum(b['columns'] for b in layout)} columns, "
+                             f"features have {x.shape[1]}")
+        self.estimator_ = self._new_estimator().fit(x, y)
+        self.classes_ = self.estimator_.classes_
+        self.n_features_in_ = x.shape[1]
+        self.layout_ = list(layout) if layout is not None else None
+        return self
+
+    def features(self, blocks: Mapping[str, object]) -> np.ndarray:
+        """make_features(blocks), checked against the layout the model was fitted with."""
+        x, layout = make_features(blocks)
+        if self.layout_ is not None and layout != self.layout_:
+            raise ValueError(f"feature layout differs from the fitted one:\n{layout}\nvs\n"
+                             f"{self.layout_}")
+        return x
+
+    def predict_proba(self, x) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.n_features_in_:
+            raise ValueError(f"expected features [N, {self.n_features_in_}], got {x.shape}")
+        return self.estimator_.predict_proba(x)
+
+    def predict(self, x) -> np.ndarray:
+        return self.classes_[self.predict_proba(x).argmax(axis=1)]
+
+    def save(self, path) -> Path:
+        """Write the fitted logistic model as JSON (coef_, intercept_, classes_, layout)."""
+        if self.model != "logistic":
+            raise ValueError(
+                f"cannot save a {self.model!r} meta-classifier: scikit-learn offers no "
+                "pickle-free format for HistGradientBoostingClassifier and this project loads no "
+                "pickles; use model='logistic' to save, or refit from the saved features")
+        est = self.estimator_
+        doc = {"format": FORMAT, "params": self.get_params(),
+               "classes": est.classes_.tolist(), "coef": est.coef_.tolist(),
+               "intercept": est.intercept_.tolist(), "n_features": int(self.n_features_in_),
+               "layout": self.layout_}
+        path = Path(path)
+        path.write_text(json.dumps(doc, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path) -> MetaClassifier:
+        """Rebuild a saved logistic meta-classifier from its JSON; predictions are identical."""
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a saved meta-classifier (format {doc.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        meta = cls(**doc["params"])
+        est = meta._new_estimator()
+        est.classes_ = np.asarray(doc["classes"])
+        est.coef_ = np.asarray(doc["coef"], dtype=np.float64)
+        est.intercept_ = np.asarray(doc["intercept"], dtype=np.float64)
+        est.n_features_in_ = int(doc["n_features"])
+        if est.coef_.shape[1] != est.n_features_in_:
+            raise ValueError(f"{path}: coef has {est.coef_.shape[1]} columns, n_features "
+                             f"{est.n_features_in_}")
+        meta.estimator_, meta.classes_ = est, est.classes_
+        meta.n_features_in_, meta.layout_ = est.n_features_in_, doc["layout"]
+        return meta
