@@ -53,6 +53,16 @@ def check_predictions(y_true, proba, class_names: Sequence[str], patient_ids=Non
     return y.astype(np.int64), p, ids
 
 
+def check_decisions(y_pred, n: int, k: int) -> np.ndarray:
+    """Validated predicted labels int64 [n] in [0, k)."""
+    pred = np.asarray(y_pred)
+    if pred.shape != (n,) or not np.issubdtype(pred.dtype, np.integer):
+        raise ValueError(f"y_pred must be {n} integer labels, got {pred.dtype} {pred.shape}")
+    if pred.min() < 0 or pred.max() >= k:
+        raise ValueError(f"y_pred must lie in [0, {k}); got range [{pred.min()}, {pred.max()}]")
+    return pred.astype(np.int64)
+
+
 def resampling_units(patient_ids: np.ndarray | None, n: int) -> tuple[np.ndarray, str]:
     """Unit index per example for the bootstrap: one unit per patient when any id is known
     (examples with an unknown id, '', are their own unit), else one unit per example."""
@@ -105,10 +115,14 @@ def weighted_ovr_auc(y: np.ndarray, scores: np.ndarray, positive: int, w: np.nda
         return np.where(den > 0, num / den, np.nan)
 
 
-def bootstrap_metrics(y: np.ndarray, proba: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, macro F1, macro OvR ROC-AUC and per-class recall for each weight row."""
+def bootstrap_metrics(y: np.ndarray, proba: np.ndarray, w: np.ndarray,
+                      pred: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Accuracy, macro F1, macro OvR ROC-AUC and per-class recall for each weight row.
+
+    Label metrics use `pred` (default: argmax of proba); ROC-AUC uses proba.
+    """
     k = proba.shape[1]
-    pred = proba.argmax(axis=1)
+    pred = proba.argmax(axis=1) if pred is None else pred
     cm = weighted_confusion(y, pred, k, w)
     tp = np.diagonal(cm, axis1=1, axis2=2)
     support, predicted = cm.sum(axis=2), cm.sum(axis=1)
@@ -142,8 +156,12 @@ def _mean_or_none(values: Sequence[float | None]) -> float | None:
 
 
 def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_ids=None,
-                         n_bootstrap: int = 1000, seed: int = 0) -> dict:
+                         n_bootstrap: int = 1000, seed: int = 0, y_pred=None) -> dict:
     """Classification metrics of `proba` [N, K] against integer labels, JSON-ready.
+
+    Label metrics (accuracy, precision, recall, F1, confusion) use `y_pred` when given (a
+    combiner whose decision is not argmax(proba): the thresholded cascade, OvO votes), else
+    argmax(proba); ROC-AUC and ECE always use proba.
 
     Keys: accuracy, per_class {name: precision, recall, specificity, f1, support, roc_auc},
     macro_/weighted_ precision, recall, specificity, f1, confusion_matrix (rows = true),
@@ -154,7 +172,7 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     names = [str(c) for c in class_names]
     k, n = len(names), len(y)
     labels = np.arange(k)
-    pred = p.argmax(axis=1)
+    pred = p.argmax(axis=1) if y_pred is None else check_decisions(y_pred, n, k)
     cm = skm.confusion_matrix(y, pred, labels=labels)
     prec, rec, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=labels, zero_division=0)
@@ -201,7 +219,7 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     if n_bootstrap <= 0:
         out["ci95"] = None
         return out
-    blocks = [bootstrap_metrics(y, p, w) for w in bootstrap_weights(units, n_bootstrap, seed)]
+    blocks = [bootstrap_metrics(y, p, w, pred) for w in bootstrap_weights(units, n_bootstrap, seed)]
     boot = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
     out["ci95"] = {
         "accuracy": _ci(boot["accuracy"]),

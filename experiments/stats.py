@@ -12,7 +12,7 @@ import numpy as np
 from scipy.stats import binomtest, chi2
 
 from experiments.evaluation import (
-    bootstrap_metrics, bootstrap_weights, check_predictions, resampling_units)
+    bootstrap_metrics, bootstrap_weights, check_decisions, check_predictions, resampling_units)
 
 EXACT_BELOW = 25   # discordant pairs under which the exact binomial test is used
 METRICS = ("accuracy", "macro_f1", "roc_auc_macro")
@@ -54,8 +54,10 @@ def mcnemar(y_true, pred_a, pred_b, *, exact: bool | None = None) -> dict:
 
 
 def paired_bootstrap(y_true, proba_a, proba_b, *, metric: str = "macro_f1", patient_ids=None,
-                     n_bootstrap: int = 2000, seed: int = 0) -> dict:
+                     n_bootstrap: int = 2000, seed: int = 0, pred_a=None, pred_b=None) -> dict:
     """Difference metric(A) - metric(B) with a 95% percentile CI and a two-sided p-value.
+
+    Label metrics use `pred_a` / `pred_b` when given (decisions that are not argmax(proba)).
 
     Both predictors are scored on the same resamples (patients when ids are known). The p-value
     is the shift method: the share of resampled differences, centred on the observed one, at
@@ -71,10 +73,15 @@ def paired_bootstrap(y_true, proba_a, proba_b, *, metric: str = "macro_f1", pati
     names = [str(k) for k in range(pa.shape[-1])] if pa.ndim == 2 else []
     y, pa, ids = check_predictions(y_true, pa, names, patient_ids)
     _, pb, _ = check_predictions(y, pb, names)
-    ones = np.ones((1, len(y)))
-    a, b = bootstrap_metrics(y, pa, ones)[metric][0], bootstrap_metrics(y, pb, ones)[metric][0]
+    da = None if pred_a is None else check_decisions(pred_a, len(y), pa.shape[1])
+    db = None if pred_b is None else check_decisions(pred_b, len(y), pa.shape[1])
+
+    def diff(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (bootstrap_metrics(y, pa, w, da)[metric], bootstrap_metrics(y, pb, w, db)[metric])
+
+    a, b = (v[0] for v in diff(np.ones((1, len(y)))))
     units, unit_kind = resampling_units(ids, len(y))
-    diffs = np.concatenate([bootstrap_metrics(y, pa, w)[metric] - bootstrap_metrics(y, pb, w)[metric]
+    diffs = np.concatenate([np.subtract(*diff(w))
                             for w in bootstrap_weights(units, n_bootstrap, seed)])
     diffs = diffs[~np.isnan(diffs)]
     if len(diffs) == 0:

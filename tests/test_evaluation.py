@@ -215,3 +215,27 @@ def test_paired_bootstrap_resamples_patients():
     assert grouped["unit"] == "patient" and flat["unit"] == "example"
     width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
     assert width(grouped) > 2 * width(flat)
+
+
+def test_explicit_decisions_drive_label_metrics_but_not_auc():
+    y, p = _noisy_predictions(200, seed=12)
+    rng = np.random.default_rng(12)
+    decided = np.where(rng.random(200) < 0.3, (y + 1) % 4, p.argmax(1))
+    m = evaluate_predictions(y, p, NAMES, y_pred=decided, n_bootstrap=100)
+    base = evaluate_predictions(y, p, NAMES, n_bootstrap=0)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, decided))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, decided, average="macro"))
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, decided).tolist()
+    assert m["roc_auc_macro"] == base["roc_auc_macro"] and m["ece"] == base["ece"]
+    assert m["ci95"]["accuracy"][0] < m["accuracy"] < m["ci95"]["accuracy"][1]
+    with pytest.raises(ValueError, match="y_pred must lie"):
+        evaluate_predictions(y, p, NAMES, y_pred=decided + 4, n_bootstrap=0)
+
+
+def test_paired_bootstrap_uses_explicit_decisions():
+    from experiments.stats import paired_bootstrap
+    y, p = _noisy_predictions(200, seed=13)
+    wrong = (y + 1) % 4
+    res = paired_bootstrap(y, p, p, metric="accuracy", pred_b=wrong, n_bootstrap=100)
+    assert res["b"] == 0.0 and res["a"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)))
+    assert res["p_value"] < 0.05
