@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipeline import layouts
-from data_pipeline.decode import DecodeError, decode_image, decode_mask, encode_png
+from data_pipeline.decode import DecodeError, decode_for_storage, decode_mask, encode_png
 
 SPLIT = "full"
 INDEX_FIELDS = ("label", "patient_id", "path", "source_split")
@@ -67,8 +67,8 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {SPLIT: self._generate_examples()}
 
     def _examples(self) -> Iterator[dict[str, Any] | dict[str, str]]:
-        """Yield examples {image, label, patient_id, path, source_split[, mask]} with uint8
-        arrays, or {"path", "reason"} for a file to skip."""
+        """Yield examples {image, label, patient_id, path, source_split[, mask]}, images as
+        uint8 HxWx1 arrays or ready PNG bytes, or {"path", "reason"} for a file to skip."""
         raise NotImplementedError
 
     def _generate_examples(self):
@@ -79,9 +79,10 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             for k in INDEX_FIELDS:
                 index[k].append(example[k])
-            encoded = dict(example, image=encode_png(example["image"]))
-            if self._has_masks:
-                encoded["mask"] = encode_png(example["mask"])
+            encoded = dict(example)
+            for k in ("image", "mask") if self._has_masks else ("image",):
+                if isinstance(example[k], np.ndarray):
+                    encoded[k] = encode_png(example[k])
             yield example["path"], encoded
         self.info.metadata["skipped"] = self._skipped
         self.info.metadata["index"] = index
@@ -121,8 +122,8 @@ class _FolderBuilder(CxrBuilder, skip_registration=True):
         label_of = {name: k for k, name in enumerate(self._class_names)}
         for r in self._records:
             try:
-                image = decode_image(self._root / r.path)
-                example = {"image": image, "label": label_of[r.label], "patient_id": r.patient_id,
+                image, png = decode_for_storage(self._root / r.path)
+                example = {"image": png, "label": label_of[r.label], "patient_id": r.patient_id,
                            "path": r.path, "source_split": r.source_split}
                 if self._has_masks:
                     if r.mask_path is None:

@@ -41,13 +41,8 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
     return gray[..., None]
 
 
-def decode_image(source: str | Path | bytes) -> np.ndarray:
-    """Read a file path or encoded bytes into grayscale uint8 HxWx1.
-
-    Raises DecodeError for zero-byte, non-image, corrupt or truncated files and for
-    decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels).
-    """
-    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+def _decode(data: bytes) -> tuple[np.ndarray, bool]:
+    """Decoded uint8 HxWx1 and whether `data` already is an 8-bit grayscale PNG."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
@@ -55,13 +50,37 @@ def decode_image(source: str | Path | bytes) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                return to_grayscale(img)
+                return to_grayscale(img), (img.format == "PNG" and img.mode == "L")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image (Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise DecodeError(f"corrupt image: {e}") from None
+
+
+def _read(source: str | Path | bytes) -> bytes:
+    return Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+
+
+def decode_image(source: str | Path | bytes) -> np.ndarray:
+    """Read a file path or encoded bytes into grayscale uint8 HxWx1.
+
+    Raises DecodeError for zero-byte, non-image, corrupt or truncated files and for
+    decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels).
+    """
+    return _decode(_read(source))[0]
+
+
+def decode_for_storage(source: str | Path | bytes) -> tuple[np.ndarray, bytes]:
+    """Like `decode_image`, plus PNG bytes of the result to store.
+
+    An 8-bit grayscale PNG is stored as is (re-encoding would cost most of the build time
+    and change nothing); anything else is re-encoded.
+    """
+    data = _read(source)
+    image, is_gray_png = _decode(data)
+    return image, (data if is_gray_png else encode_png(image))
 
 
 def decode_mask(source: str | Path | bytes, size: tuple[int, int]) -> np.ndarray:
@@ -81,5 +100,5 @@ def encode_png(image: np.ndarray) -> bytes:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 1:
         raise ValueError(f"expected uint8 HxWx1, got {image.dtype} {image.shape}")
     buffer = io.BytesIO()
-    Image.fromarray(image[..., 0]).save(buffer, format="PNG")
+    Image.fromarray(image[..., 0]).save(buffer, format="PNG", compress_level=1)  # fast
     return buffer.getvalue()

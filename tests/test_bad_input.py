@@ -16,7 +16,7 @@ from PIL import Image
 from data_pipeline import builders
 from data_pipeline import inspect as inspect_cli
 from data_pipeline.datasets import load_dataset
-from data_pipeline.decode import DecodeError, decode_image, decode_mask
+from data_pipeline.decode import DecodeError, decode_for_storage, decode_image, decode_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +69,15 @@ def test_decompression_bomb_is_a_decode_error(monkeypatch, side):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DecodeError, match="decompression bomb"):
         decode_image(_png(Image.new("L", (side, side))))
+
+
+def test_storage_keeps_gray_png_bytes_and_re_encodes_the_rest():
+    gray = _png(Image.new("L", (5, 4), 33))
+    image, stored = decode_for_storage(gray)
+    assert stored is gray and image.shape == (4, 5, 1)
+    rgb = _png(Image.new("RGB", (5, 4), (33, 33, 33)), "JPEG")
+    image, stored = decode_for_storage(rgb)
+    assert stored != rgb and np.array_equal(decode_image(stored), image)
 
 
 def test_mask_is_binarised_and_resized(tmp_path):

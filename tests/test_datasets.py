@@ -172,7 +172,7 @@ def test_cache_dir_from_environment(tmp_path, monkeypatch):
 def test_interrupted_build_is_not_reused(tmp_path, monkeypatch):
     root = make_flat(tmp_path / "f", {"COVID": 3, "Normal": 3})
     calls = {"n": 0}
-    real_decode = builders.decode_image
+    real_decode = builders.decode_for_storage
 
     def crash_on_fourth(path):
         calls["n"] += 1
@@ -180,7 +180,7 @@ def test_interrupted_build_is_not_reused(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # like Ctrl-C half-way through the build
         return real_decode(path)
 
-    monkeypatch.setattr(builders, "decode_image", crash_on_fourth)
+    monkeypatch.setattr(builders, "decode_for_storage", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
         load_dataset("image_folder", data_dir=root, cache_dir=tmp_path / "c")
     assert not list((tmp_path / "c").rglob("dataset_info.json"))
