@@ -53,7 +53,7 @@ class AugmentConfig:
 
 
 class AugmentParams(NamedTuple):
-    """One image's draw: angle in radians, zoom, shift (rows, cols as fractions), flip, photometric."""
+    """One image's draw: angle (radians), zoom, shift (rows, cols; fractions), flip, photometric."""
 
     angle: float
     scale: float

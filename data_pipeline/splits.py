@@ -58,7 +58,8 @@ def _groups(patient_ids: np.ndarray) -> np.ndarray:
 def _check_ratios(ratios: Sequence[float]) -> np.ndarray:
     r = np.asarray(ratios, dtype=np.float64)
     if r.shape != (3,) or (r < 0).any():
-        raise ValueError(f"ratios must be three non-negative numbers (train, val, test), got {ratios}")
+        raise ValueError(
+            f"ratios must be three non-negative numbers (train, val, test), got {ratios}")
     if not np.isclose(r.sum(), 1.0, atol=1e-6):
         raise ValueError(f"ratios must sum to 1, got {tuple(ratios)} (sum {r.sum():.6g})")
     if r[0] == 0:
@@ -67,7 +68,7 @@ def _check_ratios(ratios: Sequence[float]) -> np.ndarray:
 
 
 def resolve_ratios(ratios: Sequence[float] | None = None, recipe: str | None = None) -> np.ndarray:
-    """(train, val, test) fractions from explicit `ratios` or a named `recipe` (default 70/15/15)."""
+    """(train, val, test) fractions from `ratios` or a named `recipe` (default 70/15/15)."""
     if ratios is not None and recipe is not None:
         raise ValueError("give either ratios or recipe, not both")
     if recipe is not None:
