@@ -15,7 +15,7 @@ from scipy.special import log_softmax, softmax
 DEFAULT_BINS = 15
 
 
-def _check_labels_proba(y_true: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_labels_proba(y_true, scores, what: str) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 2 or y.ndim != 1 or len(y) != len(s):
@@ -92,7 +92,7 @@ class CalibrationReport:
 
 
 class TemperatureScaling:
-    """Scikit-learn style temperature scaler: `fit` on validation logits, `predict_proba` on test."""
+    """Scikit-learn style scaler: `fit` on validation logits, `predict_proba` on test logits."""
 
     def __init__(self, bounds: tuple[float, float] = (0.05, 20.0), n_bins: int = DEFAULT_BINS):
         self.bounds = bounds
@@ -115,5 +115,6 @@ class TemperatureScaling:
             temperature=t,
             nll_before=negative_log_likelihood(y_true, logits),
             nll_after=negative_log_likelihood(y_true, logits, t),
-            ece_before=expected_calibration_error(y_true, apply_temperature(logits, 1.0), self.n_bins),
+            ece_before=expected_calibration_error(
+                y_true, apply_temperature(logits, 1.0), self.n_bins),
             ece_after=expected_calibration_error(y_true, self.predict_proba(logits), self.n_bins))

@@ -163,7 +163,7 @@ class OvOCombiner:
         members = as_member_list(member_outputs, self.tasks.num_members)
         k = len(self.tasks.class_names)
         r = np.full((len(members[0]), k, k), 0.5)
-        for p, (i, j) in zip(members, self.pairs):
+        for p, (i, j) in zip(members, self.pairs, strict=True):
             pij = p[:, 0] / np.clip(p[:, 0] + p[:, 1], _MIN_PROB, None)
             r[:, i, j], r[:, j, i] = pij, 1.0 - pij
         return pairwise_coupling(r)

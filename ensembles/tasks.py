@@ -94,7 +94,8 @@ def make_tasks(strategy: str, class_names, *, healthy: str = NORMAL) -> Tasks:
                      (2,) * len(pairs), table)
     if strategy == "cascade":
         if healthy not in names:
-            raise ValueError(f"cascade needs the healthy class {healthy!r}; classes are {list(names)}")
+            raise ValueError(f"cascade needs the healthy class {healthy!r}; "
+                             f"classes are {list(names)}")
         if k < 3:
             raise ValueError(f"cascade needs at least 2 sick classes besides {healthy!r}; "
                              f"classes are {list(names)}")

@@ -203,9 +203,9 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     for metric in ("precision", "recall", "specificity", "f1"):
         vals = [per_class[names[c]][metric] for c in labels if present[c]]
         out[f"macro_{metric}"] = _mean_or_none(vals)
-        defined = [(v, w) for v, w in zip(vals, weights) if v is not None]
-        out[f"weighted_{metric}"] = (float(sum(v * w for v, w in defined) / sum(w for _, w in defined))
-                                     if defined else None)
+        defined = [(v, w) for v, w in zip(vals, weights, strict=True) if v is not None]
+        out[f"weighted_{metric}"] = (
+            float(sum(v * w for v, w in defined) / sum(w for _, w in defined)) if defined else None)
     out["per_class"] = per_class
     out["confusion_matrix"] = cm.astype(int).tolist()
     out["roc_auc_macro"] = _mean_or_none([per_class[c]["roc_auc"] for c in names])
@@ -264,7 +264,8 @@ def report_markdown(metrics: Mapping, title: str,
              _fmt(m["f1"]), str(m["support"])]
             for c, m in metrics["per_class"].items()]
     total = str(metrics["n_examples"])
-    rows.append(["**accuracy**", "", _fmt_ci(metrics["accuracy"], ci.get("accuracy")), "", "", total])
+    acc = _fmt_ci(metrics["accuracy"], ci.get("accuracy"))
+    rows.append(["**accuracy**", "", acc, "", "", total])
     for avg in ("macro", "weighted"):
         f1_ci = ci.get("macro_f1") if avg == "macro" else None
         rows.append([f"**{avg} avg**", _fmt(metrics[f"{avg}_precision"]),
@@ -276,7 +277,8 @@ def report_markdown(metrics: Mapping, title: str,
 
     cm = metrics["confusion_matrix"]
     lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
-    lines += _markdown_table(["true \\ pred", *names], [[n, *map(str, r)] for n, r in zip(names, cm)])
+    lines += _markdown_table(["true \\ pred", *names],
+                             [[n, *map(str, r)] for n, r in zip(names, cm, strict=True)])
 
     auc_rows = [[c, _fmt(metrics["per_class"][c]["roc_auc"])] for c in names]
     auc_rows.append(["**macro**", _fmt_ci(metrics["roc_auc_macro"], ci.get("roc_auc_macro"))])

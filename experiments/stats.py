@@ -45,7 +45,8 @@ def mcnemar(y_true, pred_a, pred_b, *, exact: bool | None = None) -> dict:
     """McNemar's test of equal error rates for predicted labels of A and B on the same examples."""
     y, a, b = (np.asarray(v) for v in (y_true, pred_a, pred_b))
     if not (y.shape == a.shape == b.shape and y.ndim == 1):
-        raise ValueError(f"need three label vectors of equal length; got {y.shape}, {a.shape}, {b.shape}")
+        raise ValueError(f"need three label vectors of equal length; "
+                         f"got {y.shape}, {a.shape}, {b.shape}")
     right_a, right_b = a == y, b == y
     out = mcnemar_from_counts(int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b)),
                               exact=exact)
@@ -76,12 +77,12 @@ def paired_bootstrap(y_true, proba_a, proba_b, *, metric: str = "macro_f1", pati
     da = None if pred_a is None else check_decisions(pred_a, len(y), pa.shape[1])
     db = None if pred_b is None else check_decisions(pred_b, len(y), pa.shape[1])
 
-    def diff(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def scores(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (bootstrap_metrics(y, pa, w, da)[metric], bootstrap_metrics(y, pb, w, db)[metric])
 
-    a, b = (v[0] for v in diff(np.ones((1, len(y)))))
+    a, b = (v[0] for v in scores(np.ones((1, len(y)))))
     units, unit_kind = resampling_units(ids, len(y))
-    diffs = np.concatenate([np.subtract(*diff(w))
+    diffs = np.concatenate([np.subtract(*scores(w))
                             for w in bootstrap_weights(units, n_bootstrap, seed)])
     diffs = diffs[~np.isnan(diffs)]
     if len(diffs) == 0:

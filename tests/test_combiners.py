@@ -90,7 +90,8 @@ def test_pairwise_coupling_solves_the_wu_lin_weng_problem_for_inconsistent_pairs
     got = pairwise_coupling(r[None])[0]
 
     def objective(q):
-        return sum((r[j, i] * q[i] - r[i, j] * q[j]) ** 2 for i in range(k) for j in range(k) if i != j)
+        return sum((r[j, i] * q[i] - r[i, j] * q[j]) ** 2
+                   for i in range(k) for j in range(k) if i != j)
 
     ref = minimize(objective, np.full(k, 1 / k), method="SLSQP", bounds=[(0, 1)] * k,
                    constraints={"type": "eq", "fun": lambda q: q.sum() - 1}, tol=1e-12).x
@@ -144,7 +145,8 @@ def test_cascade_threshold_hits_target_sensitivity_on_validation():
         np.testing.assert_array_equal(p[:, 0] <= 0.5, s >= comb.threshold_)
     assert CascadeCombiner(tasks, target_sensitivity=0.99).fit(outputs, y).threshold_ < \
         CascadeCombiner(tasks, target_sensitivity=0.8).fit(outputs, y).threshold_
-    assert sensitivity_threshold(np.array([0.1, 0.5, 0.9, 0.2]), np.array([1, 1, 1, 0]), 2 / 3) == 0.5
+    scores, sick = np.array([0.1, 0.5, 0.9, 0.2]), np.array([1, 1, 1, 0])
+    assert sensitivity_threshold(scores, sick, 2 / 3) == 0.5
 
 
 def test_soft_vote_and_errors():

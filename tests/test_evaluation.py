@@ -64,7 +64,7 @@ def test_weighted_auc_matches_sklearn_with_ties_and_weights():
     w = rng.integers(0, 4, size=(5, 200)).astype(float)
     got = weighted_ovr_auc(y, scores, 1, np.vstack([np.ones(200), w]))
     assert got[0] == pytest.approx(skm.roc_auc_score(y == 1, scores))
-    for row, g in zip(w, got[1:]):
+    for row, g in zip(w, got[1:], strict=True):
         assert g == pytest.approx(skm.roc_auc_score(y == 1, scores, sample_weight=row))
 
 
