@@ -1,0 +1,27 @@
+"""The training engine: train state, optimisers, freeze policies, the pure per-shard train
+step, data-parallel wrappers (shard_map / pmap), orbax checkpoints and the epoch loop.
+
+    from backbones import training
+    tx = training.make_optimizer(training.OptimConfig(learning_rate=1e-3))
+    state = training.create_train_state(model, tx, key, (1, 64, 64, 1))
+    dp = training.data_parallel("shard_map")
+    step = dp.train(training.make_train_step())
+    replicated, metrics = step(dp.replicate(state), batch)
+"""
+
+from backbones.training.checkpoint import Checkpointer, NonFiniteError
+from backbones.training.freeze import freeze_labels, parse_policy, stages, trainable_modules
+from backbones.training.loop import (
+    FitConfig, FitResult, TrainingDiverged, fit, predict, train_batch, validation_metrics)
+from backbones.training.optim import OPTIMIZERS, SCHEDULES, OptimConfig, make_optimizer
+from backbones.training.parallel import PARALLEL_MODES, DataParallel, data_parallel
+from backbones.training.precision import PRECISIONS, compute_dtype
+from backbones.training.state import TrainState, create_train_state
+from backbones.training.step import make_eval_step, make_train_step
+
+__all__ = [
+    "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SCHEDULES", "Checkpointer", "DataParallel",
+    "FitConfig", "FitResult", "NonFiniteError", "OptimConfig", "TrainState",
+    "TrainingDiverged", "compute_dtype", "create_train_state", "data_parallel", "fit",
+    "freeze_labels", "make_eval_step", "make_optimizer", "make_train_step", "parse_policy",
+    "predict", "stages", "train_batch", "trainable_modules", "validation_metrics"]
