@@ -105,21 +105,24 @@ def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
-def _listing(root: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file under root, sorted."""
+def _listing(root: Path, skip: Path | None = None) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every file under root, sorted, outside `skip`
+    (a cache kept inside the data folder must not change the key it is stored under)."""
     rows = []
     for folder, dirs, files in os.walk(root):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if skip is None or Path(folder, d).resolve() != skip)
         for f in sorted(files):
             st = (Path(folder) / f).stat()
             rows.append((os.path.relpath(Path(folder) / f, root), st.st_size, st.st_mtime_ns))
     return rows
 
 
-def cache_key(name: str, root: Path | None, options: dict[str, Any]) -> str:
+def cache_key(name: str, root: Path | None, options: dict[str, Any],
+              build_root: Path | None = None) -> str:
     """Hash of dataset, builder version, resolved root, its file listing and the options."""
+    files = _listing(root, build_root.resolve() if build_root else None) if root else []
     payload = {"dataset": name, "version": str(builders.CxrBuilder.VERSION), "options": options,
-               "root": str(root) if root else None, "files": _listing(root) if root else []}
+               "root": str(root) if root else None, "files": files}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -138,7 +141,7 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
     class_names = C.select_classes(scan.classes, classes)
     records = [r for r in scan.records if r.label in class_names]
     has_masks = bool(class_names) and set(class_names) <= scan.classes_with_masks
-    key = cache_key(name, root, {**opts, "classes": class_names})
+    key = cache_key(name, root, {**opts, "classes": class_names}, build_root)
     return builder_cls(root=root, records=records, issues=scan.issues, class_names=class_names,
                        has_masks=has_masks, data_dir=build_root / f"{name}-{key}")
 
@@ -152,8 +155,11 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     num_classes=3 (normal/viral/bacterial) or 2 (normal/pneumonia). `classes` keeps a subset
     of canonical classes in the given order. Raises ValueError / FileNotFoundError with a
     one-line message for unknown names or options and missing, empty or class-less roots.
+    `classes` may also be one comma-separated string.
     """
     opts = _options(name, options)
+    if isinstance(classes, str):
+        classes = [c for c in classes.split(",") if c.strip()]
     build_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     builder = _builder(name, data_dir, classes, build_root, opts)
     builder.download_and_prepare()

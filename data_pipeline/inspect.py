@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(ds)
         if args.grid:
             summary["grid"] = str(save_grid(ds, args.grid))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))

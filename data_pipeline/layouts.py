@@ -47,9 +47,10 @@ class Scan:
         return ordered({r.label for r in self.records})
 
     def report(self, path: Path | str, reason: str) -> None:
-        self.issues.append({"path": self._rel(path), "reason": reason})
+        self.issues.append({"path": self.rel(path), "reason": reason})
 
-    def _rel(self, path: Path | str) -> str:
+    def rel(self, path: Path | str) -> str:
+        """POSIX path relative to the root."""
         path = Path(path)
         return path.relative_to(self.root).as_posix() if path.is_absolute() else path.as_posix()
 
@@ -145,10 +146,10 @@ def _scan_class_root(root: Path, *, strict: bool, use_masks: bool) -> Scan:
     manifest = read_manifest(root)
     for folder, label in _class_folders(root, scan, strict=strict):
         for image, mask in _scan_class_folder(scan, folder, label, use_masks=use_masks):
-            rel = scan._rel(image)
+            rel = scan.rel(image)
             scan.records.append(Record(
                 rel, label, _patient(manifest, rel) or "",
-                mask_path=scan._rel(mask) if mask is not None else None))
+                mask_path=scan.rel(mask) if mask is not None else None))
     return scan
 
 
@@ -215,7 +216,7 @@ def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3) -> Scan:
                 scan.report(folder, "ignored: Kermany has only NORMAL and PNEUMONIA")
                 continue
             for image, _ in _scan_class_folder(scan, folder, label):
-                rel = scan._rel(image)
+                rel = scan.rel(image)
                 kind = _KIND.search(image.name)
                 if label == C.PNEUMONIA and num_classes == 3:
                     if kind is None:

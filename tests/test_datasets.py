@@ -223,3 +223,14 @@ def test_cli_text_report(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "3 examples" in text and "skipped: 0" in text
     assert any(line.split() == ["covid", "2"] for line in text.splitlines())
+
+
+def test_cache_inside_the_data_folder_still_hits(tmp_path, monkeypatch):
+    root = make_flat(tmp_path / "f", {"COVID": 1, "Normal": 1})
+    first = load_dataset("image_folder", data_dir=root, cache_dir=root / ".cache",
+                         classes="normal,covid")  # one comma-separated string works too
+    assert first.class_names == ("normal", "covid")
+    monkeypatch.setattr(builders.ImageFolder, "_examples", lambda self: 1 / 0)
+    again = load_dataset("image_folder", data_dir=root, cache_dir=root / ".cache",
+                         classes=["normal", "covid"])
+    assert again.build_dir == first.build_dir
