@@ -68,9 +68,12 @@ def resampling_units(patient_ids: np.ndarray | None, n: int) -> tuple[np.ndarray
     (examples with an unknown id, '', are their own unit), else one unit per example."""
     if patient_ids is None or not np.any(patient_ids != ""):
         return np.arange(n), "example"
-    ids = np.where(patient_ids == "", np.char.add("\0example", np.arange(n).astype(str)),
-                   patient_ids)
-    return np.unique(ids, return_inverse=True)[1].ravel(), "patient"
+    known = patient_ids != ""
+    patients = np.unique(patient_ids[known], return_inverse=True)[1].ravel()
+    units = np.empty(n, dtype=np.int64)
+    units[known] = patients
+    units[~known] = patients.max() + 1 + np.arange(np.sum(~known))
+    return units, "patient"
 
 
 def bootstrap_weights(units: np.ndarray, n_bootstrap: int, seed: int,
@@ -187,6 +190,9 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
         fp = cm[:, c].sum() - cm[c, c]
         auc = (float(skm.roc_auc_score(y == c, p[:, c]))
                if present[c] and negatives > 0 else None)
+        if present[c] and negatives == 0:
+            warnings.append(f"every example is {names[c]!r}: its specificity and ROC-AUC are "
+                            f"undefined")
         per_class[names[c]] = {
             "precision": float(prec[c]),
             "recall": float(rec[c]) if present[c] else None,

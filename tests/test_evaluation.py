@@ -239,3 +239,13 @@ def test_paired_bootstrap_uses_explicit_decisions():
     res = paired_bootstrap(y, p, p, metric="accuracy", pred_b=wrong, n_bootstrap=100)
     assert res["b"] == 0.0 and res["a"] == pytest.approx(skm.accuracy_score(y, p.argmax(1)))
     assert res["p_value"] < 0.05
+
+
+def test_one_class_test_set_reports_instead_of_crashing():
+    y = np.array([2, 2, 2])
+    m = evaluate_predictions(y, np.array([[0.1, 0.2, 0.7]] * 3), ["a", "b", "c"],
+                             patient_ids=np.array(["x", "", "x"]), n_bootstrap=20)
+    assert m["accuracy"] == 1.0 and m["roc_auc_macro"] is None
+    assert m["ci95"]["roc_auc_macro"] is None
+    assert m["per_class"]["c"]["specificity"] is None and len(m["warnings"]) == 3
+    assert m["bootstrap"]["n_units"] == 2
