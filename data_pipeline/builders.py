@@ -15,13 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from data_pipeline import layouts
-from data_pipeline.decode import DecodeError, decode_for_storage, decode_mask, encode_png
+from data_pipeline.decode import (
+    DecodeError,
+    decode_for_storage,
+    decode_mask,
+    encode_png,
+)
 
 SPLIT = "full"
 INDEX_FIELDS = ("label", "patient_id", "path", "source_split")
@@ -31,14 +36,13 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared features and skip bookkeeping; subclasses yield decoded examples via `_examples`."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
 
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> None:
-        """No checksums file beside the code. TFDS 4.9.10 would otherwise probe the module
-        path with `importlib_resources`, which it installs only for Python < 3.9."""
-        return None
+        """None: no checksums file beside the code. TFDS 4.9.10 would otherwise probe the
+        module path with `importlib_resources`, which it installs only for Python < 3.9."""
 
     def __init__(self, *, class_names: Sequence[str], has_masks: bool,
                  issues: Sequence[dict[str, str]] = (), data_dir: str | Path):
@@ -98,7 +102,8 @@ class SyntheticCxr(CxrBuilder, skip_registration=True):
         super().__init__(has_masks=True, **kwargs)
 
     def _examples(self):
-        from data_pipeline.synthetic import generate_phantoms  # sibling module, loaded on build
+        # Imported on build only: scipy rendering is not needed to read a cached dataset.
+        from data_pipeline.synthetic import generate_phantoms
 
         data = generate_phantoms(self._count, image_size=self._image_size,
                                  classes=self._class_names, seed=self._seed)

@@ -140,7 +140,7 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
         raise ValueError(f"no images found under {root}")
     class_names = C.select_classes(scan.classes, classes)
     records = [r for r in scan.records if r.label in class_names]
-    has_masks = bool(class_names) and set(class_names) <= scan.classes_with_masks
+    has_masks = set(class_names) <= scan.classes_with_masks
     key = cache_key(name, root, {**opts, "classes": class_names}, build_root)
     return builder_cls(root=root, records=records, issues=scan.issues, class_names=class_names,
                        has_masks=has_masks, data_dir=build_root / f"{name}-{key}")

@@ -39,8 +39,9 @@ def summarize(ds: Dataset) -> dict[str, Any]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The human-readable report."""
-    lines = [f"dataset {summary['dataset']}: {summary['num_examples']} examples "
-             f"(masks: {'yes' if summary['has_masks'] else 'no'})", "classes:"]
+    masks = "yes" if summary["has_masks"] else "no"
+    lines = [f"dataset {summary['dataset']}: {summary['num_examples']} examples (masks: {masks})",
+             "classes:"]
     lines += [f"  {k:<22}{v:>8}" for k, v in summary["classes"].items()]
     lines.append("source splits:")
     lines += [f"  {k:<22}{v:>8}" for k, v in summary["source_splits"].items()]

@@ -10,13 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from folder_fixtures import make_flat, make_kaggle_v4, make_kermany, write_image, write_mask
+from folder_fixtures import (
+    make_flat,
+    make_kaggle_v4,
+    make_kermany,
+    write_image,
+    write_mask,
+)
 from PIL import Image
 
 from data_pipeline import builders
 from data_pipeline import inspect as inspect_cli
 from data_pipeline.datasets import load_dataset
-from data_pipeline.decode import DecodeError, decode_for_storage, decode_image, decode_mask
+from data_pipeline.decode import (
+    DecodeError,
+    decode_for_storage,
+    decode_image,
+    decode_mask,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +211,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "data_pipeline.inspect", "--dataset", "image_folder",
          "--data-dir", str(missing), "--cache-dir", str(tmp_path / "c")],
-        capture_output=True, text=True, cwd=REPO, timeout=120)
+        capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == f"error: data_dir {missing} does not exist"
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
-from folder_fixtures import (KERMANY_FILES, make_flat, make_kaggle_v4, make_kermany,
-                             write_image, write_manifest)
+from folder_fixtures import (
+    KERMANY_FILES,
+    make_flat,
+    make_kaggle_v4,
+    make_kermany,
+    write_image,
+    write_manifest,
+)
 from PIL import Image
 
 from data_pipeline import builders, layouts
