@@ -162,3 +162,19 @@ def test_soft_vote_and_errors():
         OvACombiner(make_tasks("ova", K3)).predict_proba([a, b])
     with pytest.raises(ValueError, match="probabilities"):
         OvACombiner(make_tasks("ova", K3)).predict_proba([a, b, a * 2])
+
+
+@pytest.mark.parametrize("strategy", ["single", "ova", "ovo", "cascade"])
+def test_members_trained_from_the_tables_combine_into_a_good_classifier(strategy):
+    # End to end: tables -> member labels/masks -> fit -> combine. Gaussian members, since a
+    # linear healthy-vs-sick member cannot cut the middle blob out of the others.
+    x, y = make_blobs(n_samples=400, centers=4, cluster_std=2.0, random_state=7)
+    tasks = make_tasks(strategy, K4)
+    labels, mask = tasks.member_labels(y)
+    outputs = [GaussianNB().fit(x[mask[m]], labels[m][mask[m]]).predict_proba(x)
+               for m in range(tasks.num_members)]
+    comb = make_combiner(tasks).fit(outputs, y)
+    proba = comb.predict_proba(outputs)
+    _assert_distribution(proba, 4)
+    assert (comb.predict(outputs) == y).mean() > 0.9
+    assert (proba.argmax(1) == y).mean() > 0.9
