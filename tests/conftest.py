@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Two pytest workers share two cores: OpenMP pools (scikit-learn's gradient boosting) sized to
+# the machine oversubscribe them badly. Set before any test module imports scikit-learn.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # ../shared/data beside the checkout; CXR_SHARED_DATA overrides (a user's fresh clone has none).
 SHARED_DATA = Path(os.environ.get(
     "CXR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
