@@ -237,27 +237,38 @@ def test_batch_stats_update_only_in_train_mode():
                                0.99 + 0.01 * conv.var(axis=(0, 1, 2)), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["cnn_bn3x2", "resnet18"])
-def test_axis_name_averages_batch_statistics_across_shards(name):
+def test_axis_name_averages_batch_statistics_across_shards():
     """Two shards of 2 under a named vmap axis give the statistics of the whole batch of 4."""
-    size = 32
-    x = jax.random.normal(KEY, (4, size, size, 1))
-    kwargs = dict(num_classes=3, width=WIDTH if name == "cnn_bn3x2" else 0.125)
-    single = backbones.create(name, **kwargs)
-    sharded = backbones.create(name, axis_name="batch", **kwargs)
+    x = jax.random.normal(KEY, (4, 16, 16, 1))
+    single, sharded = _bn_model(), _bn_model(axis_name="batch")
     variables = single.init(RNGS, x, train=False)
     logits, whole = single.apply(variables, x, train=True, mutable=["batch_stats"])
 
     def shard_step(xs):
         return sharded.apply(variables, xs, train=True, mutable=["batch_stats"])
 
-    shard_logits, per_shard = jax.vmap(shard_step, axis_name="batch")(x.reshape(2, 2, *x.shape[1:]))
+    shard_logits, per_shard = jax.vmap(shard_step, axis_name="batch")(x.reshape(2, 2, 16, 16, 1))
     np.testing.assert_allclose(shard_logits.reshape(4, 3), logits, rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda s, w: np.testing.assert_allclose(s[0], w, rtol=1e-4, atol=1e-6),
                  per_shard["batch_stats"], whole["batch_stats"])
     # eval mode needs no bound axis
     np.testing.assert_allclose(sharded.apply(variables, x, train=False),
                                single.apply(variables, x, train=False), rtol=1e-6)
+
+
+def test_resnet_batch_norm_needs_the_named_axis_it_was_given():
+    """Every BatchNorm of a ResNet gets axis_name: training outside the axis fails."""
+    model = backbones.create("resnet18", num_classes=3, width=0.125, axis_name="batch")
+    variables = abstract_variables(model, (2, 32, 32, 1))
+
+    def train(v, x):
+        return model.apply(v, x, train=True, mutable=["batch_stats"])
+
+    with pytest.raises(NameError, match="batch"):
+        jax.eval_shape(train, variables, jnp.zeros((2, 32, 32, 1)))
+    _, stats = jax.eval_shape(jax.vmap(train, in_axes=(None, 0), axis_name="batch"),
+                              variables, jnp.zeros((2, 1, 32, 32, 1)))
+    assert stats["batch_stats"]["conv5_block2_2_bn"]["mean"].shape == (2, 64)
 
 
 # --- channels and precision --------------------------------------------------------------
@@ -273,23 +284,30 @@ def test_one_and_three_channels(name):
         assert out.shape == (2, 2)
 
 
-@pytest.mark.parametrize("name", ["cnn_bn3x2", "resnet18"])
-def test_bfloat16_compute_keeps_float32_params_and_logits(name):
-    x = jax.random.normal(KEY, (2, 32, 32, 1))
-    kwargs = dict(num_classes=3, head="dense1024", width=0.125)
-    model16 = backbones.create(name, dtype=jnp.bfloat16, **kwargs)
-    model32 = backbones.create(name, **kwargs)
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    x = jax.random.normal(KEY, (2, 16, 16, 1))
+    model16 = _bn_model(dtype=jnp.bfloat16)
     variables = model16.init(RNGS, x, train=False)
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
     logits, state = model16.apply(variables, x, train=False, capture_intermediates=True)
     assert logits.dtype == jnp.float32
-    first = "conv1_conv" if name.startswith("resnet") else "block1_conv1"
-    assert state["intermediates"][first]["__call__"][0].dtype == jnp.bfloat16
-    reference = model32.apply(variables, x, train=False)
-    np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.05 * float(
-        jnp.abs(reference).max()))
+    assert state["intermediates"]["block1_conv1"]["__call__"][0].dtype == jnp.bfloat16
+    reference = _bn_model().apply(variables, x, train=False)
+    np.testing.assert_allclose(logits, reference, rtol=0.1,
+                               atol=0.05 * float(jnp.abs(reference).max()))
     _, updates = model16.apply(variables, x, train=True, mutable=["batch_stats"])
     assert {leaf.dtype for leaf in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+
+def test_resnet_bfloat16_shapes_and_dtypes():
+    model = backbones.create("resnet50", num_classes=3, dtype=jnp.bfloat16, width=0.125)
+    variables = abstract_variables(model, (2, 32, 32, 3))
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    logits, state = jax.eval_shape(
+        lambda v: model.apply(v, jnp.zeros((2, 32, 32, 3)), train=False,
+                              capture_intermediates=True), variables)
+    assert logits.dtype == jnp.float32
+    assert state["intermediates"]["conv5_block3_3_conv"]["__call__"][0].dtype == jnp.bfloat16
 
 
 # --- training ---------------------------------------------------------------------------
