@@ -32,7 +32,7 @@ from data_pipeline import classes as cls
 _CHUNK = 64            # examples rendered together (memory ~ CHUNK * size^2 * 4 B per map)
 _MIN_RENDER = 64       # smaller images are supersampled from at least this size
 _VESSEL_GRID = 12      # control points across the image for each smooth noise field
-_RETICULAR_GRID = 30
+_RETICULAR_GRID = 22
 _BRONCHUS_GRID = 10
 _MAX_BLOBS = 8
 _MAX_WIRES = 3
@@ -164,7 +164,7 @@ def _severities(rng: np.random.Generator, label: str) -> np.ndarray:
     draw = rng.uniform(size=6)
     faint = lambda k, prob, hi: draw[k] * hi if draw[k + 3] < prob else 0.0  # noqa: E731
     ret, ggo, cons = faint(0, 0.3, 0.25), faint(1, 0.15, 0.25), 0.0
-    strong = 0.3 + 0.7 * rng.uniform()
+    strong = 0.35 + 0.65 * rng.uniform()
     if label == cls.VIRAL_PNEUMONIA:
         ret, ggo = strong, faint(1, 0.3, 0.3)
     elif label == cls.COVID:
@@ -232,7 +232,9 @@ def _attenuation(p: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.nd
     cage = 1 - np.square(uu / 0.8) - np.square((v - 0.12) / 0.92)
     mediast_half = 0.09 + 0.05 * np.clip(v + 0.8, 0, 1)
     hx, hy = p["heart_x"], p["dome_r"] - 0.5 * p["heart_ry"]
-    heart = 1 - np.square((uu - hx) / p["heart_rx"]) - np.square((v - hy) / p["heart_ry"])
+    across = 1 - np.square((uu - hx) / p["heart_rx"])
+    # taller below its centre, so the heart sits on the diaphragm
+    heart = across - np.square((v - hy) / np.where(v < hy, p["heart_ry"], 2.5 * p["heart_ry"]))
     dome_base = np.where(uu < 0, p["dome_r"], p["dome_r"] + p["dome_gap"])
     dome = dome_base + 1.1 * np.square(au - 0.38)
     lung_soft = (_step(cage / (2 * soft)) * _step((au - mediast_half) / soft)
@@ -283,7 +285,7 @@ def _findings(p: dict[str, np.ndarray], size: int, x: np.ndarray, y: np.ndarray,
     if rows.size:
         network = _band(_smooth_field(p["reticular"][rows], size), 0.35)
         perihilar = 0.45 + 0.55 * _band(hilum_d[rows], 0.4)
-        out[rows] += p["sev_reticular"][rows] * perihilar * (0.4 * network + 0.1)
+        out[rows] += p["sev_reticular"][rows] * perihilar * (0.4 * network + 0.15)
     # Ground glass: soft patches near the lateral, lower edges of both lungs. Gaussians are
     # separable, so the patches are an outer product of 1-D profiles in image coordinates.
     rows = np.flatnonzero(p["sev_ggo"].ravel() > 0)
@@ -312,7 +314,7 @@ def _findings(p: dict[str, np.ndarray], size: int, x: np.ndarray, y: np.ndarray,
         core = _step((q["lobe_extent"] - np.hypot(ar - q["lobe_center"], (vr - fissure) * 0.7))
                      / 0.025)
         bronchi = q["bronchogram"] * _band(_smooth_field(p["bronchi"][rows], size), 0.12)
-        out[rows] += (p["sev_consolidation"][rows] * 0.75 * _step((ur * side - 0.05) / 0.01)
+        out[rows] += (p["sev_consolidation"][rows] * 0.85 * _step((ur * side - 0.05) / 0.01)
                       * lobe * core * (1 - 0.5 * bronchi))
     return out
 
