@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib
 
+from backbones import cnns, resnet, vgg  # noqa: F401 - importing registers the models
 from backbones.heads import HEADS, Head
 from backbones.registry import create, get, names, register
-from backbones import cnns, resnet, vgg  # noqa: F401,E402 - registers the models
 
 # Modules still being written import only once they exist; any other import error surfaces.
 for _module in ("densenet", "xception", "inception"):

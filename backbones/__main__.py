@@ -85,9 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(info))
     else:
         for key, value in info.items():
-            shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+            shown = value
             if key == "gflops":
                 shown = f"{value:.3f}"
+            elif isinstance(value, int):
+                shown = f"{value:,}"
             print(f"{key:>22}: {shown}")
     return 0
 

@@ -3,8 +3,8 @@
 Blocks of 3x3 'same' convolutions with bias + ReLU, each block ending in a 2x2 max-pool
 (block1_conv1 ... block5_conv3/4); head="imagenet" is Keras's top: flatten + fc1 4096 ReLU +
 fc2 4096 ReLU + predictions (138,357,544 / 143,667,240 parameters at 224 px, 1000 classes).
-Inputs need sides >= 32 px, as in Keras; `width` scales the conv channels for tests; VGG has no BatchNorm, so `axis_name` is
-accepted and unused.
+Inputs need sides >= 32 px, as in Keras; `width` scales the conv channels for tests. VGG has
+no BatchNorm, so `axis_name` is accepted and unused.
 """
 
 from __future__ import annotations
