@@ -250,7 +250,7 @@ def _predict_all(predict: Callable, state, val_batches: Callable) -> tuple[np.nd
 def _fit(state, step: Callable, predict: Callable, *, table: np.ndarray, members: Sequence[int],
          parallel, train_batches: Callable, val_batches: Callable, epochs: int, patience: int,
          stacked: bool, checkpoints=None, on_epoch: Callable | None = None,
-         desc: str = "members"):
+         desc: str = "members", progress: bool = True):
     """Train one stack (or one member as a stack of one) with per-member early stopping.
 
     `predict(state, batch)` returns logits [M, B, C]; `step` returns per-member metrics [M]
@@ -277,7 +277,8 @@ def _fit(state, step: Callable, predict: Callable, *, table: np.ndarray, members
         if not stopper.active.any():
             break
         t0, n_images, sums = time.perf_counter(), 0, []
-        bar = tqdm(train_batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        bar = tqdm(train_batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not progress)
         for batch in bar:
             state, metrics = step(state, {"image": batch["image"], "label": batch["label"]})
             metrics = jax.tree.map(lambda x: np.atleast_1d(np.asarray(x)), metrics)
@@ -325,8 +326,8 @@ class TrainedStack:
 def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
                 eval_step: Callable, parallel, train_batches: Callable, val_batches: Callable,
                 epochs: int, patience: int, key: jax.Array, mode: str = "stacked",
-                checkpoint_dir: Path | None = None, on_epoch: Callable | None = None
-                ) -> TrainedStack:
+                checkpoint_dir: Path | None = None, on_epoch: Callable | None = None,
+                progress: bool = True) -> TrainedStack:
     """Train the members of `stack` together (vmapped) or one after another (sequential).
 
     make_state(num_classes, key) -> TrainState of one member; train_batches(epoch) and
@@ -339,7 +340,7 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         raise ValueError(f"unknown member mode {mode!r}; choose one of {', '.join(MEMBER_MODES)}")
     keys = member_keys(key, stack.members)
     common = dict(parallel=parallel, train_batches=train_batches, val_batches=val_batches,
-                  epochs=epochs, patience=patience, on_epoch=on_epoch)
+                  epochs=epochs, patience=patience, on_epoch=on_epoch, progress=progress)
     if mode == "stacked":
         state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
         step = parallel.train(stacked_train_step(train_step, stack.table, stack.class_weight))

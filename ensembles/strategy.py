@@ -1,0 +1,104 @@
+"""Strategy -> tasks -> members -> combiner: the steps every ensemble experiment runs.
+
+Checks come first (a class the data lacks, a cascade without the healthy class, an OvO pair
+with too few examples raise before anything trains); members then train as stacks
+(`ensembles.members`), and their outputs on any images are per-member probabilities
+[N, C_m] in the task order, which the combiners of `ensembles.combiners` turn into K-class
+probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ensembles import members as members_lib
+from ensembles.combiners import make_combiner
+from ensembles.tasks import Tasks, check_trainable, make_tasks
+
+RULES = {"ova": {}, "ovo": {"decision": "votes"}, "cascade": {}, "single": {}}
+
+
+def plan(strategy: str, class_names: Sequence[str], train_labels: np.ndarray, *,
+         healthy: str = "normal", min_per_class: int = 2
+         ) -> tuple[Tasks, list[members_lib.Stack]]:
+    """Tasks of `strategy` and their stacks, after checking every member can be trained."""
+    tasks = make_tasks(strategy, class_names, healthy=healthy)
+    check_trainable(tasks, train_labels, min_per_class=min_per_class)
+    return tasks, members_lib.plan_stacks(tasks.num_classes, tasks.table,
+                                          tasks.class_weights(train_labels))
+
+
+def stacked_apply(model) -> Callable:
+    """jit(vmap(apply)) over a member axis of the variables: images [B,...] -> logits [M,B,C]."""
+    return jax.jit(jax.vmap(lambda v, x: model.apply(v, x, train=False), in_axes=(0, None)))
+
+
+def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
+                  stacks: Sequence[members_lib.Stack], batches: Iterable[dict]
+                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per-member logits [N, C_m] in member order, plus labels and example indices.
+
+    Each batch is {"image", "label", "index"} (an evaluation loader); stack s runs
+    `apply_fns[s](variables[s], images)`.
+    """
+    num_members = sum(s.size for s in stacks)
+    out: list[list[np.ndarray]] = [[] for _ in range(num_members)]
+    labels, indices = [], []
+    for batch in batches:
+        images = jnp.asarray(batch["image"])
+        for apply, v, stack in zip(apply_fns, variables, stacks, strict=True):
+            logits = np.asarray(apply(v, images))
+            for i, m in enumerate(stack.members):
+                out[m].append(logits[i])
+        labels.append(np.asarray(batch.get("label", np.zeros(len(images), np.int64))))
+        indices.append(np.asarray(batch.get("index", np.zeros(len(images), np.int64))))
+    if not labels:
+        raise ValueError("no images to predict")
+    return ([np.concatenate(o).astype(np.float64) for o in out], np.concatenate(labels),
+            np.concatenate(indices))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from logits [..., C] in float64."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def rule_combiner(tasks: Tasks, *, ovo_decision: str = "votes",
+                  target_sensitivity: float | None = None):
+    """The strategy's own combiner: OvA normalisation, OvO votes/coupling, cascade rule."""
+    if tasks.strategy == "ovo":
+        return make_combiner(tasks, decision=ovo_decision)
+    if tasks.strategy == "cascade":
+        return make_combiner(tasks, target_sensitivity=target_sensitivity)
+    return make_combiner(tasks)
+
+
+def combiner_to_json(combiner) -> dict:
+    """The fitted state of a rule combiner (everything needed to rebuild it with its tasks)."""
+    doc = {"strategy": combiner.tasks.strategy}
+    if doc["strategy"] == "ovo":
+        doc.update(decision=combiner.decision, confidence=combiner.confidence)
+    if doc["strategy"] == "cascade":
+        doc.update(threshold=float(combiner.threshold_),
+                   target_sensitivity=combiner.target_sensitivity)
+    return doc
+
+
+def combiner_from_json(tasks: Tasks, doc: dict):
+    """Rebuild a rule combiner saved by `combiner_to_json`."""
+    if doc.get("strategy") != tasks.strategy:
+        raise ValueError(f"combiner is for {doc.get('strategy')!r}, tasks are {tasks.strategy!r}")
+    if tasks.strategy == "ovo":
+        return make_combiner(tasks, decision=doc["decision"], confidence=doc["confidence"])
+    if tasks.strategy == "cascade":
+        combiner = make_combiner(tasks, threshold=doc["threshold"])
+        combiner.target_sensitivity = doc.get("target_sensitivity")
+        return combiner
+    return make_combiner(tasks)

@@ -1,0 +1,281 @@
+"""The body shared by `experiments.ova`, `.ovo` and `.cascade` (and `single` members for compare).
+
+One run: check the data and the strategy (before anything is written), train the members as
+stacks, combine their outputs with the strategy's rule, evaluate on the test split, and write
+a self-contained bundle (see ensembles/bundle.py) with metrics.json, report.md, plots,
+metrics.jsonl, curves.png and outputs.npz (held-out member outputs that `experiments.stack`
+fits its meta-classifier on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from backbones import training
+from backbones.training.curves import plot_curves
+from data_pipeline import augment as augment_lib
+from data_pipeline.loader import make_loader
+from ensembles import bundle as bundle_lib
+from ensembles import members as members_lib
+from ensembles import strategy as strategy_lib
+from ensembles.calibration import TemperatureScaling
+from ensembles.meta import MetaClassifier, make_features
+from experiments import common
+from experiments.evaluation import evaluate_predictions, write_report
+
+# Defaults measured on a 2-core CPU so that `python -m experiments.<strategy> --backbone
+# resnet50` with no other flag finishes within 10 minutes (see docs in the module docstrings
+# of ova/ovo/cascade); every one can be overridden on the command line.
+ENSEMBLE_DEFAULTS = {"image_size": 32, "count": 400, "epochs": 3, "batch_size": 16,
+                     "warmup_epochs": 0.5, "early_stopping_patience": 3}
+META_MODELS = {"logreg": "logistic", "gboost": "gradient_boosting"}
+
+
+def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
+    """Common flags plus the ensemble's own, with this CLI's defaults."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{strategy}",
+                                     description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_flags(parser)
+    group = parser.add_argument_group("ensemble")
+    group.add_argument("--backbone", default="simple_cnn", help="backbone of every member")
+    group.add_argument("--members", default="stacked", choices=members_lib.MEMBER_MODES,
+                       help="train members together under vmap, or one after another")
+    group.add_argument("--meta", default="none", choices=("none", *META_MODELS),
+                       help="also fit a meta-classifier on the validation member outputs")
+    group.add_argument("--healthy", default="normal", help="cascade: the healthy class")
+    group.add_argument("--ovo-decision", default="votes", choices=("votes", "coupling"),
+                       help="OvO: scikit-learn's vote rule or argmax of pairwise coupling")
+    group.add_argument("--target-sensitivity", type=float, default=0.95,
+                       help="cascade: stage-1 sensitivity the thresholded variant is tuned to")
+    group.add_argument("--min-per-class", type=int, default=2,
+                       help="fewest training examples per member class")
+    parser.set_defaults(**ENSEMBLE_DEFAULTS)
+    return parser
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything checked before the run directory is touched."""
+
+    args: argparse.Namespace
+    data: common.Data
+    tasks: object
+    stacks: list
+
+
+def prepare(args: argparse.Namespace, strategy: str) -> Prepared:
+    """Load data and plan the members; every bad input raises here, before any write."""
+    common.check_args(args)
+    data = common.build_data(args)
+    if args.meta != "none" and len(data.splits["val"]) == 0:
+        raise ValueError("--meta needs held-out (validation) data, and the split has none")
+    train_labels = data.dataset.labels[data.train_indices]
+    training.optim.make_schedule(common.optim_config(args, data.steps_per_epoch))
+    tasks, stacks = strategy_lib.plan(strategy, data.class_names, train_labels,
+                                      healthy=args.healthy, min_per_class=args.min_per_class)
+    return Prepared(args, data, tasks, stacks)
+
+
+def _make_state_fn(args: argparse.Namespace, data: common.Data):
+    shape = (1, args.image_size, args.image_size, args.channels)
+    cfg = common.optim_config(args, data.steps_per_epoch)
+
+    def make_state(num_classes: int, key: jax.Array) -> training.TrainState:
+        model = common.build_model(args, args.backbone, num_classes=num_classes)
+        variables = training.state.initial_variables(model, key, shape)
+        if args.pretrained:
+            variables = common.pretrained_variables(args, args.backbone, variables)
+        labels = training.freeze_labels(variables["params"], args.freeze, model)
+        tx = training.make_optimizer(cfg, None if args.freeze == "full" else labels)
+        return training.create_train_state(model, tx, key, shape, variables=variables)
+
+    return make_state
+
+
+def _train_step(args: argparse.Namespace, data: common.Data):
+    model = common.build_model(args, args.backbone, num_classes=2)
+    shape = (1, args.image_size, args.image_size, args.channels)
+    params = jax.eval_shape(lambda: training.state.initial_variables(
+        model, jax.random.PRNGKey(0), shape))["params"]
+    augment = (None if data.augment is None or not augment_lib.DEFAULT_ON_DEVICE else
+               functools.partial(augment_lib.augment_batch, cfg=data.augment))
+    return training.make_train_step(
+        label_smoothing=args.label_smoothing, freeze_policy=args.freeze,
+        trainable=training.trainable_modules(params, args.freeze, model), augment=augment)
+
+
+def train_members(p: Prepared, out: Path) -> list[members_lib.TrainedStack]:
+    """Train every stack of the plan; metrics.jsonl gets one record per stack and epoch."""
+    args, data = p.args, p.data
+    parallel = training.data_parallel(args.parallel)
+    parallel.check_batch_size(args.batch_size)
+    host_augment = None if augment_lib.DEFAULT_ON_DEVICE else data.augment
+
+    def train_batches(epoch: int):
+        return make_loader(data.dataset.source, data.train_indices, batch_size=args.batch_size,
+                           preprocess=data.preprocess, augment=host_augment, shuffle=True,
+                           seed=args.seed + epoch, num_epochs=1, drop_remainder=True,
+                           worker_count=args.workers)
+
+    def val_batches():
+        return data.eval_loader("val", args.batch_size)
+
+    log = out / "metrics.jsonl"
+    if not args.resume and log.exists():
+        log.unlink()
+    trained = []
+    for s, stack in enumerate(p.stacks):
+        def on_epoch(record, s=s, stack=stack):
+            record = {"stack": s, "members": [p.tasks.names[m] for m in stack.members], **record}
+            with log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            if args.progress:
+                print(f"stack {s} epoch {record['epoch']}: train_loss "
+                      f"{np.mean(record['train_loss']):.4f} val_loss "
+                      f"{np.mean(record['val_loss']):.4f} ({record['images_per_s']:.0f} img/s)",
+                      file=sys.stderr)
+        trained.append(members_lib.train_stack(
+            stack, make_state=_make_state_fn(args, data), train_step=_train_step(args, data),
+            eval_step=training.make_eval_step(), parallel=parallel,
+            train_batches=train_batches, val_batches=val_batches, epochs=args.epochs,
+            patience=args.early_stopping_patience, key=jax.random.PRNGKey(args.seed),
+            mode=args.members, checkpoint_dir=out / "checkpoints" / f"stack-{s}",
+            on_epoch=on_epoch, progress=args.progress))
+    return trained
+
+
+def _curves(trained: list[members_lib.TrainedStack], path: Path) -> None:
+    """Learning curves averaged over all members (stacked records; sequential ones merged)."""
+    by_epoch: dict[int, dict[str, list]] = {}
+    for t in trained:
+        for r in t.records:
+            e = by_epoch.setdefault(r["epoch"], {"train_loss": [], "train_accuracy": [],
+                                                 "val_loss": []})
+            for k in e:
+                e[k].extend(np.atleast_1d(r[k]).tolist())
+    history = [{"epoch": e, **{k: float(np.mean(v)) for k, v in d.items()}}
+               for e, d in sorted(by_epoch.items())]
+    plot_curves(history, path)
+
+
+def _variant(name: str, y, proba, pred, class_names) -> dict:
+    m = evaluate_predictions(y, proba, class_names, y_pred=pred, n_bootstrap=0)
+    return {"name": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "roc_auc_macro": m["roc_auc_macro"]}
+
+
+def run(strategy: str, argv: list[str] | None = None, description: str = "") -> Path:
+    """Train, combine, evaluate and save one ensemble run; returns the run directory."""
+    args = build_parser(strategy, description).parse_args(argv)
+    p = prepare(args, strategy)
+    out = common.make_run_dir(args, strategy, args.backbone)
+    data, tasks = p.data, p.tasks
+    common.write_config(out, args, class_names=list(data.class_names), strategy=strategy,
+                        members=list(tasks.names))
+    trained = train_members(p, out)
+    _curves(trained, out / "curves.png")
+
+    model = {"head": args.head, "width": args.width}
+    stacks = bundle_lib.save_members(out, [t.stack for t in trained],
+                                     [t.variables for t in trained])
+    bundle = bundle_lib.Bundle(out, args.backbone, data.class_names, data.preprocess, tasks,
+                               [t.stack for t in trained], [t.variables for t in trained],
+                               strategy_lib.rule_combiner(tasks, ovo_decision=args.ovo_decision),
+                               None, None, "ensemble", bundle_lib._model_options(model))
+    val_p, y_val, i_val = bundle.member_outputs(data.eval_loader("val", args.batch_size))
+    test_p, y_test, i_test = bundle.member_outputs(data.eval_loader("test", args.batch_size))
+
+    rule = bundle.combiner.fit(val_p, y_val)
+    proba, pred = rule.predict_proba(test_p), rule.predict(test_p)
+    ids = data.dataset.patient_ids[i_test]
+    metrics = evaluate_predictions(y_test, proba, data.class_names, patient_ids=ids,
+                                   seed=args.seed, y_pred=pred)
+    variants = [_variant(f"{strategy} rule", y_test, proba, pred, data.class_names)]
+    if strategy == "ovo":
+        other = "coupling" if args.ovo_decision == "votes" else "votes"
+        alt = strategy_lib.rule_combiner(tasks, ovo_decision=other)
+        variants.append(_variant(f"ovo {other}", y_test, proba, alt.predict(test_p),
+                                 data.class_names))
+    if strategy == "cascade":
+        tuned = strategy_lib.rule_combiner(tasks, target_sensitivity=args.target_sensitivity)
+        tuned.fit(val_p, y_val)
+        v = _variant(f"cascade thresholded (stage-1 sensitivity >= {args.target_sensitivity} "
+                     f"on val, t={tuned.threshold_:.3f})", y_test, tuned.predict_proba(test_p),
+                     tuned.predict(test_p), data.class_names)
+        variants.append(v)
+    meta_saved = False
+    if args.meta != "none":
+        meta = MetaClassifier(model=META_MODELS[args.meta], random_state=args.seed)
+        x_val, layout = make_features({strategy: val_p})
+        meta.fit(x_val, y_val, example_indices=i_val, train_indices=data.train_indices,
+                 layout=layout, n_classes=len(data.class_names))
+        mp = meta.predict_proba(meta.features({strategy: test_p}))
+        variants.append(_variant(f"meta {args.meta} (fit on validation member outputs)",
+                                 y_test, mp, mp.argmax(1), data.class_names))
+        if args.meta == "logreg":
+            meta.save(out / bundle_lib.META_FILE)
+            meta_saved = True
+
+    scaler = TemperatureScaling().fit(np.log(np.clip(rule.predict_proba(val_p), 1e-12, 1)),
+                                      y_val)
+    calib = scaler.report(np.log(np.clip(proba, 1e-12, 1)), y_test).as_dict()
+    metrics["temperature_scaling"] = calib
+    metrics["variants"] = variants
+    metrics["strategy"], metrics["backbone"] = strategy, args.backbone
+    metrics["best_epoch_per_member"] = {
+        tasks.names[m]: int(e) + 1 for t in trained for m, e in zip(t.stack.members,
+                                                                    t.best_epoch, strict=True)}
+
+    (out / bundle_lib.COMBINER_FILE).write_text(json.dumps(
+        {"rule": strategy_lib.combiner_to_json(rule), "temperature": calib["temperature"]},
+        indent=1) + "\n")
+    np.savez(out / "outputs.npz", class_names=np.array(data.class_names),
+             train_indices=data.train_indices, val_index=i_val, val_label=y_val,
+             test_index=i_test, test_label=y_test, test_proba=proba, test_pred=pred,
+             **{f"val_member_{m}": v for m, v in enumerate(val_p)},
+             **{f"test_member_{m}": v for m, v in enumerate(test_p)})
+    section = bundle_lib.bundle_section(
+        strategy=strategy, backbone=args.backbone, model=model, class_names=data.class_names,
+        preprocess=data.preprocess, tasks=tasks, stacks=stacks, meta=meta_saved)
+    write_report(metrics, out, y_true=y_test, proba=proba,
+                 title=f"{strategy} ensemble of {args.backbone} on {args.dataset}",
+                 extra_sections=_sections(tasks, variants, calib, args))
+    common.write_config(out, args, class_names=list(data.class_names), strategy=strategy,
+                        members=list(tasks.names), bundle=section)
+    return out
+
+
+def _sections(tasks, variants: list[dict], calib: dict, args) -> dict[str, str]:
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+    rows = ["| combiner | accuracy | macro-F1 | ROC-AUC (macro) |", "|---|---|---|---|"]
+    rows += [f"| {v['name']} | {f(v['accuracy'])} | {f(v['macro_f1'])} | "
+             f"{f(v['roc_auc_macro'])} |" for v in variants]
+    cal = (f"Temperature T = {calib['temperature']:.3f} fitted on validation (combined "
+           f"log-probabilities). Test NLL {calib['nll_before']:.4f} -> {calib['nll_after']:.4f}, "
+           f"ECE {calib['ece_before']:.4f} -> {calib['ece_after']:.4f}. The headline metrics "
+           "above are uncalibrated (T changes confidence, never the decision).")
+    members = (f"{len(tasks.names)} members ({', '.join(tasks.names)}), trained "
+               f"{args.members} with per-member early stopping on validation loss.")
+    return {"Members": members, "Combiners": "\n".join(rows), "Temperature scaling": cal}
+
+
+def main(strategy: str, description: str, argv: list[str] | None = None) -> int:
+    """CLI entry: run, print where the report is; bad input -> `error: ...`, exit code 2."""
+    try:
+        out = run(strategy, argv, description)
+    except (ValueError, FileNotFoundError, bundle_lib.BundleError,
+            training.TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {out / 'report.md'}")
+    return 0
