@@ -9,18 +9,15 @@ Importing the package imports every model module, which registers its names.
 
 from __future__ import annotations
 
-import importlib
-
-from backbones import cnns, resnet, vgg  # noqa: F401 - importing registers the models
+from backbones import (  # noqa: F401 - importing registers the models
+    cnns,
+    densenet,
+    inception,
+    resnet,
+    vgg,
+    xception,
+)
 from backbones.heads import HEADS, Head
 from backbones.registry import create, get, names, register
-
-# Modules still being written import only once they exist; any other import error surfaces.
-for _module in ("densenet", "xception", "inception"):
-    try:
-        importlib.import_module(f"{__name__}.{_module}")
-    except ModuleNotFoundError as error:
-        if error.name != f"{__name__}.{_module}":
-            raise
 
 __all__ = ["HEADS", "Head", "create", "get", "names", "register"]
