@@ -149,7 +149,13 @@ def fit(state: TrainState, *, parallel: DataParallel, train_step: Callable,
         bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
                    disable=not config.progress, leave=False)
         for _ in bar:
-            batch = train_batch(next(data), class_weights)
+            try:
+                batch = train_batch(next(data), class_weights)
+            except StopIteration:
+                raise ValueError(
+                    f"the training loader ran out in epoch {epoch}: it must yield "
+                    f"{config.epochs} x {config.steps_per_epoch} batches (num_epochs=epochs)"
+                ) from None
             replicated, metrics = step_fn(replicated, batch)
             loss, count = float(metrics["loss"]), float(metrics["count"])
             if not math.isfinite(loss):
