@@ -59,7 +59,7 @@ def test_example_does_not_depend_on_count():
 
 def test_masks_cover_two_dark_lungs():
     d = generate_phantoms(12, image_size=64, seed=2)
-    for image, mask in zip(d["image"][..., 0], d["mask"][..., 0] > 0):
+    for image, mask in zip(d["image"][..., 0], d["mask"][..., 0] > 0, strict=True):
         assert 0.15 < mask.mean() < 0.5
         labelled, n = ndimage.label(mask)
         assert n == 2
