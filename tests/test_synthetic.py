@@ -98,6 +98,7 @@ def test_bad_arguments():
         generate_phantoms(4, image_size=4)
 
 
+@pytest.mark.slow
 def test_learnable_but_not_trivially_separable():
     """A linear model on 32x32 pixels and gradient magnitudes beats chance, is not perfect."""
     d = generate_phantoms(600, image_size=32, seed=11)
