@@ -240,9 +240,13 @@ def _finite_or_raise(values: np.ndarray, what: str, epoch: int, step: int, membe
 
 
 def _predict_all(predict: Callable, state, val_batches: Callable) -> tuple[np.ndarray, np.ndarray]:
-    logits, labels = [], []
+    logits, labels, size = [], [], None
     for batch in val_batches():
-        logits.append(np.asarray(predict(state, {"image": batch["image"]})))
+        images = np.asarray(batch["image"])
+        size, n = size or len(images), len(images)
+        if n < size:                     # pad the last batch: one compiled shape
+            images = np.concatenate([images, np.repeat(images[-1:], size - n, axis=0)])
+        logits.append(np.asarray(predict(state, {"image": images}))[:, :n])
         labels.append(np.asarray(batch["label"]))
     return np.concatenate(logits, axis=1), np.concatenate(labels)
 

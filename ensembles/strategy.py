@@ -47,11 +47,14 @@ def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
     """
     num_members = sum(s.size for s in stacks)
     out: list[list[np.ndarray]] = [[] for _ in range(num_members)]
-    labels, indices = [], []
+    labels, indices, size = [], [], None
     for batch in batches:
-        images = jnp.asarray(batch["image"])
+        images = np.asarray(batch["image"])
+        size = size or len(images)
+        n = len(images)
+        padded = jnp.asarray(pad_batch(images, size))         # one compiled shape
         for apply, v, stack in zip(apply_fns, variables, stacks, strict=True):
-            logits = np.asarray(apply(v, images))
+            logits = np.asarray(apply(v, padded))[:, :n]
             for i, m in enumerate(stack.members):
                 out[m].append(logits[i])
         labels.append(np.asarray(batch.get("label", np.zeros(len(images), np.int64))))
@@ -60,6 +63,13 @@ def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
         raise ValueError("no images to predict")
     return ([np.concatenate(o).astype(np.float64) for o in out], np.concatenate(labels),
             np.concatenate(indices))
+
+
+def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """Pad a short last batch to `size` by repeating its last image (outputs are cut after)."""
+    if len(images) >= size:
+        return images
+    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
