@@ -1,0 +1,241 @@
+"""Training / inference throughput of one backbone: images/s, compile time, TFLOP/s.
+
+    python -m benchmarks.throughput --backbone resnet50 --batch-size 16 --image-size 64 \
+        [--precision fp32] [--parallel shard_map] [--mode train|infer] [--steps 5] \
+        [--reference torch] [--json OUT]
+
+Images/s is the median over --repeats timings of --steps steps after a warm-up; compile
+time (the first call minus one steady step) is reported apart; FLOPs come from XLA's cost
+analysis of the compiled per-device program. `--reference torch` times a plain-PyTorch twin
+of the same architecture (simple_cnn, cnn16, resnet50; linear head) in the same process
+and prints the JAX / torch ratio; without torch installed it prints a skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import backbones
+from backbones import training
+
+# Plain conv stacks of backbones/cnns.py (3x3 'same' conv + ReLU, 2x2 max-pool per block while
+# the map allows it) and Keras-style ResNet50 (stride on the block's first 1x1, convs with
+# bias, BN eps 1.001e-5), each with the "linear" head: global average pool + Linear.
+TWINS = {"simple_cnn": (32, 64), "cnn16": (64, 64, 128, 128, 256, 256), "resnet50": None}
+
+
+def torch_twin(name: str, channels: int, num_classes: int):
+    """The PyTorch twin of backbone `name` (torch imported here: it is optional)."""
+    from torch import nn
+
+    class PlainCNN(nn.Module):
+        def __init__(self, widths):
+            super().__init__()
+            self.convs = nn.ModuleList()
+            c = channels
+            for w in widths:
+                self.convs.append(nn.Conv2d(c, w, 3, padding=1))
+                c = w
+            self.head = nn.Linear(c, num_classes)
+
+        def forward(self, x):
+            for conv in self.convs:
+                x = nn.functional.relu(conv(x))
+                if min(x.shape[-2:]) >= 2:
+                    x = nn.functional.max_pool2d(x, 2)
+            return self.head(x.mean((2, 3)))
+
+    def bn(c):
+        return nn.BatchNorm2d(c, eps=1.001e-5, momentum=0.01)
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c_in, filters, stride):
+            super().__init__()
+            self.shortcut = None
+            if stride != 1 or c_in != 4 * filters:
+                self.shortcut = nn.Sequential(nn.Conv2d(c_in, 4 * filters, 1, stride),
+                                              bn(4 * filters))
+            self.body = nn.Sequential(
+                nn.Conv2d(c_in, filters, 1, stride), bn(filters), nn.ReLU(),
+                nn.Conv2d(filters, filters, 3, padding=1), bn(filters), nn.ReLU(),
+                nn.Conv2d(filters, 4 * filters, 1), bn(4 * filters))
+
+        def forward(self, x):
+            shortcut = x if self.shortcut is None else self.shortcut(x)
+            return nn.functional.relu(shortcut + self.body(x))
+
+    class ResNet50(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = [nn.Conv2d(channels, 64, 7, 2, padding=3), bn(64), nn.ReLU(),
+                      nn.ZeroPad2d(1), nn.MaxPool2d(3, 2)]
+            c = 64
+            for stage, blocks in enumerate((3, 4, 6, 3)):
+                filters = 64 * 2 ** stage
+                for b in range(blocks):
+                    layers.append(Bottleneck(c, filters, 2 if b == 0 and stage > 0 else 1))
+                    c = 4 * filters
+            self.trunk = nn.Sequential(*layers)
+            self.head = nn.Linear(c, num_classes)
+
+        def forward(self, x):
+            return self.head(self.trunk(x).mean((2, 3)))
+
+    return ResNet50() if name == "resnet50" else PlainCNN(TWINS[name])
+
+
+def _time(call: Callable[[], object], steps: int, repeats: int) -> list[float]:
+    """Seconds per `steps` calls, `repeats` times (`call` must block until done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def jax_benchmark(args: argparse.Namespace) -> dict:
+    """Time the engine's own parallel train (or eval) step for one backbone."""
+    model = backbones.create(args.backbone, num_classes=args.num_classes, head="linear",
+                             dtype=training.compute_dtype(args.precision), axis_name="batch")
+    shape = (args.batch_size, args.image_size, args.image_size, args.channels)
+    tx = training.make_optimizer(training.OptimConfig(optimizer="sgd", learning_rate=1e-3))
+    state = training.create_train_state(model, tx, jax.random.PRNGKey(0), (1, *shape[1:]))
+    dp = training.data_parallel(args.parallel)
+    dp.check_batch_size(args.batch_size)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.normal(size=shape).astype(np.float32),
+             "label": (np.arange(args.batch_size) % args.num_classes).astype(np.int32),
+             "weight": np.ones(args.batch_size, np.float32)}
+    step_fn = (training.make_train_step() if args.mode == "train"
+               else training.make_eval_step())
+    per_device = jax.jit(jax.shard_map(
+        step_fn, mesh=training.data_parallel("shard_map", jax.devices()[:1]).mesh,
+        in_specs=(P(), P("batch")),
+        out_specs=(P(), P()) if args.mode == "train" else P("batch"), check_vma=False))
+    local = {k: v[:args.batch_size // dp.num_devices] for k, v in batch.items()}
+    cost = per_device.lower(state, local).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) * dp.num_devices
+
+    replicated = [dp.replicate(state)]
+    if args.mode == "train":
+        run = dp.train(step_fn)
+
+        def call():
+            replicated[0], metrics = run(replicated[0], batch)
+            jax.block_until_ready(metrics)
+    else:
+        run = dp.predict(step_fn)
+        image = {"image": batch["image"]}
+
+        def call():
+            jax.block_until_ready(run(replicated[0], image))
+
+    first = _time(call, 1, 1)[0]
+    call()  # one more warm-up step
+    times = _time(call, args.steps, args.repeats)
+    step_s = statistics.median(times) / args.steps
+    return {"framework": "jax", "images_per_s": args.batch_size / step_s,
+            "step_ms": 1e3 * step_s, "compile_s": max(first - step_s, 0.0),
+            "gflop_per_step": flops / 1e9, "tflop_per_s": flops / step_s / 1e12,
+            "device": str(jax.devices()[0].device_kind), "devices": dp.num_devices,
+            "parameters": sum(int(np.size(x)) for x in jax.tree.leaves(
+                (state.params, state.batch_stats)))}
+
+
+def torch_benchmark(args: argparse.Namespace) -> dict | None:
+    """The same measurement for the PyTorch twin; None (with a printed skip) without torch."""
+    try:
+        import torch
+    except ImportError:
+        print("skip --reference torch: torch is not installed (pip install torch)")
+        return None
+    model = torch_twin(args.backbone, args.channels, args.num_classes)
+    x = torch.randn(args.batch_size, args.channels, args.image_size, args.image_size)
+    y = torch.arange(args.batch_size) % args.num_classes
+    if args.mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def call():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def call():
+            with torch.no_grad():
+                model(x)
+    call()
+    call()
+    times = _time(call, args.steps, args.repeats)
+    step_s = statistics.median(times) / args.steps
+    return {"framework": f"torch {torch.__version__}", "images_per_s": args.batch_size / step_s,
+            "step_ms": 1e3 * step_s, "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in model.parameters()) + sum(
+                b.numel() for n, b in model.named_buffers() if "running" in n)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
+                                     description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backbone", required=True, choices=backbones.names())
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--num-classes", type=int, default=4)
+    parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS)
+    parser.add_argument("--parallel", default="shard_map", choices=training.PARALLEL_MODES)
+    parser.add_argument("--mode", default="train", choices=("train", "infer"))
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timings; the median is kept")
+    parser.add_argument("--reference", choices=("torch",), default=None)
+    parser.add_argument("--json", default=None, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.reference and args.backbone not in TWINS:
+        raise SystemExit(f"error: --reference torch has twins for {', '.join(TWINS)}, "
+                         f"not {args.backbone}")
+    results = {"config": vars(args), "jax": jax_benchmark(args)}
+    if args.reference:
+        results["torch"] = torch_benchmark(args)
+    rows = [r for r in (results["jax"], results.get("torch")) if r]
+    print(f"| {args.backbone} {args.mode} b={args.batch_size} {args.image_size}px "
+          f"{args.precision} | images/s | step ms | compile s | TFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        tflops = f"{r['tflop_per_s']:.3f}" if "tflop_per_s" in r else "-"
+        print(f"| {r['framework']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
+              f"{compile_s} | {tflops} |")
+    if results.get("torch"):
+        if results["torch"]["parameters"] != results["jax"]["parameters"]:
+            print(f"warning: parameter counts differ (jax {results['jax']['parameters']}, "
+                  f"torch {results['torch']['parameters']}): not the same architecture")
+        results["jax_over_torch"] = results["jax"]["images_per_s"] / results["torch"][
+            "images_per_s"]
+        print(f"JAX / torch images/s: {results['jax_over_torch']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
