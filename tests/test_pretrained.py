@@ -243,14 +243,16 @@ def test_imported_model_equals_keras(name, tmp_path):
     want_features = np.asarray(feature_map).mean(axis=(1, 2))
     want_logits = np.asarray(logits)[:2]
 
+    def infer(model):  # one compiled forward: eager dispatch of 100s of shapes is slower
+        return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
     top = load_quietly(name, files[True], include_top=True, image_size=size)
-    got_logits = backbones.create(name, num_classes=1000, head="imagenet").apply(
-        top, rgb, train=False)
-    features = backbones.create(name, num_classes=None, head="features")
+    got_logits = infer(backbones.create(name, num_classes=1000, head="imagenet"))(top, rgb)
+    features = infer(backbones.create(name, num_classes=None, head="features"))
     notop = load_quietly(name, files[False], include_top=False)
-    got_features = features.apply(notop, rgb, train=False)
+    got_features = features(notop, rgb)
     summed = load_quietly(name, files[False], include_top=False, grayscale="sum")
-    got_gray = features.apply(summed, gray, train=False)
+    got_gray = features(summed, gray)
 
     diffs = {"logits": float(np.abs(got_logits - want_logits).max()),
              "features": float(np.abs(got_features - want_features[:2]).max()),
