@@ -184,7 +184,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     trained = train_members(p, out)
     _curves(trained, out / "curves.png")
 
-    model = {"head": args.head, "width": args.width}
+    model = {"head": common.resolve_head(args.head, args.backbone), "width": args.width}
     stacks = bundle_lib.save_members(out, [t.stack for t in trained],
                                      [t.variables for t in trained])
     bundle = bundle_lib.Bundle(out, args.backbone, data.class_names, data.preprocess, tasks,

@@ -1,0 +1,112 @@
+"""`python -m experiments.stack --runs RUN_DIR...` or `--strategies ova,ovo,cascade --backbones
+simple_cnn,cnn16 [common flags]`: a meta-classifier over the members of several runs.
+
+The meta-classifier (ensembles.meta, logistic regression by default) is fitted on the members'
+validation outputs only, with the leakage guard checking them against every run's training
+indices, and evaluated on the shared test split. All runs must share the dataset split (same
+data, --seed and --split-recipe): the command checks the example indices and refuses others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ensembles.meta import MetaClassifier, make_features
+from experiments import common, ensemble_cli
+from experiments.evaluation import evaluate_predictions, write_report
+
+
+def load_outputs(run: Path) -> dict:
+    """The held-out member outputs a run saved (outputs.npz), with its strategy/backbone."""
+    path = Path(run) / "outputs.npz"
+    if not path.is_file():
+        raise ValueError(f"{run} has no outputs.npz: not an ensemble run of this project, or "
+                         f"incomplete")
+    config = json.loads((Path(run) / "config.json").read_text())
+    z = dict(np.load(path))
+    members = sorted(int(k.split("_")[-1]) for k in z if k.startswith("val_member_"))
+    return {"name": f"{config['strategy']}/{config['backbone']}", "config": config, **z,
+            "val": [z[f"val_member_{m}"] for m in members],
+            "test": [z[f"test_member_{m}"] for m in members]}
+
+
+def check_compatible(outputs: list[dict]) -> None:
+    """Same classes and the same validation / test examples in the same order, or an error."""
+    first = outputs[0]
+    for o in outputs[1:]:
+        for key in ("class_names", "val_index", "test_index"):
+            if not np.array_equal(o[key], first[key]):
+                raise ValueError(f"runs {first['name']} and {o['name']} differ in {key}: stack "
+                                 f"runs trained on the same data split (--seed, --split-recipe)")
+
+
+def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: int = 0) -> dict:
+    """Fit the meta-classifier on validation member outputs, evaluate on test, write `out`."""
+    outputs = [load_outputs(r) for r in runs]
+    check_compatible(outputs)
+    names = [o["name"] for o in outputs]
+    if len(set(names)) != len(names):
+        names = [f"{n}#{i}" for i, n in enumerate(names)]
+    first = outputs[0]
+    class_names = [str(c) for c in first["class_names"]]
+    x_val, layout = make_features({n: o["val"] for n, o in zip(names, outputs, strict=True)})
+    train = np.unique(np.concatenate([o["train_indices"] for o in outputs]))
+    meta = MetaClassifier(model=model, random_state=seed).fit(
+        x_val, first["val_label"], example_indices=first["val_index"], train_indices=train,
+        layout=layout, n_classes=len(class_names))
+    x_test, _ = make_features({n: o["test"] for n, o in zip(names, outputs, strict=True)})
+    proba = meta.predict_proba(x_test)
+    y = first["test_label"]
+    metrics = evaluate_predictions(y, proba, class_names, seed=seed)
+    metrics["stack"] = {"runs": [str(r) for r in runs], "members": names, "model": model,
+                        "fitted_on": "validation member outputs"}
+    out.mkdir(parents=True, exist_ok=True)
+    if model == "logistic":
+        meta.save(out / "meta.json")
+    np.savez(out / "outputs.npz", class_names=np.array(class_names), train_indices=train,
+             val_index=first["val_index"], val_label=first["val_label"],
+             test_index=first["test_index"], test_label=y, test_proba=proba,
+             test_pred=proba.argmax(1))
+    (out / "config.json").write_text(json.dumps(
+        {"experiment": "stack", "strategy": "stack", "backbone": "+".join(sorted(
+            {o["config"]["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
+         "meta_model": model, "argv": sys.argv}, indent=2) + "\n")
+    write_report(metrics, out, y_true=y, proba=proba, title="stacked meta-classifier",
+                 extra_sections={"Stacked runs": "\n".join(f"- {n}: `{r}`" for n, r in
+                                                           zip(names, runs, strict=True))})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=None, help="finished ensemble runs")
+    parser.add_argument("--strategies", default="ova,ovo,cascade",
+                        help="without --runs: train these strategies first")
+    parser.add_argument("--backbones", default="simple_cnn", help="without --runs: backbones")
+    parser.add_argument("--meta-model", default="logreg", choices=tuple(ensemble_cli.META_MODELS))
+    parser.add_argument("--stack-out", default=None,
+                        help="output folder (default runs/stack-<UTC time>)")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        out = Path(args.stack_out or common.make_run_dir(
+            argparse.Namespace(out=None, resume=False, overwrite=False), "stack", "members"))
+        runs = ([Path(r) for r in args.runs] if args.runs else
+                [ensemble_cli.run(s, [*rest, "--backbone", b, "--out", str(out / f"{s}-{b}")])
+                 for b in args.backbones.split(",") for s in args.strategies.split(",")])
+        metrics = stack_runs(runs, out, model=ensemble_cli.META_MODELS[args.meta_model])
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1", "roc_auc_macro")}))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
