@@ -66,7 +66,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     data.add_argument("--workers", type=int, default=0, help="Grain worker processes")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--head", default="linear", choices=backbones.HEADS)
+    model.add_argument("--head", default="auto", choices=("auto", *backbones.HEADS),
+                       help="auto: the custom CNNs' published top (imagenet), linear otherwise")
     model.add_argument("--width", type=float, default=None,
                        help="channel multiplier (custom CNNs only)")
     model.add_argument("--pretrained", default=None, help='weights file PATH or "imagenet"')
@@ -97,6 +98,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                      help="continue the run in --out from its latest checkpoint")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no progress bars")
+    for action in parser._actions:  # argparse prints defaults only for options with help
+        if action.help is None and action.option_strings:
+            action.help = "(default: %(default)s)"
     return parser
 
 
@@ -201,10 +205,19 @@ def build_data(args: argparse.Namespace, dataset: Dataset | None = None) -> Data
 
 
 # -- model and train state ----------------------------------------------------------------
+def resolve_head(head: str, backbone: str) -> str:
+    """--head auto: the seed reports' own top for the custom CNNs (flatten + Dense: their
+    two-conv trunks are too shallow for global pooling), the linear head for the others."""
+    if head != "auto":
+        return head
+    return "imagenet" if backbones.get(backbone).__module__ == "backbones.cnns" else "linear"
+
+
 def build_model(args: argparse.Namespace, backbone: str, *, num_classes: int | None):
     """The backbone in the --precision compute dtype, BatchNorm synchronised over "batch"."""
     options = {} if args.width is None else {"width": args.width}
-    return backbones.create(backbone, num_classes=num_classes, head=args.head,
+    return backbones.create(backbone, num_classes=num_classes,
+                            head=resolve_head(args.head, backbone),
                             dtype=training.compute_dtype(args.precision),
                             axis_name=training.parallel.AXIS, **options)
 
