@@ -208,7 +208,7 @@ def _read_keras_h5(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """{layer: {weight: array}} from a legacy Keras HDF5 file, generated names renumbered."""
     try:
         with h5py.File(path, "r") as file:
-            root = file["model_weights"] if "model_weights" in file else file
+            root = file.get("model_weights", file)
             if "layer_names" not in root.attrs:
                 kind = ("a Keras 3 .weights.h5 file (layers stored by class, not by name)"
                         if "layers" in file and "vars" in file else "not a Keras weight file")

@@ -60,7 +60,7 @@ def test_smallest_input_any_head_bf16(name):
         shape = (2, side, side + 5, channels)  # non-square works too
         model = backbones.create(name, num_classes=classes, head=head, dtype=jnp.bfloat16)
         variables = abstract(model, shape)
-        out = jax.eval_shape(lambda v, m=model: m.apply(v, jnp.zeros(shape), train=False),
+        out = jax.eval_shape(lambda v, m=model, s=shape: m.apply(v, jnp.zeros(s), train=False),
                              variables)
         assert (out.shape, out.dtype) == (out_shape, jnp.float32)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))

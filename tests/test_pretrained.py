@@ -13,17 +13,16 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import h5py  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import traverse_util  # noqa: E402
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
 
-import backbones  # noqa: E402
-from backbones import pretrained  # noqa: E402
-from backbones.pretrained import (  # noqa: E402
-    default_weights_path, load_pretrained, merge_pretrained)
+import backbones
+from backbones import pretrained
+from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
 
 TOL = 1e-4
 KERAS_WEIGHT = {leaf: weight for weight, leaf in pretrained._LEAVES.items()}
