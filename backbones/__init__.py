@@ -18,6 +18,8 @@ from backbones import (  # noqa: F401 - importing registers the models
     xception,
 )
 from backbones.heads import HEADS, Head
+from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
 from backbones.registry import create, get, names, register
 
-__all__ = ["HEADS", "Head", "create", "get", "names", "register"]
+__all__ = ["HEADS", "Head", "create", "default_weights_path", "get", "load_pretrained",
+           "merge_pretrained", "names", "register"]
