@@ -28,6 +28,9 @@ class TinySource:
     def __len__(self):
         return N
 
+    def __repr__(self):  # Grain checks the source's repr when it restores an iterator
+        return f"TinySource(n={N})"
+
     def __getitem__(self, i):
         return {"image": self.images[i], "label": int(self.labels[i]), "patient_id": "",
                 "path": f"{i}.png"}
