@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent("""
         new = jax.device_get(dp.unreplicate(replicated))
         logits = dp.predict(training.make_eval_step())(replicated, {"image": batch["image"][:3]})
         out[name] = {"loss": float(metrics["loss"]), "accuracy": float(metrics["accuracy"]),
-                     "params": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(new.params)],
+                     "params": [np.asarray(x).ravel().tolist()
+                                for x in jax.tree.leaves(new.params)],
                      "stats": [np.asarray(x).ravel().tolist()
                                for x in jax.tree.leaves(new.batch_stats)],
                      "logits_shape": list(logits.shape)}

@@ -15,7 +15,7 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
     """Plot the per-epoch records of metrics.jsonl: loss on the left, accuracy on the right."""
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, name in zip(axes, ("loss", "accuracy")):
+    for ax, name in zip(axes, ("loss", "accuracy"), strict=True):
         for split in ("train", "val"):
             values = [h.get(f"{split}_{name}") for h in history]
             if any(v is not None for v in values):
