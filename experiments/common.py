@@ -232,7 +232,8 @@ def pretrained_variables(args: argparse.Namespace, backbone: str, variables: dic
     path = None if args.pretrained == "imagenet" else args.pretrained
     if path is None:
         path = backbones.default_weights_path(backbone, include_top=False)
-    return merge(variables, load(backbone, path, include_top=False))
+    grayscale = "sum" if args.channels == 1 else "repeat"  # 1 channel: sum the RGB kernels
+    return merge(variables, load(backbone, path, include_top=False, grayscale=grayscale))
 
 
 def optim_config(args: argparse.Namespace, steps_per_epoch: int) -> training.OptimConfig:
