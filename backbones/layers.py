@@ -5,7 +5,9 @@ Every layer computes in `dtype` (bf16 for mixed precision) and keeps float32 par
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,16 +23,50 @@ def conv(features: int, kernel: int, *, name: str, dtype: Any, strides: int = 1,
                    use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+# Top-level submodules whose BatchNorm runs in inference mode even when train=True.
+_FROZEN: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "frozen_batch_norm", default=frozenset())
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(modules: Iterable[str]) -> Iterator[None]:
+    """While active, BatchNorm inside the named top-level submodules uses (and keeps) its
+    running statistics, whatever `train` says.
+
+    The train step enters it around `apply`, so it acts at trace time and the compiled step
+    stays pure: frozen stages normalise exactly as at inference while the trainable stages'
+    BatchNorm and the head's dropout run in train mode. A layer's top-level submodule is the
+    first element of its module path (relative to the module `apply` was called on), so
+    BatchNorm nested inside a submodule resolves to that submodule.
+    """
+    token = _FROZEN.set(frozenset(modules))
+    try:
+        yield
+    finally:
+        _FROZEN.reset(token)
+
+
+class BatchNorm(nn.BatchNorm):
+    """nn.BatchNorm in train mode when `train`, unless its top-level submodule is frozen."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, *, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+        frozen = bool(self.path) and self.path[0] in _FROZEN.get()
+        return super().__call__(x, use_running_average=not self.train or frozen, mask=mask)
+
+
 def batch_norm(*, train: bool, name: str, dtype: Any, axis_name: str | None,
-               epsilon: float = 1e-3, use_scale: bool = True) -> nn.BatchNorm:
+               epsilon: float = 1e-3, use_scale: bool = True) -> BatchNorm:
     """Keras-compatible BatchNorm (momentum 0.99; Keras's default epsilon 1e-3).
 
-    Batch statistics are used and updated only when `train`; `axis_name` averages them
-    across devices under pmap / shard_map.
+    Batch statistics are used and updated only when `train` and the layer is not inside a
+    `frozen_batch_norm` submodule; `axis_name` averages them across devices under pmap /
+    shard_map.
     """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=epsilon,
-                        use_scale=use_scale, axis_name=axis_name, dtype=dtype,
-                        param_dtype=jnp.float32, name=name)
+    return BatchNorm(train=train, momentum=0.99, epsilon=epsilon, use_scale=use_scale,
+                     axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 def check_input(x: jnp.ndarray, name: str, min_size: int) -> None:

@@ -9,7 +9,10 @@ build their runs from the same parts:
     out = make_run_dir(args, "single", args.backbone)
     data = build_data(args)
     model = build_model(args, args.backbone, num_classes=len(data.class_names))
-    state, train_step = build_training(args, model, data)
+    result = fit_two_phase(args, model, data, backbone=args.backbone, out=out)
+
+`check_args` also resolves the "auto" flags (--channels, --normalization) from --backbone
+and --pretrained, so config.json records what actually ran.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import jax
 import numpy as np
 
 import backbones
+from backbones import pretrained as pretrained_lib
 from backbones import training
 from data_pipeline import augment as augment_lib
 from data_pipeline.balance import balance_indices, class_weights
@@ -41,6 +45,11 @@ from data_pipeline.splits import RECIPES, split_indices
 BALANCE_MODES = ("none", "downsample", "oversample", "class_weights")
 # "dataset" needs a mean/std the CLIs do not compute yet.
 NORMALIZATIONS = tuple(n for n in _ALL_NORMALIZATIONS if n != "dataset")
+# The preprocessing each Keras application was trained with (keras.applications.*.
+# preprocess_input); --pretrained runs use it unless --normalization is given.
+PRETRAINED_NORMALIZATION = {"resnet50": "caffe", "vgg16": "caffe", "vgg19": "caffe",
+                            "xception": "tf", "inception_v3": "tf", "densenet121": "torch"}
+HEAD_PHASE = "head"  # run sub-directory of the head-only phase of --head-epochs
 
 
 def _classes(text: str) -> tuple[str, ...]:
@@ -57,8 +66,10 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     data.add_argument("--classes", type=_classes, default=None,
                       help="comma-separated canonical classes to keep (default: all found)")
     data.add_argument("--image-size", type=int, default=64)
-    data.add_argument("--channels", type=int, default=1, choices=(1, 3))
-    data.add_argument("--normalization", default="unit", choices=NORMALIZATIONS)
+    data.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                      help="auto: 3 with --pretrained (gray image repeated), else 1")
+    data.add_argument("--normalization", default=None, choices=NORMALIZATIONS,
+                      help="auto: the backbone's ImageNet preset with --pretrained, else unit")
     data.add_argument("--clahe", action="store_true", help="CLAHE before resizing")
     data.add_argument("--split-recipe", default="70/15/15", choices=tuple(RECIPES))
     data.add_argument("--balance", default="none", choices=BALANCE_MODES)
@@ -70,8 +81,14 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help="auto: the custom CNNs' published top (imagenet), linear otherwise")
     model.add_argument("--width", type=float, default=None,
                        help="channel multiplier (custom CNNs only)")
-    model.add_argument("--pretrained", default=None, help='weights file PATH or "imagenet"')
+    model.add_argument("--pretrained", default=None,
+                       help='Keras ImageNet weights: "imagenet" (the file in '
+                            '$CXR_ENSEMBLES_WEIGHTS or ~/.cache/cxr-ensembles/weights/) or a '
+                            'file PATH; see docs/transfer_learning.md')
     model.add_argument("--freeze", default="full", help="full | head | last:N")
+    model.add_argument("--head-epochs", type=int, default=0,
+                       help="two-phase fine-tuning: first train the head alone for N epochs, "
+                            "then --epochs with --freeze and a fresh optimizer")
     model.add_argument("--precision", default="auto", choices=training.PRECISIONS)
 
     train = parser.add_argument_group("training")
@@ -110,10 +127,62 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     training.parse_policy(args.freeze)
+    if getattr(args, "head_epochs", 0) < 0:
+        raise ValueError("--head-epochs must be >= 0")
+    backbone = getattr(args, "backbone", None)
+    if args.pretrained:
+        if backbone not in pretrained_lib.KERAS:
+            raise ValueError(f"--pretrained: {backbone} has no ImageNet weights; Keras publishes "
+                             f"them for {', '.join(pretrained_lib.KERAS)}")
+        path = weights_path(args, backbone)
+        if not path.is_file():
+            raise FileNotFoundError(_missing_weights(args, backbone, path))
+    resolve_preprocessing(args, backbone)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     if args.resume and not args.out:
         raise ValueError("--resume needs --out (the run to continue)")
+
+
+def resolve_preprocessing(args: argparse.Namespace, backbone: str | None = None) -> None:
+    """Fill in --channels / --normalization left at auto (None), in place.
+
+    Pretrained: 3 channels (the gray image repeated, as the ImageNet filters expect) and
+    the backbone's preset (PRETRAINED_NORMALIZATION); from scratch: 1 channel, "unit".
+    A 1-channel pretrained run folds the first conv's RGB kernels (grayscale="sum"), which
+    needs a normalization with one constant for all channels.
+    """
+    pretrained = bool(args.pretrained) and backbone in PRETRAINED_NORMALIZATION
+    if args.channels is None:
+        args.channels = 3 if pretrained else 1
+    if args.normalization is None:
+        preset = PRETRAINED_NORMALIZATION[backbone] if pretrained else "unit"
+        if args.channels == 1 and preset in ("caffe", "torch"):
+            raise ValueError(f"--pretrained {backbone} with --channels 1: its preset {preset!r} "
+                             f"has per-channel constants; use --channels 3 or pass "
+                             f"--normalization (tf, unit or xray)")
+        args.normalization = preset
+
+
+def weights_path(args: argparse.Namespace, backbone: str) -> Path:
+    """The file --pretrained names: PATH itself, or for "imagenet" the Keras notop file in
+    backbones.default_weights_path's folder (the full file if only that one is there)."""
+    if args.pretrained != "imagenet":
+        return Path(args.pretrained)
+    notop = backbones.default_weights_path(backbone, include_top=False)
+    full = backbones.default_weights_path(backbone, include_top=True)
+    return full if full.is_file() and not notop.is_file() else notop
+
+
+def _missing_weights(args: argparse.Namespace, backbone: str, path: Path) -> str:
+    if args.pretrained != "imagenet":
+        return f"--pretrained: {path} is not a file"
+    folder = f"{pretrained_lib.RELEASE}/{pretrained_lib.KERAS[backbone].folder}/"
+    return (f"--pretrained imagenet: {path} not found; download "
+            f"{pretrained_lib.keras_file_name(backbone, include_top=False)} (or "
+            f"{pretrained_lib.keras_file_name(backbone, include_top=True)}) from the official "
+            f"Keras release {folder} into {path.parent}, or set CXR_ENSEMBLES_WEIGHTS to the "
+            f"folder that holds it")
 
 
 # -- run directory and config ------------------------------------------------------------
@@ -178,6 +247,7 @@ def load_data(args: argparse.Namespace) -> Dataset:
 
 def build_data(args: argparse.Namespace, dataset: Dataset | None = None) -> Data:
     """Dataset -> patient-grouped splits -> balancing -> the training loader."""
+    resolve_preprocessing(args, getattr(args, "backbone", None))
     dataset = dataset or load_data(args)
     splits = split_indices(dataset.labels, dataset.patient_ids, recipe=args.split_recipe,
                            seed=args.seed)
@@ -224,35 +294,34 @@ def build_model(args: argparse.Namespace, backbone: str, *, num_classes: int | N
 
 def pretrained_variables(args: argparse.Namespace, backbone: str, variables: dict) -> dict:
     """Merge --pretrained weights into freshly initialised `variables` (trunk only)."""
-    load = getattr(backbones, "load_pretrained", None)
-    merge = getattr(backbones, "merge_pretrained", None)
-    if load is None or merge is None:
-        raise ValueError("--pretrained is not available yet: backbones.load_pretrained has "
-                         "not landed")
-    path = None if args.pretrained == "imagenet" else args.pretrained
-    if path is None:
-        path = backbones.default_weights_path(backbone, include_top=False)
     grayscale = "sum" if args.channels == 1 else "repeat"  # 1 channel: sum the RGB kernels
-    return merge(variables, load(backbone, path, include_top=False, grayscale=grayscale))
+    loaded = backbones.load_pretrained(backbone, weights_path(args, backbone), include_top=False,
+                                       grayscale=grayscale)
+    return backbones.merge_pretrained(variables, loaded)
 
 
 def optim_config(args: argparse.Namespace, steps_per_epoch: int) -> training.OptimConfig:
     """The optimiser settings implied by the flags."""
     return training.OptimConfig(
         optimizer=args.optimizer, learning_rate=args.lr, schedule=args.schedule,
-        warmup_steps=int(round(args.warmup_epochs * steps_per_epoch)),
+        warmup_steps=round(args.warmup_epochs * steps_per_epoch),
         total_steps=args.epochs * steps_per_epoch, weight_decay=args.weight_decay,
         clip_norm=args.clip_norm)
 
 
-def build_training(args: argparse.Namespace, model, data: Data, *, backbone: str
-                   ) -> tuple[training.TrainState, Callable]:
-    """Initial train state (optionally pretrained, with the freeze policy) and the step."""
+def build_training(args: argparse.Namespace, model, data: Data, *, backbone: str,
+                   variables: dict | None = None) -> tuple[training.TrainState, Callable]:
+    """Initial train state (optionally pretrained, with the freeze policy) and the step.
+
+    `variables` (params, batch_stats) start the state instead of a fresh (pretrained)
+    initialisation: the second phase of --head-epochs continues from the first's weights.
+    """
     key = jax.random.PRNGKey(args.seed)
     shape = (1, args.image_size, args.image_size, args.channels)
-    variables = training.state.initial_variables(model, key, shape)
-    if args.pretrained:
-        variables = pretrained_variables(args, backbone, variables)
+    if variables is None:
+        variables = training.state.initial_variables(model, key, shape)
+        if args.pretrained:
+            variables = pretrained_variables(args, backbone, variables)
     labels = training.freeze_labels(variables["params"], args.freeze, model)
     tx = training.make_optimizer(optim_config(args, data.steps_per_epoch),
                                  None if args.freeze == "full" else labels)
@@ -264,6 +333,67 @@ def build_training(args: argparse.Namespace, model, data: Data, *, backbone: str
         trainable=training.trainable_modules(variables["params"], args.freeze, model),
         augment=augment)
     return state, step
+
+
+def head_phase(args: argparse.Namespace) -> argparse.Namespace | None:
+    """The flags of the head-only first phase of --head-epochs N (None when N is 0).
+
+    Everything as given except: freeze "head", N epochs, warm-up at most half of them.
+    """
+    epochs = getattr(args, "head_epochs", 0)
+    if not epochs:
+        return None
+    return argparse.Namespace(**{**vars(args), "freeze": "head", "epochs": epochs,
+                                 "head_epochs": 0,
+                                 "warmup_epochs": min(args.warmup_epochs, epochs / 2)})
+
+
+def state_variables(state: training.TrainState) -> dict:
+    """params (+ batch_stats) of a trained state: where the next phase starts from."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return jax.device_get(variables)
+
+
+def fit_two_phase(args: argparse.Namespace, model, data: Data, *, backbone: str, out: Path,
+                  parallel: training.DataParallel | None = None) -> training.FitResult:
+    """Train one model; with --head-epochs N, the head alone first, then --freeze.
+
+    Phase 1 (freeze "head", N epochs) writes its metrics.jsonl, curves.png and checkpoints
+    under out/head/; phase 2 starts from phase 1's best state with a fresh optimizer and
+    the --freeze policy and writes into `out` as a one-phase run does. Both phases checkpoint,
+    so --resume continues either (a finished phase 1 is only restored). Returns the last
+    phase's result.
+    """
+    parallel = parallel or training.data_parallel(args.parallel)
+    parallel.check_batch_size(args.batch_size)
+    variables = None
+    head_args = head_phase(args)
+    if head_args is not None:
+        head_data = build_data(head_args, data.dataset)
+        result = _fit(head_args, model, head_data, backbone=backbone, out=out / HEAD_PHASE,
+                      parallel=parallel)
+        variables = state_variables(result.state)
+    return _fit(args, model, data, backbone=backbone, out=out, parallel=parallel,
+                variables=variables)
+
+
+def _fit(args: argparse.Namespace, model, data: Data, *, backbone: str, out: Path,
+         parallel: training.DataParallel, variables: dict | None = None
+         ) -> training.FitResult:
+    state, train_step = build_training(args, model, data, backbone=backbone,
+                                       variables=variables)
+    checkpointer = training.Checkpointer(out / "checkpoint", keep=args.keep_checkpoints)
+    try:
+        return training.fit(
+            state, parallel=parallel, train_step=train_step,
+            eval_step=training.make_eval_step(), train_loader=data.train_loader,
+            val_loader=data.eval_loader("val", args.batch_size),
+            config=fit_config(args, data), out_dir=out,
+            class_weights=data.class_weights, checkpointer=checkpointer)
+    finally:
+        checkpointer.close()
 
 
 def fit_config(args: argparse.Namespace, data: Data) -> training.FitConfig:

@@ -3,7 +3,8 @@
     python -m experiments.single --backbone simple_cnn [flags]
 
 Writes into --out: config.json, metrics.jsonl (per epoch), curves.png, checkpoint/ (orbax:
-latest and best), and the test evaluation from experiments.evaluation: metrics.json,
+latest and best), head/ (the head-only phase of --head-epochs: the same training files), and
+the test evaluation from experiments.evaluation: metrics.json,
 report.md, confusion.png, roc.png, reliability.png.
 """
 
@@ -42,19 +43,9 @@ def run(args: argparse.Namespace) -> Path:
                         train_examples=len(data.train_indices),
                         steps_per_epoch=data.steps_per_epoch)
     model = common.build_model(args, args.backbone, num_classes=len(data.class_names))
-    state, train_step = common.build_training(args, model, data, backbone=args.backbone)
     parallel = training.data_parallel(args.parallel)
-    parallel.check_batch_size(args.batch_size)
-    checkpointer = training.Checkpointer(out / "checkpoint", keep=args.keep_checkpoints)
-    try:
-        result = training.fit(
-            state, parallel=parallel, train_step=train_step,
-            eval_step=training.make_eval_step(), train_loader=data.train_loader,
-            val_loader=data.eval_loader("val", args.batch_size),
-            config=common.fit_config(args, data), out_dir=out,
-            class_weights=data.class_weights, checkpointer=checkpointer)
-    finally:
-        checkpointer.close()
+    result = common.fit_two_phase(args, model, data, backbone=args.backbone, out=out,
+                                  parallel=parallel)
     predict = parallel.predict(training.make_eval_step())
     logits, labels, indices = training.predict(
         predict, parallel.replicate(result.state), data.eval_loader("test", args.batch_size))
@@ -72,9 +63,8 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        report = run(args)
+        report = run(parse_args(argv))
     except (ValueError, FileNotFoundError, training.TrainingDiverged,
             training.NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -67,9 +67,3 @@ def freeze_labels(params: Mapping[str, Any], policy: str, model: Any = None) -> 
     return {name: jax.tree.map(lambda _, t=("train" if name in keep else "frozen"): t, sub)
             for name, sub in params.items()}
 
-
-def keep_frozen_stats(new_stats: Mapping[str, Any], old_stats: Mapping[str, Any],
-                      trainable: set[str]) -> dict:
-    """BatchNorm statistics of frozen submodules stay as they were; trainable ones update."""
-    return {name: (sub if name in trainable else old_stats[name])
-            for name, sub in new_stats.items()}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from backbones.layers import frozen_batch_norm
 from backbones.training import freeze, losses
 from backbones.training.state import TrainState
 
@@ -38,9 +39,10 @@ def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
     batch: {"image" [B,H,W,C], "label" int [B], "weight" float [B]}. The loss is
     psum(sum(weight * ce)) / psum(sum(weight)); each shard differentiates its share
     sum(weight * ce) / psum(sum(weight)) and the gradients are psum-ed, which is the pmean
-    of the per-shard gradients of the device-count-scaled loss. Under freeze_policy "head"
-    the trunk's BatchNorm runs in inference mode (model called with train=False, so its
-    statistics never change); under "last:N" frozen submodules keep their statistics.
+    of the per-shard gradients of the device-count-scaled loss. The model runs in train mode
+    (dropout on) except that BatchNorm in frozen submodules (every trunk submodule under
+    freeze_policy "head", those outside `trainable` under "last:N") runs in inference mode:
+    it normalises with, and never updates, its running statistics (Keras's `trainable=False`).
     `trainable` names the top-level submodules that train (needed for "last:N").
     `augment(key, images)`, if given, augments on device with a per-step, per-shard key.
     Metrics (identical on every shard): loss, accuracy (weighted), count.
@@ -54,6 +56,8 @@ def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
                                  lax.axis_index(axis_name))
         augment_key, dropout_key = jax.random.split(key)
         images = batch["image"]
+        keep = {freeze.HEAD} if kind == "head" else trainable
+        frozen = () if kind == "full" else [name for name in state.params if name not in keep]
         if augment is not None:
             images = augment(augment_key, images)
         total_weight = lax.psum(jnp.sum(batch["weight"].astype(jnp.float32)), axis_name)
@@ -61,26 +65,22 @@ def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
 
         def loss_fn(params):
             variables = _variables(state, params)
-            if kind == "head":
-                logits = state.apply_fn(variables, images, train=False)
-                new_stats = state.batch_stats
-            elif state.batch_stats:
-                logits, updates = state.apply_fn(variables, images, train=True,
-                                                 rngs={"dropout": dropout_key},
-                                                 mutable=["batch_stats"])
-                new_stats = updates["batch_stats"]
-            else:
-                logits = state.apply_fn(variables, images, train=True,
-                                        rngs={"dropout": dropout_key})
-                new_stats = state.batch_stats
+            with frozen_batch_norm(frozen):
+                if state.batch_stats:
+                    logits, updates = state.apply_fn(variables, images, train=True,
+                                                     rngs={"dropout": dropout_key},
+                                                     mutable=["batch_stats"])
+                    new_stats = updates["batch_stats"]
+                else:
+                    logits = state.apply_fn(variables, images, train=True,
+                                            rngs={"dropout": dropout_key})
+                    new_stats = state.batch_stats
             sums = losses.weighted_sums(logits, batch["label"], batch["weight"],
                                         label_smoothing=label_smoothing)
             return sums["loss"] / safe_weight, (sums, new_stats)
 
         grads, (sums, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
         grads = lax.psum(grads, axis_name)
-        if kind == "last":
-            new_stats = freeze.keep_frozen_stats(new_stats, state.batch_stats, trainable)
         new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
         sums = lax.psum(sums, axis_name)
         metrics = {"loss": sums["loss"] / safe_weight, "accuracy": sums["correct"] / safe_weight,
