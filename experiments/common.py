@@ -121,14 +121,21 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """One-line errors for flag values argparse cannot check alone."""
+def check_args(args: argparse.Namespace, *, head_epochs: bool = False) -> None:
+    """One-line errors for flag values argparse cannot check alone; resolves the auto flags.
+
+    `head_epochs`: the calling CLI runs the two phases of --head-epochs (fit_two_phase);
+    the others refuse a non-zero value rather than ignore it.
+    """
     for name in ("epochs", "batch_size", "image_size", "count"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     training.parse_policy(args.freeze)
     if getattr(args, "head_epochs", 0) < 0:
         raise ValueError("--head-epochs must be >= 0")
+    if getattr(args, "head_epochs", 0) and not head_epochs:
+        raise ValueError("--head-epochs is not supported by this experiment yet (only by "
+                         "experiments.single)")
     backbone = getattr(args, "backbone", None)
     if args.pretrained:
         if backbone not in pretrained_lib.KERAS:

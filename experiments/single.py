@@ -30,7 +30,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="bootstrap resamples for the test confidence intervals")
     common.add_common_flags(parser)
     args = parser.parse_args(argv)
-    common.check_args(args)
+    common.check_args(args, head_epochs=True)
     return args
 
 

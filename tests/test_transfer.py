@@ -155,6 +155,12 @@ def test_presets_channels_and_explicit_flags(tmp_path):
     assert (args.channels, args.normalization) == (1, "xray")
     with pytest.raises(ValueError, match="--head-epochs must be >= 0"):
         _args("simple_cnn", "--head-epochs", "-1")
+    two_phase = _args("simple_cnn", "--head-epochs", "2")
+    with pytest.raises(ValueError, match="--head-epochs is not supported by this experiment"):
+        common.check_args(two_phase)  # a CLI that has not adopted fit_two_phase
+    head = common.head_phase(two_phase)
+    assert (head.freeze, head.epochs, head.head_epochs, head.warmup_epochs) == ("head", 2, 0, 1)
+    assert common.head_phase(scratch) is None
 
 
 def test_imagenet_file_lookup_and_refusals(tmp_path, monkeypatch, capsys):
@@ -220,8 +226,8 @@ def test_two_phase_from_a_pretrained_file(tmp_path):
     assert (config["normalization"], config["channels"], config["head_epochs"]) == (
         "caffe", 3, 1)
     for run in (out / "head", out):
-        assert [json.loads(r)["epoch"] for r in (run / "metrics.jsonl").read_text().split()] \
-            == [1]
+        records = (run / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in records] == [1], run
     want = traverse_util.flatten_dict(trunk["params"])
     phase1 = traverse_util.flatten_dict(_restore(out / "head" / "checkpoint" / "latest")["params"])
     phase2 = traverse_util.flatten_dict(_restore(out / "checkpoint" / "latest")["params"])
