@@ -40,10 +40,13 @@ class _Inner(nn.Module):
 
 def _bn_outputs(model, variables, x, *, train, frozen=()):
     """{module path: output} of every BatchNorm, with `frozen` top-level modules frozen."""
-    with layers.frozen_batch_norm(frozen):
-        _, state = model.apply(variables, x, train=train, rngs={"dropout": KEYS["dropout"]},
+    def apply(variables, x):  # jitted: one compile instead of many eager op dispatches
+        with layers.frozen_batch_norm(frozen):
+            return model.apply(variables, x, train=train, rngs={"dropout": KEYS["dropout"]},
                                mutable=["batch_stats", "intermediates"],
                                capture_intermediates=lambda m, _: isinstance(m, nn.BatchNorm))
+
+    _, state = jax.jit(apply)(variables, x)
     flat = traverse_util.flatten_dict(state["intermediates"])
     return {key[:-1]: value[-1] for key, value in flat.items()}, state["batch_stats"]
 
