@@ -62,7 +62,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     data.add_argument("--dataset", default="synthetic_cxr", choices=DATASETS)
     data.add_argument("--data-dir", default=None, help="source folder (not for synthetic_cxr)")
     data.add_argument("--cache-dir", default=None, help="where built datasets are cached")
-    data.add_argument("--count", type=int, default=1000, help="synthetic_cxr: examples")
+    data.add_argument("--count", type=int, default=2000, help="synthetic_cxr: examples")
     data.add_argument("--classes", type=_classes, default=None,
                       help="comma-separated canonical classes to keep (default: all found)")
     data.add_argument("--image-size", type=int, default=64)
