@@ -17,7 +17,6 @@ per-member early stopping, so both modes give the same members within float tole
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

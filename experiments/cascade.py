@@ -1,4 +1,7 @@
-"""`python -m experiments.cascade --backbone NAME [flags]`: Cascade: healthy-vs-sick member, then a sick-type member; the stage rule and a threshold tuned on validation.
+"""`python -m experiments.cascade --backbone NAME [flags]`.
+
+Cascade: healthy-vs-sick member, then a sick-type member; the stage rule and a threshold tuned
+on validation.
 
 With no flags it trains on the embedded synthetic_cxr at the ensemble defaults of
 experiments/ensemble_cli.py and prints where its report is.
@@ -10,7 +13,8 @@ import sys
 
 from experiments.ensemble_cli import main
 
-DESCRIPTION = "Cascade: healthy-vs-sick member, then a sick-type member; the stage rule and a threshold tuned on validation."
+DESCRIPTION = ("Cascade: healthy-vs-sick member, then a sick-type member; the stage rule and a "
+               "threshold tuned on validation.")
 
 if __name__ == "__main__":
     sys.exit(main("cascade", DESCRIPTION))

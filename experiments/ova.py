@@ -1,4 +1,6 @@
-"""`python -m experiments.ova --backbone NAME [flags]`: One-vs-all ensemble: K binary members (class k vs rest), scores normalised across members.
+"""`python -m experiments.ova --backbone NAME [flags]`.
+
+One-vs-all ensemble: K binary members (class k vs rest), scores normalised across members.
 
 With no flags it trains on the embedded synthetic_cxr at the ensemble defaults of
 experiments/ensemble_cli.py and prints where its report is.
@@ -10,7 +12,8 @@ import sys
 
 from experiments.ensemble_cli import main
 
-DESCRIPTION = "One-vs-all ensemble: K binary members (class k vs rest), scores normalised across members."
+DESCRIPTION = ("One-vs-all ensemble: K binary members (class k vs rest), scores normalised "
+               "across members.")
 
 if __name__ == "__main__":
     sys.exit(main("ova", DESCRIPTION))

@@ -1,4 +1,7 @@
-"""`python -m experiments.ovo --backbone NAME [flags]`: One-vs-one ensemble: K(K-1)/2 pairwise members combined by scikit-learn's vote rule or pairwise coupling.
+"""`python -m experiments.ovo --backbone NAME [flags]`.
+
+One-vs-one ensemble: K(K-1)/2 pairwise members combined by scikit-learn's vote rule or pairwise
+coupling.
 
 With no flags it trains on the embedded synthetic_cxr at the ensemble defaults of
 experiments/ensemble_cli.py and prints where its report is.
@@ -10,7 +13,8 @@ import sys
 
 from experiments.ensemble_cli import main
 
-DESCRIPTION = "One-vs-one ensemble: K(K-1)/2 pairwise members combined by scikit-learn's vote rule or pairwise coupling."
+DESCRIPTION = ("One-vs-one ensemble: K(K-1)/2 pairwise members combined by scikit-learn's vote "
+               "rule or pairwise coupling.")
 
 if __name__ == "__main__":
     sys.exit(main("ovo", DESCRIPTION))
