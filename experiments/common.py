@@ -56,6 +56,12 @@ def _classes(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
+# What a training CLI reports as `error: ...` with exit code 2 instead of a traceback: bad
+# input refused before training, a diverged run, a refused non-finite checkpoint.
+CLI_ERRORS: tuple[type[Exception], ...] = (
+    ValueError, FileNotFoundError, training.TrainingDiverged, training.NonFiniteError)
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the flags shared by every experiment CLI (defaults show in --help)."""
     data = parser.add_argument_group("data")

@@ -273,8 +273,7 @@ def main(strategy: str, description: str, argv: list[str] | None = None) -> int:
     """CLI entry: run, print where the report is; bad input -> `error: ...`, exit code 2."""
     try:
         out = run(strategy, argv, description)
-    except (ValueError, FileNotFoundError, bundle_lib.BundleError,
-            training.TrainingDiverged) as error:
+    except (*common.CLI_ERRORS, bundle_lib.BundleError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"report: {out / 'report.md'}")

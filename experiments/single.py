@@ -65,8 +65,7 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run(parse_args(argv))
-    except (ValueError, FileNotFoundError, training.TrainingDiverged,
-            training.NonFiniteError) as error:
+    except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"report: {report}")
