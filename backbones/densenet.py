@@ -3,8 +3,8 @@
 Every trunk submodule carries the Keras layer's name (`conv1_conv`, `conv2_block1_0_bn`, ...,
 `bn`) and Keras's `predictions` lives under the shared `head` (head="imagenet"), so ImageNet
 weights map one-to-one (see backbones/pretrained.py).
-Keras facts kept: convs without bias, BatchNorm epsilon 1.001e-5 and momentum 0.99, a zero
-pad before the 7x7 stem conv and before the stem max pool.
+Keras facts kept: convs without bias, BatchNorm epsilon 1.001e-5 (momentum:
+layers.BN_MOMENTUM), a zero pad before the 7x7 stem conv and before the stem max pool.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Keras builds every conv + BatchNorm pair through `conv2d_bn` without names, so i
 are called `conv2d`, `conv2d_1`, ... and `batch_normalization`, ... in creation order; this
 module creates them in the same order under the same names (the weight import maps a file's
 generated names by order, whatever counter offset the file was saved with).
-Keras facts kept: convs without bias, BatchNorm epsilon 1e-3, momentum 0.99 and no scale,
-3x3 "same" average pools that exclude the padding from the mean.
+Keras facts kept: convs without bias, BatchNorm epsilon 1e-3 and no scale (momentum:
+layers.BN_MOMENTUM), 3x3 "same" average pools that exclude the padding from the mean.
 """
 
 from __future__ import annotations
