@@ -3,22 +3,36 @@
 Stacking only generalises when the meta-classifier sees predictions on examples the members
 never trained on (out-of-fold or validation predictions); `fit` therefore takes the example
 index of every row and the members' training indices, and raises if any row was a training
-example. Saved as JSON (never pickle); the gradient-boosting option cannot be saved (below).
+example.
+
+Nothing is saved as a pickle. The logistic model is saved as readable JSON (coefficients,
+intercepts, classes, feature layout). Gradient boosting has no parameter form that small, so
+it is saved with skops (a zip of JSON and .npy arrays that loads without executing code); on
+load every type skops does not trust by default must be on `GBOOST_TRUSTED_TYPES`, the types
+a fitted HistGradientBoostingClassifier needs, or the file is refused.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import skops.io as sio
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
 FORMAT = "cxr-ensembles/meta-logistic-v1"
+GBOOST_FORMAT = "cxr-ensembles/meta-gboost-v1"
 MODELS = ("logistic", "gradient_boosting")
+FILE_NAMES = {"logistic": "meta.json", "gradient_boosting": "meta.skops"}
+# Beyond skops' default-trusted types (builtins, numpy arrays and dtypes, scikit-learn
+# estimators such as HistGradientBoostingClassifier and its bin mapper), a fitted
+# HistGradientBoostingClassifier holds only its trees' predictors.
+GBOOST_TRUSTED_TYPES = ("sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",)
 
 
 def make_features(blocks: Mapping[str, object]) -> tuple[np.ndarray, list[dict]]:
@@ -139,28 +153,44 @@ class MetaClassifier(ClassifierMixin, BaseEstimator):
     def predict(self, x) -> np.ndarray:
         return self.classes_[self.predict_proba(x).argmax(axis=1)]
 
+    @property
+    def file_name(self) -> str:
+        """The conventional file name `save` writes this model's format to."""
+        return FILE_NAMES[self.model]
+
     def save(self, path) -> Path:
-        """Write the fitted logistic model as JSON (coef_, intercept_, classes_, layout)."""
-        if self.model != "logistic":
-            raise ValueError(
-                f"cannot save a {self.model!r} meta-classifier: scikit-learn offers no "
-                "pickle-free format for HistGradientBoostingClassifier and this project loads no "
-                "pickles; use model='logistic' to save, or refit from the saved features")
+        """Write the fitted model: logistic as JSON (coef_, intercept_, classes_, layout),
+        gradient boosting as a skops file (the estimator with params and layout)."""
+        path = Path(path)
+        if self.model == "gradient_boosting":
+            sio.dump({"format": GBOOST_FORMAT, "params": self.get_params(),
+                      "n_features": int(self.n_features_in_), "layout": self.layout_,
+                      "estimator": self.estimator_}, path)
+            return path
         est = self.estimator_
         doc = {"format": FORMAT, "params": self.get_params(),
                "classes": est.classes_.tolist(), "coef": est.coef_.tolist(),
                "intercept": est.intercept_.tolist(), "n_features": int(self.n_features_in_),
                "layout": self.layout_}
-        path = Path(path)
         path.write_text(json.dumps(doc, indent=1))
         return path
 
     @classmethod
     def load(cls, path) -> MetaClassifier:
-        """Rebuild a saved logistic meta-classifier from its JSON; predictions are identical."""
-        doc = json.loads(Path(path).read_text())
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a saved meta-classifier (format {doc.get('format')!r}, "
+        """Rebuild a saved meta-classifier (JSON or skops file); predictions are identical.
+
+        A skops file holding any type outside the allowlist, or anything but a gradient-
+        boosting meta-classifier, raises ValueError before an object is built from it."""
+        path = Path(path)
+        if zipfile.is_zipfile(path):
+            return cls._load_skops(path)
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}: neither a JSON nor a skops meta-classifier file") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            found = doc.get("format") if isinstance(doc, dict) else None
+            raise ValueError(f"{path}: not a saved meta-classifier (format {found!r}, "
                              f"expected {FORMAT!r})")
         meta = cls(**doc["params"])
         est = meta._new_estimator()
@@ -171,6 +201,30 @@ class MetaClassifier(ClassifierMixin, BaseEstimator):
         if est.coef_.shape[1] != est.n_features_in_:
             raise ValueError(f"{path}: coef has {est.coef_.shape[1]} columns, n_features "
                              f"{est.n_features_in_}")
+        meta.estimator_, meta.classes_ = est, est.classes_
+        meta.n_features_in_, meta.layout_ = est.n_features_in_, doc["layout"]
+        return meta
+
+    @classmethod
+    def _load_skops(cls, path: Path) -> MetaClassifier:
+        untrusted = sio.get_untrusted_types(file=path)
+        unexpected = sorted(set(untrusted) - set(GBOOST_TRUSTED_TYPES))
+        if unexpected:
+            raise ValueError(f"{path}: refusing to load types outside the gradient-boosting "
+                             f"meta-classifier allowlist: {', '.join(unexpected)}")
+        doc = sio.load(path, trusted=untrusted)
+        if not isinstance(doc, dict) or doc.get("format") != GBOOST_FORMAT:
+            raise ValueError(f"{path}: not a saved gradient-boosting meta-classifier (expected "
+                             f"a {GBOOST_FORMAT!r} document)")
+        est = doc["estimator"]
+        if (not isinstance(est, HistGradientBoostingClassifier)
+                or doc["params"].get("model") != "gradient_boosting"):
+            raise ValueError(f"{path}: holds a {type(est).__name__}, expected a "
+                             f"HistGradientBoostingClassifier")
+        if est.n_features_in_ != doc["n_features"]:
+            raise ValueError(f"{path}: estimator has {est.n_features_in_} features, n_features "
+                             f"{doc['n_features']}")
+        meta = cls(**doc["params"])
         meta.estimator_, meta.classes_ = est, est.classes_
         meta.n_features_in_, meta.layout_ = est.n_features_in_, doc["layout"]
         return meta

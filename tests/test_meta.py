@@ -1,11 +1,15 @@
-"""ensembles.meta (stacking meta-classifier, leakage guard, JSON save/load) and
+"""ensembles.meta (stacking meta-classifier, leakage guard, JSON / skops save and load) and
 ensembles.calibration (temperature scaling)."""
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
+import skops.io as sio
 from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
@@ -13,7 +17,7 @@ from threadpoolctl import threadpool_limits
 from ensembles.calibration import (
     TemperatureScaling, apply_temperature, expected_calibration_error, fit_temperature,
     negative_log_likelihood)
-from ensembles.meta import MetaClassifier, check_no_leakage, make_features
+from ensembles.meta import GBOOST_FORMAT, MetaClassifier, check_no_leakage, make_features
 
 
 def _member_outputs(seed=0, n=300):
@@ -99,15 +103,46 @@ def test_json_round_trip_gives_identical_predictions(tmp_path):
         loaded.predict_proba(x[:, :4])
 
 
-def test_gradient_boosting_option_fits_but_refuses_to_save(tmp_path):
-    x, y, _, oof, _ = _member_outputs(seed=3, n=150)
+def _gboost_meta(seed=3, n=150):
+    x, y, _, oof, _ = _member_outputs(seed=seed, n=n)
+    _, layout = make_features({"knn": oof})
     with threadpool_limits(1):           # OpenMP threads on a shared 2-core CPU cost 20x here
         meta = MetaClassifier(model="gradient_boosting", max_iter=20).fit(
-            oof, y, example_indices=np.arange(150), train_indices=np.array([], dtype=int))
+            oof, y, example_indices=np.arange(n), train_indices=np.array([], dtype=int),
+            layout=layout)
+    return meta, oof, y
+
+
+def test_gradient_boosting_skops_round_trip_gives_identical_predictions(tmp_path):
+    meta, oof, y = _gboost_meta()
+    with threadpool_limits(1):
         np.testing.assert_allclose(meta.predict_proba(oof).sum(1), 1.0)
         assert (meta.predict(oof) == y).mean() > 0.8
-    with pytest.raises(ValueError, match="no pickle-free format"):
-        meta.save(tmp_path / "gb.json")
+        path = meta.save(tmp_path / meta.file_name)
+        assert path.name == "meta.skops" and zipfile.is_zipfile(path)   # skops, not a pickle
+        loaded = MetaClassifier.load(path)
+        np.testing.assert_array_equal(loaded.predict_proba(oof), meta.predict_proba(oof))
+    assert loaded.get_params() == meta.get_params()
+    assert loaded.layout_ == meta.layout_ == [{"block": "knn", "member": 0, "columns": 3}]
+    np.testing.assert_array_equal(loaded.features({"knn": oof}), oof)
+
+
+def test_skops_file_with_other_types_is_refused(tmp_path):
+    meta, oof, y = _gboost_meta()
+    doc = {"format": GBOOST_FORMAT, "params": meta.get_params(), "n_features": 3,
+           "layout": meta.layout_, "estimator": KNeighborsClassifier(3).fit(oof, y)}
+    sio.dump(doc, tmp_path / "knn.skops")
+    with pytest.raises(ValueError, match=r"outside the gradient-boosting .*allowlist: "
+                                         r"sklearn\.metrics\..*EuclideanDistance64, "
+                                         r"sklearn\.neighbors\._kd_tree\.KDTree"):
+        MetaClassifier.load(tmp_path / "knn.skops")
+    # a default-trusted estimator of the wrong kind passes skops' check but not ours
+    sio.dump({**doc, "estimator": LogisticRegression().fit(oof, y)}, tmp_path / "lr.skops")
+    with pytest.raises(ValueError, match="holds a LogisticRegression"):
+        MetaClassifier.load(tmp_path / "lr.skops")
+    (tmp_path / "junk.json").write_bytes(b"\x80\x04junk")
+    with pytest.raises(ValueError, match="neither a JSON nor a skops"):
+        MetaClassifier.load(tmp_path / "junk.json")
 
 
 # --------------------------------------------------------------------------- calibration
