@@ -5,7 +5,8 @@ Named Keras layers keep their names (`block1_conv1`, `block1_conv1_bn`, `block2_
 them `conv2d`, `conv2d_1`, ... and `batch_normalization`, ... in creation order; this module
 uses exactly those names, and the weight import maps them by order.
 Keras facts kept: convs without bias, BatchNorm epsilon 1e-3 (momentum:
-layers.BN_MOMENTUM), a separable conv is a depthwise 3x3 (depth multiplier 1) followed by a pointwise 1x1.
+layers.BN_MOMENTUM), a separable conv is a depthwise 3x3 (depth multiplier 1) followed by a
+pointwise 1x1.
 """
 
 from __future__ import annotations
