@@ -1,23 +1,40 @@
 """The ensemble bundle: a self-contained run directory that `evaluate` and `predict` load.
 
-    RUN/config.json           every flag, plus "bundle": {"format_version", "kind",
-                              "strategy", "backbone", "model", "class_names", "preprocess",
-                              "tasks", "stacks", "combiner", "meta"}
+    RUN/config.json           every flag, plus "bundle": {"format_version", "kind":
+                              "ensemble", "strategy", "backbone", "model", "class_names",
+                              "preprocess", "tasks", "stacks", "combiner", "meta"}
     RUN/members/stack-<s>/    orbax checkpoint of stack s's variables (member axis first)
     RUN/combiner.json         the fitted rule combiner (and temperature)
-    RUN/meta.json             optional logistic meta-classifier (JSON, never pickle)
+    RUN/meta.json | meta.skops  optional meta-classifier (ensembles.meta: JSON for logistic,
+                              allowlisted skops for gradient boosting; never pickle)
 
 Single-model runs of `experiments.single` load too: their config.json names the backbone
 and head, and checkpoint/ holds the engine's orbax checkpoints (best, else latest); they
-become a one-member "single" bundle. A directory missing any piece, or written by another
-format version, is refused with a one-line error naming what is wrong.
+become a one-member "single" bundle.
+
+A stack run of `experiments.stack` is a bundle of bundles:
+
+    STACK/config.json         "bundle": {"format_version", "kind": "stack", "class_names",
+                              "components": [{"name", "path"}], "meta"}
+    STACK/components/<i>/     the pieces of stacked run i (`bundle_pieces`), hard-linked
+    STACK/meta.json | meta.skops  the meta-classifier over the components' member outputs
+
+Each component keeps its own preprocessing, so `StackBundle.predict` runs every component
+on the raw images through that component's PreprocessConfig, concatenates the member
+probabilities in the saved feature layout and applies the meta-classifier. `Bundle.predict`
+and `StackBundle.predict` share one signature, which is all `evaluate` and `predict` use.
+
+A directory missing any piece, written by another format version, or holding a meta file
+that fails the skops type check is refused with a one-line BundleError.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+import os
+import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import backbones
+from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from ensembles import strategy as strategy_lib
 from ensembles.members import Stack
@@ -34,7 +52,7 @@ from ensembles.tasks import Tasks, make_tasks
 
 FORMAT_VERSION = 1
 COMBINER_FILE = "combiner.json"
-META_FILE = "meta.json"
+COMPONENTS_DIR = "components"
 
 
 class BundleError(ValueError):
@@ -62,14 +80,37 @@ def save_members(run_dir: Path, stacks: list[Stack], variables: list[dict]) -> l
 
 
 def bundle_section(*, strategy: str, backbone: str, model: dict, class_names, preprocess:
-                   PreprocessConfig, tasks: Tasks, stacks: list[dict], meta: bool) -> dict:
+                   PreprocessConfig, tasks: Tasks, stacks: list[dict], meta: str | None
+                   ) -> dict:
     """The "bundle" entry of config.json describing how to rebuild and run the ensemble."""
     return {"format_version": FORMAT_VERSION, "kind": "ensemble", "strategy": strategy,
             "backbone": backbone, "model": model, "class_names": list(class_names),
             "preprocess": dataclasses.asdict(preprocess),
             "tasks": {"names": list(tasks.names), "num_classes": list(tasks.num_classes),
                       "table": tasks.table.tolist(), "healthy": tasks.healthy},
-            "stacks": stacks, "combiner": COMBINER_FILE, "meta": META_FILE if meta else None}
+            "stacks": stacks, "combiner": COMBINER_FILE, "meta": meta}
+
+
+def stack_section(*, class_names, names: Sequence[str], meta: str) -> dict:
+    """The "bundle" entry of a stack run's config.json: components i live in components/<i>/."""
+    return {"format_version": FORMAT_VERSION, "kind": "stack", "class_names": list(class_names),
+            "components": [{"name": n, "path": f"{COMPONENTS_DIR}/{i}"}
+                           for i, n in enumerate(names)], "meta": meta}
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    """What a loaded bundle says about source[indices], in that order."""
+
+    proba: np.ndarray       # [N, K] class probabilities
+    decisions: np.ndarray   # [N] class decisions (the combiner's rule or argmax)
+    labels: np.ndarray      # [N] the source's labels
+    indices: np.ndarray     # [N] positions in the source
+
+
+def _loader(source, indices, preprocess: PreprocessConfig, batch_size: int):
+    return make_loader(source, indices, batch_size=batch_size, preprocess=preprocess,
+                       shuffle=False, num_epochs=1, drop_remainder=False)
 
 
 @dataclasses.dataclass
@@ -115,6 +156,49 @@ class Bundle:
         """Class decisions of the rule (the cascade's stage rule, OvO votes, else argmax)."""
         return self.combiner.predict(member_probs)
 
+    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False
+                ) -> Predictions:
+        """Preprocess source[indices] (raw examples), run the members, combine and decide."""
+        probs, labels, idx = self.member_outputs(
+            _loader(source, indices, self.preprocess, batch_size))
+        proba = self.combine(probs, use_meta=use_meta)
+        decisions = proba.argmax(1) if use_meta else self.decide(probs)
+        return Predictions(proba, decisions, labels, idx)
+
+
+@dataclasses.dataclass
+class StackBundle:
+    """A loaded stack run: component bundles and the meta-classifier over their members."""
+
+    run_dir: Path
+    class_names: tuple[str, ...]
+    names: tuple[str, ...]
+    components: list[Bundle]
+    meta: MetaClassifier
+    kind: str = "stack"
+
+    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = True
+                ) -> Predictions:
+        """Each component on source[indices] with its own preprocessing, then the meta-
+        classifier; decisions are its argmax. A stack always combines with its meta-
+        classifier: `use_meta` is accepted for the shared signature and changes nothing."""
+        blocks, labels, idx = {}, None, None
+        for name, component in zip(self.names, self.components, strict=True):
+            probs, labels, got = component.member_outputs(
+                _loader(source, indices, component.preprocess, batch_size))
+            if idx is not None and not np.array_equal(got, idx):
+                raise BundleError(f"{self.run_dir}: component {name} saw other examples")
+            blocks[name], idx = probs, got
+        proba = self.meta.predict_proba(self.meta.features(blocks))
+        return Predictions(proba, self.meta.classes_[proba.argmax(1)], labels, idx)
+
+
+def feature_layout(names: Sequence[str], components: Sequence[Bundle]) -> list[dict]:
+    """The make_features layout of the components' member probabilities, in member order."""
+    return [{"block": n, "member": m, "columns": int(c)}
+            for n, b in zip(names, components, strict=True)
+            for m, c in enumerate(b.tasks.num_classes)]
+
 
 def _read_config(run_dir: Path) -> dict:
     if not run_dir.is_dir():
@@ -136,17 +220,29 @@ def _restore(path: Path) -> dict:
     return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
 
 
-def load_bundle(run_dir: str | Path) -> Bundle:
-    """Load an ensemble bundle or a single-model run; BundleError if incomplete or foreign."""
-    run_dir = Path(run_dir)
-    config = _read_config(run_dir)
+def _section(run_dir: Path, config: dict) -> dict | None:
+    """The checked "bundle" entry of config.json (None for a single-model run)."""
     section = config.get("bundle")
     if section is None:
-        return _load_single(run_dir, config)
+        return None
     version = section.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{run_dir} has bundle format version {version!r}; this code reads "
                           f"version {FORMAT_VERSION}")
+    if section.get("kind") not in ("ensemble", "stack"):
+        raise BundleError(f"{run_dir} has unknown bundle kind {section.get('kind')!r}")
+    return section
+
+
+def load_bundle(run_dir: str | Path) -> Bundle | StackBundle:
+    """Load an ensemble, stack or single-model run; BundleError if incomplete or foreign."""
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    section = _section(run_dir, config)
+    if section is None:
+        return _load_single(run_dir, config)
+    if section["kind"] == "stack":
+        return _load_stack(run_dir, section)
     t = section["tasks"]
     tasks = make_tasks(section["strategy"], section["class_names"],
                        **({} if t.get("healthy") is None else
@@ -163,15 +259,50 @@ def load_bundle(run_dir: str | Path) -> Bundle:
     if not combiner_path.is_file():
         raise BundleError(f"incomplete run: {combiner_path} is missing")
     doc = json.loads(combiner_path.read_text())
-    meta = None
-    if section.get("meta"):
-        if not (run_dir / section["meta"]).is_file():
-            raise BundleError(f"incomplete run: {run_dir / section['meta']} is missing")
-        meta = MetaClassifier.load(run_dir / section["meta"])
+    meta = _load_meta(run_dir, section["meta"]) if section.get("meta") else None
     return Bundle(run_dir, section["backbone"], tuple(section["class_names"]),
                   PreprocessConfig(**section["preprocess"]), tasks, stacks, variables,
                   strategy_lib.combiner_from_json(tasks, doc["rule"]), meta,
                   doc.get("temperature"), "ensemble", _model_options(section["model"]))
+
+
+def _load_meta(run_dir: Path, name: str) -> MetaClassifier:
+    path = run_dir / name
+    if not path.is_file():
+        raise BundleError(f"incomplete run: {path} is missing")
+    try:
+        return MetaClassifier.load(path)
+    except ValueError as error:
+        raise BundleError(str(error)) from None
+
+
+def _load_stack(run_dir: Path, section: dict) -> StackBundle:
+    """Components (each an ensemble or single bundle) and the meta-classifier over them."""
+    class_names = tuple(section["class_names"])
+    names = tuple(c["name"] for c in section["components"])
+    components = []
+    for c in section["components"]:
+        bundle_pieces(run_dir / c["path"])          # complete, and not itself a stack
+        component = load_bundle(run_dir / c["path"])
+        if component.class_names != class_names:
+            raise BundleError(f"{run_dir}: component {c['name']} has classes "
+                              f"{list(component.class_names)}, the stack {list(class_names)}")
+        components.append(component)
+    meta = _load_meta(run_dir, section["meta"])
+    if meta.layout_ != feature_layout(names, components):
+        raise BundleError(f"{run_dir}: the meta-classifier's feature layout does not match the "
+                          f"components' members")
+    return StackBundle(run_dir, class_names, names, components, meta)
+
+
+def _single_checkpoint(run_dir: Path) -> Path:
+    """checkpoint/best/<step> (else latest/<step>) of a single-model run, the newest step."""
+    for kind in ("best", "latest"):
+        steps = sorted((p for p in (run_dir / "checkpoint" / kind).glob("*") if p.name.isdigit()),
+                       key=lambda p: int(p.name))
+        if steps:
+            return steps[-1]
+    raise BundleError(f"incomplete run: no checkpoint under {run_dir / 'checkpoint'}")
 
 
 def _load_single(run_dir: Path, config: dict) -> Bundle:
@@ -181,15 +312,7 @@ def _load_single(run_dir: Path, config: dict) -> Bundle:
     if missing:
         raise BundleError(f"{run_dir}/config.json is neither an ensemble bundle nor a single-"
                           f"model run (missing {', '.join(missing)})")
-    checkpoint = None
-    for kind in ("best", "latest"):
-        steps = sorted((p for p in (run_dir / "checkpoint" / kind).glob("*") if p.name.isdigit()),
-                       key=lambda p: int(p.name))
-        if steps:
-            checkpoint = steps[-1]
-            break
-    if checkpoint is None:
-        raise BundleError(f"incomplete run: no checkpoint under {run_dir / 'checkpoint'}")
+    checkpoint = _single_checkpoint(run_dir)
     with ocp.CheckpointManager(checkpoint.parent) as manager:
         restored = manager.restore(int(checkpoint.name), args=ocp.args.Composite(
             state=ocp.args.StandardRestore()))
@@ -209,3 +332,48 @@ def _load_single(run_dir: Path, config: dict) -> Bundle:
 
 def _add_axis(tree):
     return jax.tree.map(lambda x: np.asarray(x)[None], tree)
+
+
+# -- copying a run into a stack bundle ---------------------------------------------------
+def bundle_pieces(run_dir: str | Path) -> list[Path]:
+    """The paths (relative to run_dir) load_bundle reads: config.json, combiner, member
+    checkpoints and meta file of an ensemble; config.json and the checkpoint step of a
+    single-model run. BundleError if one is missing or the run is foreign or a stack."""
+    run_dir = Path(run_dir)
+    config = _read_config(run_dir)
+    section = _section(run_dir, config)
+    if section is None:
+        if "backbone" not in config or "class_names" not in config:
+            raise BundleError(f"{run_dir}/config.json is neither an ensemble bundle nor a "
+                              f"single-model run")
+        return [Path("config.json"), _single_checkpoint(run_dir).relative_to(run_dir)]
+    if section["kind"] == "stack":
+        raise BundleError(f"{run_dir} is a stack bundle; stack the runs it was built from")
+    pieces = [Path("config.json"), Path(section["combiner"]),
+              *(Path(e["path"]) for e in section["stacks"])]
+    if section.get("meta"):
+        pieces.append(Path(section["meta"]))
+    for piece in pieces:
+        if not (run_dir / piece).exists():
+            raise BundleError(f"incomplete run: {run_dir / piece} is missing")
+    return pieces
+
+
+def copy_bundle(run_dir: str | Path, dest: str | Path, pieces: Sequence[Path]) -> None:
+    """Copy `pieces` of run_dir into dest (a new folder), hard-linking files where the
+    filesystem allows (checkpoints are written once, so links are safe and cost no space)."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    for piece in pieces:
+        target = dest / piece
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (run_dir / piece).is_dir():
+            shutil.copytree(run_dir / piece, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(run_dir / piece, target)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

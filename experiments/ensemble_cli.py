@@ -212,7 +212,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
                      f"on val, t={tuned.threshold_:.3f})", y_test, tuned.predict_proba(test_p),
                      tuned.predict(test_p), data.class_names)
         variants.append(v)
-    meta_saved = False
+    meta_saved = None
     if args.meta != "none":
         meta = MetaClassifier(model=META_MODELS[args.meta], random_state=args.seed)
         x_val, layout = make_features({strategy: val_p})
@@ -221,9 +221,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
         mp = meta.predict_proba(meta.features({strategy: test_p}))
         variants.append(_variant(f"meta {args.meta} (fit on validation member outputs)",
                                  y_test, mp, mp.argmax(1), data.class_names))
-        if args.meta == "logreg":
-            meta.save(out / bundle_lib.META_FILE)
-            meta_saved = True
+        meta_saved = meta.save(out / meta.file_name).name
 
     scaler = TemperatureScaling().fit(np.log(np.clip(rule.predict_proba(val_p), 1e-12, 1)),
                                       y_val)

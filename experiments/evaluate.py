@@ -1,10 +1,11 @@
 """`python -m experiments.evaluate --run RUN_DIR --dataset NAME --data-dir PATH [--out DIR]`:
-evaluate a saved ensemble or single model on another dataset (cross-dataset evaluation).
+evaluate a saved ensemble, stack or single model on another dataset (cross-dataset evaluation).
 
 Every image of the dataset is test data. Classes are matched by canonical name: examples of
 a class the model does not know are left out of the metrics (counted, and where the model
 put them is reported); classes the model knows but the data lacks get no recall / ROC-AUC.
-Both lists are written into the report.
+Both lists are written into the report. A stack run runs each component with its own
+preprocessing and decides by the meta-classifier (--meta is implied).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, load_dataset
-from data_pipeline.loader import make_loader
-from ensembles.bundle import Bundle, BundleError, load_bundle
+from ensembles.bundle import Bundle, BundleError, StackBundle, load_bundle
 from experiments.evaluation import evaluate_predictions, write_report
 
 
@@ -31,19 +31,16 @@ def match_classes(model_classes, data_classes) -> dict:
             "data_lacks": [c for c in model_classes if c not in data_classes]}
 
 
-def evaluate_run(bundle: Bundle, dataset, *, batch_size: int = 32, use_meta: bool = False,
-                 seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_run(bundle: Bundle | StackBundle, dataset, *, batch_size: int = 32,
+                 use_meta: bool = False, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
     """Metrics of `bundle` on every example of `dataset` whose class the model knows."""
     match = match_classes(list(bundle.class_names), list(dataset.class_names))
     if not match["mapping"]:
         raise ValueError(f"no class in common: model {list(bundle.class_names)}, data "
                          f"{list(dataset.class_names)}")
-    loader = make_loader(dataset.source, np.arange(len(dataset.source)), batch_size=batch_size,
-                         preprocess=bundle.preprocess, shuffle=False, num_epochs=1,
-                         drop_remainder=False)
-    probs, labels, indices = bundle.member_outputs(loader)
-    proba = bundle.combine(probs, use_meta=use_meta)
-    pred = proba.argmax(1) if use_meta else bundle.decide(probs)
+    p = bundle.predict(dataset.source, np.arange(len(dataset.source)), batch_size=batch_size,
+                       use_meta=use_meta)
+    proba, pred, labels, indices = p.proba, p.decisions, p.labels, p.indices
     known = np.isin(labels, list(match["mapping"]))
     unknown = {}
     for d, name in enumerate(dataset.class_names):
@@ -81,7 +78,7 @@ def _section(cross: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run directory (ensemble or single)")
+    parser.add_argument("--run", required=True, help="run directory (ensemble, stack or single)")
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--cache-dir", default=None)

@@ -1,9 +1,10 @@
 """`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDER... [--csv OUT]`: class
-probabilities per image from a saved ensemble or single-model run.
+probabilities per image from a saved ensemble, stack or single-model run.
 
 Folders are searched recursively for .png/.jpg/.jpeg/.bmp/.tif files. Files that cannot be
 decoded are reported on stderr, counted and skipped; the rest are preprocessed exactly as in
-training (the bundle's PreprocessConfig).
+training (the bundle's PreprocessConfig; each component's own for a stack run, which decides
+by its meta-classifier).
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.decode import DecodeError, decode_image
-from data_pipeline.preprocess import preprocess
-from ensembles.bundle import Bundle, BundleError, load_bundle
+from ensembles.bundle import Bundle, BundleError, StackBundle, load_bundle
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+CHUNK = 256  # decoded full-size images held at once (the models see them preprocessed)
 
 
 def find_images(paths: Sequence[str | Path]) -> list[Path]:
@@ -36,37 +37,36 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def _batches(images: list[np.ndarray], batch_size: int) -> Iterator[dict]:
-    for s in range(0, len(images), batch_size):
-        yield {"image": np.stack(images[s:s + batch_size])}
-
-
-def predict_files(bundle: Bundle, files: Sequence[Path], *, batch_size: int = 32,
+def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
                   use_meta: bool = False
                   ) -> tuple[list[Path], np.ndarray, np.ndarray, list[dict]]:
     """(decoded files, probabilities [N, K], decisions [N], skipped [{"path", "reason"}]).
 
     Decisions follow the combiner's rule (a cascade's stages, OvO votes), or the meta-
-    classifier's argmax with `use_meta`."""
-    kept, images, skipped = [], [], []
-    for f in files:
-        try:
-            images.append(preprocess(decode_image(f), bundle.preprocess))
-            kept.append(f)
-        except DecodeError as error:
-            skipped.append({"path": str(f), "reason": str(error)})
-    if not images:
+    classifier's argmax with `use_meta` or for a stack run."""
+    kept, skipped, proba, decisions = [], [], [], []
+    for start in range(0, len(files), CHUNK):
+        source = []
+        for f in files[start:start + CHUNK]:
+            try:
+                source.append({"image": decode_image(f), "label": 0})
+                kept.append(f)
+            except DecodeError as error:
+                skipped.append({"path": str(f), "reason": str(error)})
+        if source:
+            p = bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
+                               use_meta=use_meta)
+            proba.append(p.proba)
+            decisions.append(p.decisions)
+    if not proba:
         return kept, np.zeros((0, len(bundle.class_names))), np.zeros(0, int), skipped
-    probs, _, _ = bundle.member_outputs(_batches(images, batch_size))
-    proba = bundle.combine(probs, use_meta=use_meta)
-    decisions = proba.argmax(1) if use_meta else bundle.decide(probs)
-    return kept, proba, decisions, skipped
+    return kept, np.concatenate(proba), np.concatenate(decisions), skipped
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run directory (ensemble or single)")
+    parser.add_argument("--run", required=True, help="run directory (ensemble, stack or single)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--csv", default=None, help="write path,class probabilities,prediction")
     parser.add_argument("--meta", action="store_true", help="use the saved meta-classifier")

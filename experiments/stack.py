@@ -5,6 +5,12 @@ The meta-classifier (ensembles.meta, logistic regression by default) is fitted o
 validation outputs only, with the leakage guard checking them against every run's training
 indices, and evaluated on the shared test split. All runs must share the dataset split (same
 data, --seed and --split-recipe): the command checks the example indices and refuses others.
+
+The output folder is a self-contained stack bundle (ensembles/bundle.py): every stacked run's
+bundle pieces are hard-linked (else copied) into components/<i>/, the meta-classifier is saved
+beside them (meta.json, or meta.skops for gradient boosting), and `experiments.evaluate` /
+`experiments.predict --run OUT` rebuild each component's member outputs with its own
+preprocessing before applying the meta-classifier.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ensembles import bundle as bundle_lib
 from ensembles.meta import MetaClassifier, make_features
 from experiments import common, ensemble_cli
 from experiments.evaluation import evaluate_predictions, write_report
@@ -30,6 +37,8 @@ def load_outputs(run: Path) -> dict:
     config = json.loads((Path(run) / "config.json").read_text())
     z = dict(np.load(path))
     members = sorted(int(k.split("_")[-1]) for k in z if k.startswith("val_member_"))
+    if not members:
+        raise ValueError(f"{run} saved no member outputs (a stack run?): stack ensemble runs")
     return {"name": f"{config['strategy']}/{config['backbone']}", "config": config, **z,
             "val": [z[f"val_member_{m}"] for m in members],
             "test": [z[f"test_member_{m}"] for m in members]}
@@ -46,9 +55,13 @@ def check_compatible(outputs: list[dict]) -> None:
 
 
 def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: int = 0) -> dict:
-    """Fit the meta-classifier on validation member outputs, evaluate on test, write `out`."""
+    """Fit the meta-classifier on validation member outputs, evaluate on test, and write the
+    stack bundle into `out`; every run is checked (outputs, bundle pieces) before a write."""
     outputs = [load_outputs(r) for r in runs]
     check_compatible(outputs)
+    pieces = [bundle_lib.bundle_pieces(r) for r in runs]
+    if (out / bundle_lib.COMPONENTS_DIR).exists():
+        raise ValueError(f"{out} already holds a stack bundle; choose another output folder")
     names = [o["name"] for o in outputs]
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
@@ -66,8 +79,9 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
     metrics["stack"] = {"runs": [str(r) for r in runs], "members": names, "model": model,
                         "fitted_on": "validation member outputs"}
     out.mkdir(parents=True, exist_ok=True)
-    if model == "logistic":
-        meta.save(out / "meta.json")
+    for i, (run, run_pieces) in enumerate(zip(runs, pieces, strict=True)):
+        bundle_lib.copy_bundle(run, out / bundle_lib.COMPONENTS_DIR / str(i), run_pieces)
+    meta_file = meta.save(out / meta.file_name).name
     np.savez(out / "outputs.npz", class_names=np.array(class_names), train_indices=train,
              val_index=first["val_index"], val_label=first["val_label"],
              test_index=first["test_index"], test_label=y, test_proba=proba,
@@ -75,7 +89,9 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
     (out / "config.json").write_text(json.dumps(
         {"experiment": "stack", "strategy": "stack", "backbone": "+".join(sorted(
             {o["config"]["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
-         "meta_model": model, "argv": sys.argv}, indent=2) + "\n")
+         "meta_model": model, "class_names": class_names, "argv": sys.argv,
+         "bundle": bundle_lib.stack_section(class_names=class_names, names=names,
+                                            meta=meta_file)}, indent=2) + "\n")
     write_report(metrics, out, y_true=y, proba=proba, title="stacked meta-classifier",
                  extra_sections={"Stacked runs": "\n".join(f"- {n}: `{r}`" for n, r in
                                                            zip(names, runs, strict=True))})
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 [ensemble_cli.run(s, [*rest, "--backbone", b, "--out", str(out / f"{s}-{b}")])
                  for b in args.backbones.split(",") for s in args.strategies.split(",")])
         metrics = stack_runs(runs, out, model=ensemble_cli.META_MODELS[args.meta_model])
-    except (ValueError, FileNotFoundError) as error:
+    except (*common.CLI_ERRORS, bundle_lib.BundleError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1", "roc_auc_macro")}))
