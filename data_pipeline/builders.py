@@ -13,6 +13,8 @@ included) is written, so an interrupted build never passes for a complete one.
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,6 +52,15 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self._has_masks = has_masks
         self._skipped = [dict(i) for i in issues]
         super().__init__(data_dir=str(data_dir), file_format="array_record")
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+    # prepared" around a build; nothing is downloaded here, so say what happens instead.
+    def _log_download_bytes(self) -> None:
+        print(f"building {self.name} into {self.data_dir} (once; later runs reuse it)",
+              file=sys.stderr)
+
+    def _log_download_done(self) -> None:
+        print(f"built {self.name}: {self.data_dir}", file=sys.stderr)
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,17 @@ _SCANS = {
     "image_folder": (layouts.scan_image_folder, builders.ImageFolder),
 }
 _TEXT_FIELDS = ("patient_id", "path", "source_split")
+
+
+class _DropOpenCvAdvice(logging.Filter):
+    """TFDS warns once per process that OpenCV would decode faster; we decode with Pillow on
+    purpose (one decoder, no OpenCV dependency), so the advice is noise in every CLI run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("OpenCV is not installed")
+
+
+logging.getLogger("absl").addFilter(_DropOpenCvAdvice())
 
 
 def default_cache_dir() -> Path:
