@@ -12,9 +12,11 @@ from PIL import Image
 
 from data_pipeline.datasets import load_dataset
 from data_pipeline.loader import make_loader
+from data_pipeline.splits import split_indices
 from data_pipeline.synthetic import generate_phantoms
-from ensembles.bundle import BundleError, load_bundle
-from experiments import ensemble_cli, evaluate, predict
+from ensembles.bundle import BundleError, bundle_pieces, copy_bundle, load_bundle
+from experiments import ensemble_cli, evaluate, predict, single
+from experiments.evaluation import evaluate_predictions
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
         "--batch-size", "16", "--no-progress"]
@@ -101,3 +103,28 @@ def test_incomplete_and_foreign_runs_are_refused(run, tmp_path):
         load_bundle(foreign)
     with pytest.raises(BundleError, match="config.json is missing"):
         load_bundle(tmp_path)
+
+
+def test_single_run_loads_and_copies(tmp_path):
+    """A run of experiments.single (its --head auto resolved on load) predicts its own test
+    metrics, and its bundle pieces (config + newest best checkpoint) load the same model."""
+    out = tmp_path / "single"
+    single.run(single.parse_args([
+        "--backbone", "simple_cnn", "--image-size", "16", "--count", "80", "--epochs", "1",
+        "--warmup-epochs", "0", "--width", "0.25", "--batch-size", "16", "--no-progress",
+        "--n-bootstrap", "0", "--out", str(out), "--cache-dir", str(tmp_path / "tfds")]))
+    config = json.loads((out / "config.json").read_text())
+    ds = load_dataset("synthetic_cxr", cache_dir=config["cache_dir"], count=80, image_size=16,
+                      seed=0)
+    test = split_indices(ds.labels, ds.patient_ids, recipe=config["split_recipe"])["test"]
+    pieces = bundle_pieces(out)
+    assert [str(p) for p in pieces] == ["config.json", "checkpoint/best/3"]
+    copy_bundle(out, tmp_path / "copy", pieces)
+    saved = json.loads((out / "metrics.json").read_text())
+    for run_dir in (out, tmp_path / "copy"):
+        bundle = load_bundle(run_dir)
+        assert bundle.kind == "single"
+        p = bundle.predict(ds.source, test)
+        m = evaluate_predictions(p.labels, p.proba, ds.class_names, n_bootstrap=0)
+        assert m["accuracy"] == saved["accuracy"]
+        assert m["roc_auc_macro"] == pytest.approx(saved["roc_auc_macro"], abs=1e-6)

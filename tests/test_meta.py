@@ -104,7 +104,7 @@ def test_json_round_trip_gives_identical_predictions(tmp_path):
 
 
 def _gboost_meta(seed=3, n=150):
-    x, y, _, oof, _ = _member_outputs(seed=seed, n=n)
+    _, y, _, oof, _ = _member_outputs(seed=seed, n=n)
     _, layout = make_features({"knn": oof})
     with threadpool_limits(1):           # OpenMP threads on a shared 2-core CPU cost 20x here
         meta = MetaClassifier(model="gradient_boosting", max_iter=20).fit(
@@ -129,8 +129,9 @@ def test_gradient_boosting_skops_round_trip_gives_identical_predictions(tmp_path
 
 def test_skops_file_with_other_types_is_refused(tmp_path):
     meta, oof, y = _gboost_meta()
+    knn = KNeighborsClassifier(3, algorithm="kd_tree").fit(oof, y)
     doc = {"format": GBOOST_FORMAT, "params": meta.get_params(), "n_features": 3,
-           "layout": meta.layout_, "estimator": KNeighborsClassifier(3).fit(oof, y)}
+           "layout": meta.layout_, "estimator": knn}
     sio.dump(doc, tmp_path / "knn.skops")
     with pytest.raises(ValueError, match=r"outside the gradient-boosting .*allowlist: "
                                          r"sklearn\.metrics\..*EuclideanDistance64, "
