@@ -186,18 +186,16 @@ class StackBundle:
     meta: MetaClassifier
     kind: str = "stack"
 
-    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = True
+    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False
                 ) -> Predictions:
         """Each component on source[indices] with its own preprocessing, then the meta-
         classifier; decisions are its argmax. A stack always combines with its meta-
         classifier: `use_meta` is accepted for the shared signature and changes nothing."""
-        blocks, labels, idx = {}, None, None
+        blocks = {}
         for name, component in zip(self.names, self.components, strict=True):
-            probs, labels, got = component.member_outputs(
+            # unshuffled loaders over the same indices: labels and idx agree across components
+            blocks[name], labels, idx = component.member_outputs(
                 _loader(source, indices, component.preprocess, batch_size))
-            if idx is not None and not np.array_equal(got, idx):
-                raise BundleError(f"{self.run_dir}: component {name} saw other examples")
-            blocks[name], idx = probs, got
         proba = self.meta.predict_proba(self.meta.features(blocks))
         return Predictions(proba, self.meta.classes_[proba.argmax(1)], labels, idx)
 
