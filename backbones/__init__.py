@@ -19,7 +19,7 @@ from backbones import (  # noqa: F401 - importing registers the models
 )
 from backbones.heads import HEADS, Head
 from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
-from backbones.registry import create, get, names, register
+from backbones.registry import create, get, names, register, resolve_head
 
 __all__ = ["HEADS", "Head", "create", "default_weights_path", "get", "load_pretrained",
-           "merge_pretrained", "names", "register"]
+           "merge_pretrained", "names", "register", "resolve_head"]

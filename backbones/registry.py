@@ -57,6 +57,15 @@ def get(name: str) -> Factory:
             f"unknown backbone {name!r}; known backbones: {', '.join(names())}") from None
 
 
+def resolve_head(head: str, name: str) -> str:
+    """`head`, with "auto" resolved: the seed reports' own top for the custom CNNs ("imagenet":
+    flatten + Dense; their two-conv trunks are too shallow for global pooling), "linear" for
+    the others."""
+    if head != "auto":
+        return head
+    return "imagenet" if get(name).__module__ == "backbones.cnns" else "linear"
+
+
 def create(name: str, *, num_classes: int | None, head: str = "linear",
            dtype: Any = jnp.float32, axis_name: str | None = None,
            **kwargs: Any) -> nn.Module:

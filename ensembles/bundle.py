@@ -66,15 +66,6 @@ def _model_options(model: dict) -> dict:
     return options
 
 
-def _head(head: str, backbone: str) -> str:
-    """A head name; a single run's config.json records --head "auto" unresolved, which
-    means what experiments.common.resolve_head chose: the published flatten + Dense top
-    ("imagenet") for the custom CNNs, "linear" for the others."""
-    if head != "auto":
-        return head
-    return "imagenet" if backbones.get(backbone).__module__ == "backbones.cnns" else "linear"
-
-
 def save_members(run_dir: Path, stacks: list[Stack], variables: list[dict]) -> list[dict]:
     """Write each stack's variables under members/stack-<s>/; returns the "stacks" entries."""
     entries = []
@@ -334,8 +325,8 @@ def _load_single(run_dir: Path, config: dict) -> Bundle:
                                   clahe=bool(config.get("clahe", False)))
     return Bundle(run_dir, config["backbone"], class_names, preprocess, tasks, [stack],
                   [variables], strategy_lib.rule_combiner(tasks), None, None, "single",
-                  _model_options({**config, "head": _head(config.get("head", "linear"),
-                                                           config["backbone"])}))
+                  _model_options({**config, "head": backbones.resolve_head(
+                      config.get("head", "linear"), config["backbone"])}))
 
 
 def _add_axis(tree):

@@ -288,19 +288,11 @@ def build_data(args: argparse.Namespace, dataset: Dataset | None = None) -> Data
 
 
 # -- model and train state ----------------------------------------------------------------
-def resolve_head(head: str, backbone: str) -> str:
-    """--head auto: the seed reports' own top for the custom CNNs (flatten + Dense: their
-    two-conv trunks are too shallow for global pooling), the linear head for the others."""
-    if head != "auto":
-        return head
-    return "imagenet" if backbones.get(backbone).__module__ == "backbones.cnns" else "linear"
-
-
 def build_model(args: argparse.Namespace, backbone: str, *, num_classes: int | None):
     """The backbone in the --precision compute dtype, BatchNorm synchronised over "batch"."""
     options = {} if args.width is None else {"width": args.width}
     return backbones.create(backbone, num_classes=num_classes,
-                            head=resolve_head(args.head, backbone),
+                            head=backbones.resolve_head(args.head, backbone),
                             dtype=training.compute_dtype(args.precision),
                             axis_name=training.parallel.AXIS, **options)
 

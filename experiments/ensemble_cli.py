@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import backbones
 from backbones import training
 from backbones.training.curves import plot_curves
 from data_pipeline import augment as augment_lib
@@ -184,7 +185,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     trained = train_members(p, out)
     _curves(trained, out / "curves.png")
 
-    model = {"head": common.resolve_head(args.head, args.backbone), "width": args.width}
+    model = {"head": backbones.resolve_head(args.head, args.backbone), "width": args.width}
     stacks = bundle_lib.save_members(out, [t.stack for t in trained],
                                      [t.variables for t in trained])
     bundle = bundle_lib.Bundle(out, args.backbone, data.class_names, data.preprocess, tasks,

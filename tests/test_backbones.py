@@ -372,3 +372,10 @@ def test_cli_list_and_errors():
     assert listed == backbones.names()
     with pytest.raises(SystemExit):
         main(["summary", "nope"])
+
+
+def test_auto_head_is_the_published_top_for_custom_cnns_and_linear_otherwise():
+    assert backbones.resolve_head("auto", "simple_cnn") == "imagenet"
+    assert backbones.resolve_head("auto", "cnn_bn3x2") == "imagenet"
+    assert backbones.resolve_head("auto", "resnet50") == "linear"
+    assert backbones.resolve_head("dense1024", "simple_cnn") == "dense1024"
