@@ -6,7 +6,8 @@ so strategies are paired on identical test examples: McNemar's test on the decis
 paired bootstrap of macro-F1 (patient-grouped when ids exist) against the first strategy.
 "stack" is the meta-classifier over that backbone's other runs (fitted on validation outputs).
 Writes compare.csv (one row per run), compare.md (mean ± std over seeds, seed-0 bootstrap CI,
-paired tests) and compare.png (macro-F1 per strategy and backbone).
+paired tests) and compare.png (macro-F1 per strategy and backbone). `--reuse` resumes an
+interrupted comparison: finished runs in --compare-out are kept once their settings are checked.
 """
 
 from __future__ import annotations
@@ -30,7 +31,51 @@ STRATEGIES = ("single", "ova", "ovo", "cascade", "stack")
 METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece")
 
 
-def run_all(strategies, backbones, seeds: int, out: Path, flags: list[str]) -> list[dict]:
+# config.json keys that say where, how verbosely or how fast a run ran, not what it computed
+# (stacked and sequential members train the same members: tests/test_members.py).
+_RUN_ONLY = ("out", "overwrite", "resume", "progress", "argv", "jax", "cache_dir", "workers",
+             "members")
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a complete run (its last files are written last)."""
+    return all((run_dir / f).is_file() for f in ("config.json", "metrics.json", "outputs.npz"))
+
+
+def check_reusable(run_dir: Path, expected: dict) -> None:
+    """ValueError unless the finished run in `run_dir` was made with the `expected` settings."""
+    config = json.loads((run_dir / "config.json").read_text())
+    expected = json.loads(json.dumps(expected, default=str))   # as config.json stores them
+    differ = {k: (config.get(k), v) for k, v in expected.items()
+              if v is not None and k not in _RUN_ONLY and config.get(k) != v}
+    if differ:
+        raise ValueError(f"--reuse: {run_dir} was made with other settings "
+                         f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in differ.items())});"
+                         f" use another --compare-out")
+
+
+def run_one(strategy: str, backbone: str, seed: int, run_dir: Path, flags: list[str],
+            members: list[Path], reuse: bool) -> None:
+    """Train (or stack) one run into `run_dir`; with `reuse`, keep a matching finished one."""
+    if strategy == "stack":
+        if not members:
+            raise ValueError("stack needs at least one other strategy to stack")
+        if reuse and finished(run_dir):
+            check_reusable(run_dir, {"runs": [str(r) for r in members]})
+            return
+        stack.stack_runs(members, run_dir, seed=seed)
+        return
+    argv = [*flags, "--backbone", backbone, "--seed", str(seed), "--out", str(run_dir)]
+    if reuse and finished(run_dir):
+        expected = vars(ensemble_cli.build_parser(strategy, "").parse_args(argv))
+        check_reusable(run_dir, {**expected, "strategy": strategy})
+        print(f"reusing {run_dir}", file=sys.stderr)
+        return
+    ensemble_cli.run(strategy, argv)
+
+
+def run_all(strategies, backbones, seeds: int, out: Path, flags: list[str], *,
+            reuse: bool = False) -> list[dict]:
     """Train/evaluate every combination; one record per run with its metrics and outputs."""
     records = []
     for backbone in backbones:
@@ -38,14 +83,8 @@ def run_all(strategies, backbones, seeds: int, out: Path, flags: list[str]) -> l
             runs = {}
             for s in strategies:
                 run_dir = out / f"{s}-{backbone}-seed{seed}"
-                if s == "stack":
-                    members = [runs[k] for k in runs if k != "single"] or list(runs.values())
-                    if not members:
-                        raise ValueError("stack needs at least one other strategy to stack")
-                    stack.stack_runs(members, run_dir, seed=seed)
-                else:
-                    ensemble_cli.run(s, [*flags, "--backbone", backbone, "--seed", str(seed),
-                                         "--out", str(run_dir)])
+                members = [runs[k] for k in runs if k != "single"] or list(runs.values())
+                run_one(s, backbone, seed, run_dir, flags, members, reuse)
                 runs[s] = run_dir
                 metrics = json.loads((run_dir / "metrics.json").read_text())
                 z = np.load(run_dir / "outputs.npz")
@@ -151,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--compare-out", default=None,
                         help="output folder (default runs/compare-<UTC time>)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep runs already finished in --compare-out (same settings, "
+                             "checked) and train only the missing ones: resumes a comparison")
     args, flags = parser.parse_known_args(argv)
     try:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -164,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.compare_out or common.make_run_dir(
             argparse.Namespace(out=None, resume=False, overwrite=False), "compare", "all"))
         out.mkdir(parents=True, exist_ok=True)
-        records = run_all(strategies, args.backbones.split(","), args.seeds, out, flags)
+        records = run_all(strategies, args.backbones.split(","), args.seeds, out, flags,
+                          reuse=args.reuse)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -181,7 +181,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     out = common.make_run_dir(args, strategy, args.backbone)
     data, tasks = p.data, p.tasks
     common.write_config(out, args, class_names=list(data.class_names), strategy=strategy,
-                        members=list(tasks.names))
+                        member_names=list(tasks.names))
     trained = train_members(p, out)
     _curves(trained, out / "curves.png")
 
@@ -249,7 +249,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
                  title=f"{strategy} ensemble of {args.backbone} on {args.dataset}",
                  extra_sections=_sections(tasks, variants, calib, args))
     common.write_config(out, args, class_names=list(data.class_names), strategy=strategy,
-                        members=list(tasks.names), bundle=section)
+                        member_names=list(tasks.names), bundle=section)
     return out
 
 

@@ -36,3 +36,19 @@ def test_compare_tiny(tmp_path):
 def test_unknown_strategy_is_a_clear_error(tmp_path, capsys):
     assert compare.main(["--strategies", "ova,bagging", "--compare-out", str(tmp_path)]) == 2
     assert "unknown strategy ['bagging']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reuse_keeps_finished_runs_and_refuses_other_settings(tmp_path, capsys):
+    out, cache = tmp_path / "cmp", str(tmp_path / "tfds")
+    argv = ["--strategies", "single,ova", "--backbones", "simple_cnn", "--seeds", "1",
+            "--compare-out", str(out), *TINY, "--cache-dir", cache]
+    assert compare.main(argv) == 0
+    first = (out / "compare.csv").read_text()
+    stamp = (out / "ova-simple_cnn-seed0" / "metrics.json").stat().st_mtime_ns
+    assert compare.main([*argv, "--reuse"]) == 0
+    assert (out / "ova-simple_cnn-seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (out / "compare.csv").read_text() == first
+    assert "reusing" in capsys.readouterr().err
+    assert compare.main([*argv, "--reuse", "--lr", "0.01"]) == 2
+    assert "was made with other settings (lr: 0.001 vs 0.01)" in capsys.readouterr().err
