@@ -24,6 +24,7 @@ from backbones import training
 from backbones.training.curves import plot_curves
 from data_pipeline import augment as augment_lib
 from data_pipeline.loader import make_loader
+from data_pipeline.splits import kfold_indices
 from ensembles import bundle as bundle_lib
 from ensembles import members as members_lib
 from ensembles import strategy as strategy_lib
@@ -52,6 +53,10 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
                        help="train members together under vmap, or one after another")
     group.add_argument("--meta", default="none", choices=("none", *META_MODELS),
                        help="also fit a meta-classifier on the validation member outputs")
+    group.add_argument("--meta-folds", type=int, default=0,
+                       help="with --meta: fit it on K-fold out-of-fold member outputs for the "
+                            "training examples (K extra member trainings) instead of on the "
+                            "validation outputs; 0 = validation")
     group.add_argument("--healthy", default="normal", help="cascade: the healthy class")
     group.add_argument("--ovo-decision", default="votes", choices=("votes", "coupling"),
                        help="OvO: scikit-learn's vote rule or argmax of pairwise coupling")
@@ -79,6 +84,12 @@ def prepare(args: argparse.Namespace, strategy: str) -> Prepared:
     data = common.build_data(args)
     if args.meta != "none" and len(data.splits["val"]) == 0:
         raise ValueError("--meta needs held-out (validation) data, and the split has none")
+    if args.meta_folds and (args.meta == "none" or args.meta_folds < 2):
+        raise ValueError("--meta-folds needs --meta and K >= 2 (0 fits on validation outputs)")
+    if args.meta_folds:   # a class with fewer patients than folds is refused here
+        train = np.unique(data.train_indices)
+        kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
+                      k=args.meta_folds, seed=args.seed)
     train_labels = data.dataset.labels[data.train_indices]
     training.optim.make_schedule(common.optim_config(args, data.steps_per_epoch))
     tasks, stacks = strategy_lib.plan(strategy, data.class_names, train_labels,
@@ -114,15 +125,18 @@ def _train_step(args: argparse.Namespace, data: common.Data):
         trainable=training.trainable_modules(params, args.freeze, model), augment=augment)
 
 
-def train_members(p: Prepared, out: Path) -> list[members_lib.TrainedStack]:
-    """Train every stack of the plan; metrics.jsonl gets one record per stack and epoch."""
+def train_members(p: Prepared, out: Path, train_indices: np.ndarray | None = None
+                  ) -> list[members_lib.TrainedStack]:
+    """Train every stack of the plan on `train_indices` (default: the training split);
+    out/metrics.jsonl gets one record per stack and epoch, checkpoints go under out/."""
     args, data = p.args, p.data
+    train_indices = data.train_indices if train_indices is None else train_indices
     parallel = training.data_parallel(args.parallel)
     parallel.check_batch_size(args.batch_size)
     host_augment = None if augment_lib.DEFAULT_ON_DEVICE else data.augment
 
     def train_batches(epoch: int):
-        return make_loader(data.dataset.source, data.train_indices, batch_size=args.batch_size,
+        return make_loader(data.dataset.source, train_indices, batch_size=args.batch_size,
                            preprocess=data.preprocess, augment=host_augment, shuffle=True,
                            seed=args.seed + epoch, num_epochs=1, drop_remainder=True,
                            worker_count=args.workers)
@@ -152,6 +166,53 @@ def train_members(p: Prepared, out: Path) -> list[members_lib.TrainedStack]:
             mode=args.members, checkpoint_dir=out / "checkpoints" / f"stack-{s}",
             on_epoch=on_epoch, progress=args.progress))
     return trained
+
+
+def _model(args: argparse.Namespace) -> dict:
+    return {"head": backbones.resolve_head(args.head, args.backbone), "width": args.width}
+
+
+def _bundle(p: Prepared, out: Path, trained: list[members_lib.TrainedStack]
+            ) -> bundle_lib.Bundle:
+    """The in-memory bundle of trained members (with the unfitted rule combiner)."""
+    args, data = p.args, p.data
+    return bundle_lib.Bundle(out, args.backbone, data.class_names, data.preprocess, p.tasks,
+                             [t.stack for t in trained], [t.variables for t in trained],
+                             strategy_lib.rule_combiner(p.tasks, ovo_decision=args.ovo_decision),
+                             None, None, "ensemble", bundle_lib._model_options(_model(args)))
+
+
+def out_of_fold_outputs(p: Prepared, out: Path):
+    """Member outputs for every training example from members trained without its fold.
+
+    The (unique) training examples are split into --meta-folds stratified, patient-grouped
+    folds; fold f's members train on the other folds (early stopping on the validation split,
+    as the final members) and predict fold f. Returns member outputs, labels, example ids,
+    the fold of each row and each fold's training ids: what `MetaClassifier.fit` needs to
+    check that no row was predicted by a member that trained on it. Each fold's logs and
+    checkpoints go under out/oof/fold-<f>/ (so --resume resumes them too).
+    """
+    args, data = p.args, p.data
+    train = np.unique(data.train_indices)
+    folds = kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
+                          k=args.meta_folds, seed=args.seed)
+    outputs, labels, ids, fold_of, fold_train = [], [], [], [], []
+    for f, (fit, held) in enumerate(folds):
+        fold_dir = out / "oof" / f"fold-{f}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        trained = train_members(p, fold_dir, train[fit])
+        loader = make_loader(data.dataset.source, train[held], batch_size=args.batch_size,
+                             preprocess=data.preprocess, shuffle=False, num_epochs=1,
+                             drop_remainder=False)
+        probs, y, idx = _bundle(p, fold_dir, trained).member_outputs(loader)
+        outputs.append(probs)
+        labels.append(y)
+        ids.append(idx)
+        fold_of.append(np.full(len(idx), f))
+        fold_train.append(train[fit])
+    members = [np.concatenate([o[m] for o in outputs]) for m in range(len(outputs[0]))]
+    return (members, np.concatenate(labels), np.concatenate(ids), np.concatenate(fold_of),
+            fold_train)
 
 
 def _curves(trained: list[members_lib.TrainedStack], path: Path) -> None:
@@ -185,13 +246,10 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     trained = train_members(p, out)
     _curves(trained, out / "curves.png")
 
-    model = {"head": backbones.resolve_head(args.head, args.backbone), "width": args.width}
+    model = _model(args)
     stacks = bundle_lib.save_members(out, [t.stack for t in trained],
                                      [t.variables for t in trained])
-    bundle = bundle_lib.Bundle(out, args.backbone, data.class_names, data.preprocess, tasks,
-                               [t.stack for t in trained], [t.variables for t in trained],
-                               strategy_lib.rule_combiner(tasks, ovo_decision=args.ovo_decision),
-                               None, None, "ensemble", bundle_lib._model_options(model))
+    bundle = _bundle(p, out, trained)
     val_p, y_val, i_val = bundle.member_outputs(data.eval_loader("val", args.batch_size))
     test_p, y_test, i_test = bundle.member_outputs(data.eval_loader("test", args.batch_size))
 
@@ -216,11 +274,17 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     meta_saved = None
     if args.meta != "none":
         meta = MetaClassifier(model=META_MODELS[args.meta], random_state=args.seed)
-        x_val, layout = make_features({strategy: val_p})
-        meta.fit(x_val, y_val, example_indices=i_val, train_indices=data.train_indices,
+        if args.meta_folds:
+            fit_p, y_fit, i_fit, fold, fold_train = out_of_fold_outputs(p, out)
+            source = f"{args.meta_folds}-fold out-of-fold member outputs"
+        else:
+            fit_p, y_fit, i_fit, fold, fold_train = val_p, y_val, i_val, None, data.train_indices
+            source = "validation member outputs"
+        x_fit, layout = make_features({strategy: fit_p})
+        meta.fit(x_fit, y_fit, example_indices=i_fit, train_indices=fold_train, fold=fold,
                  layout=layout, n_classes=len(data.class_names))
         mp = meta.predict_proba(meta.features({strategy: test_p}))
-        variants.append(_variant(f"meta {args.meta} (fit on validation member outputs)",
+        variants.append(_variant(f"meta {args.meta} (fit on {source})",
                                  y_test, mp, mp.argmax(1), data.class_names))
         meta_saved = meta.save(out / meta.file_name).name
 

@@ -81,3 +81,28 @@ def test_main_prints_one_line_error(tmp_path, cache, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert code == 2 and len(err) == 1 and err[0].startswith("error: cascade needs")
     assert "Traceback" not in err[0]
+
+
+@pytest.mark.slow
+def test_meta_on_out_of_fold_outputs(tmp_path, cache):
+    out = _run("ova", tmp_path, cache, "--meta", "logreg", "--meta-folds", "2")
+    metrics = json.loads((out / "metrics.json").read_text())
+    meta = [v for v in metrics["variants"] if v["name"].startswith("meta logreg")]
+    assert [v["name"] for v in meta] == ["meta logreg (fit on 2-fold out-of-fold member outputs)"]
+    assert 0.0 <= meta[0]["macro_f1"] <= 1.0
+    for f in (0, 1):   # one member training per fold, logged apart from the final members'
+        records = (out / "oof" / f"fold-{f}" / "metrics.jsonl").read_text().splitlines()
+        assert len(records) == 1 and json.loads(records[0])["members"][0] == "covid_vs_rest"
+    assert (out / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--meta-folds", "2"], "--meta-folds needs --meta"),
+    (["--meta", "logreg", "--meta-folds", "1"], "--meta-folds needs --meta and K >= 2"),
+    (["--meta", "logreg", "--meta-folds", "500"], "fewer than k=500 folds"),
+])
+def test_bad_meta_folds_fail_before_writing(extra, message, tmp_path, cache):
+    out = tmp_path / "ova"
+    with pytest.raises(ValueError, match=message):
+        ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
+    assert not out.exists()
