@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Padding = str | Sequence[tuple[int, int]]
@@ -66,15 +67,18 @@ BN_MOMENTUM = 0.9
 
 
 def batch_norm(*, train: bool, name: str, dtype: Any, axis_name: str | None,
-               epsilon: float = 1e-3, use_scale: bool = True) -> BatchNorm:
+               epsilon: float = 1e-3, use_scale: bool = True,
+               scale_init: Callable[..., jax.Array] = nn.initializers.ones) -> BatchNorm:
     """BatchNorm with Keras's default epsilon 1e-3 and momentum `BN_MOMENTUM`.
 
     Batch statistics are used and updated only when `train` and the layer is not inside a
     `frozen_batch_norm` submodule; `axis_name` averages them across devices under pmap /
-    shard_map.
+    shard_map. `scale_init=zeros` on a residual branch's last BatchNorm starts the block as
+    the identity.
     """
     return BatchNorm(train=train, momentum=BN_MOMENTUM, epsilon=epsilon, use_scale=use_scale,
-                     axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32, name=name)
+                     scale_init=scale_init, axis_name=axis_name, dtype=dtype,
+                     param_dtype=jnp.float32, name=name)
 
 
 def check_input(x: jnp.ndarray, name: str, min_size: int) -> None:

@@ -5,7 +5,10 @@ zero-pad 1 + 3x3/2 max-pool, bottleneck stride on the block's first 1x1 conv, co
 with bias, BatchNorm epsilon 1.001e-5, layers named conv{stage}_block{b}_{k}_{conv,bn}
 (k = 0 for the projection shortcut, present where the shape changes: each stage's block1).
 head="imagenet" is avg_pool + predictions (ResNet50: 25,636,712 parameters incl. BN moving
-statistics). Inputs need sides >= 32 px, as in Keras.
+statistics). Inputs need sides >= 32 px, as in Keras. From scratch, each residual branch's
+last BatchNorm starts with scale 0 (Goyal et al. 2017, as Flax's ImageNet example), so every
+block starts as the identity and a deep stack trains from the first step; imported weights
+replace the scales.
 
 ResNet18/34 (not in Keras) use the same code with basic blocks (two 3x3 convs, `_1_` and
 `_2_`), a projection shortcut only where the shape changes, as in He et al. 2016.
@@ -77,7 +80,7 @@ class ResNet(nn.Module):
         x = conv_(filters, 3, name=f"{name}_2_conv")(x)
         x = nn.relu(norm(name=f"{name}_2_bn")(x))
         x = conv_(4 * filters, 1, padding="VALID", name=f"{name}_3_conv")(x)
-        x = norm(name=f"{name}_3_bn")(x)
+        x = norm(name=f"{name}_3_bn", scale_init=nn.initializers.zeros)(x)
         return nn.relu(shortcut + x)
 
     @staticmethod
@@ -94,7 +97,7 @@ class ResNet(nn.Module):
                   name=f"{name}_1_conv")(x)
         x = nn.relu(norm(name=f"{name}_1_bn")(x))
         x = conv_(filters, 3, name=f"{name}_2_conv")(x)
-        x = norm(name=f"{name}_2_bn")(x)
+        x = norm(name=f"{name}_2_bn", scale_init=nn.initializers.zeros)(x)
         return nn.relu(shortcut + x)
 
 
