@@ -19,7 +19,7 @@ from backbones import (  # noqa: F401 - importing registers the models
 )
 from backbones.heads import HEADS, Head
 from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
-from backbones.registry import create, get, names, register, resolve_head
+from backbones.registry import create, get, is_custom_cnn, names, register, resolve_head
 
-__all__ = ["HEADS", "Head", "create", "default_weights_path", "get", "load_pretrained",
-           "merge_pretrained", "names", "register", "resolve_head"]
+__all__ = ["HEADS", "Head", "create", "default_weights_path", "get", "is_custom_cnn",
+           "load_pretrained", "merge_pretrained", "names", "register", "resolve_head"]

@@ -57,13 +57,19 @@ def get(name: str) -> Factory:
             f"unknown backbone {name!r}; known backbones: {', '.join(names())}") from None
 
 
+def is_custom_cnn(name: str) -> bool:
+    """Whether `name` is one of the seed reports' small custom CNNs (backbones.cnns) rather
+    than an ImageNet architecture; the CLIs pick head, defaults and member mode by it."""
+    return get(name).__module__ == "backbones.cnns"
+
+
 def resolve_head(head: str, name: str) -> str:
     """`head`, with "auto" resolved: the seed reports' own top for the custom CNNs ("imagenet":
     flatten + Dense; their two-conv trunks are too shallow for global pooling), "linear" for
     the others."""
     if head != "auto":
         return head
-    return "imagenet" if get(name).__module__ == "backbones.cnns" else "linear"
+    return "imagenet" if is_custom_cnn(name) else "linear"
 
 
 def create(name: str, *, num_classes: int | None, head: str = "linear",

@@ -55,7 +55,8 @@ def plan_stacks(num_classes: Sequence[int], table: np.ndarray, class_weight: Seq
     """
     table = np.asarray(table, np.int32)
     if table.ndim != 2 or table.shape[0] != len(num_classes):
-        raise ValueError(f"relabel table must be [members={len(num_classes)}, K]; got {table.shape}")
+        raise ValueError(f"relabel table must be [members={len(num_classes)}, K]; "
+                         f"got {table.shape}")
     stacks = []
     for c in dict.fromkeys(num_classes):
         idx = tuple(m for m, n in enumerate(num_classes) if n == c)
@@ -343,7 +344,7 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         raise ValueError(f"unknown member mode {mode!r}; choose one of {', '.join(MEMBER_MODES)}")
     keys = member_keys(key, stack.members)
     common = dict(parallel=parallel, train_batches=train_batches, val_batches=val_batches,
-                  epochs=epochs, patience=patience, on_epoch=on_epoch, progress=progress)
+                  epochs=epochs, patience=patience, progress=progress)
     if mode == "stacked":
         state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
         step = parallel.train(stacked_train_step(train_step, stack.table, stack.class_weight))
@@ -351,7 +352,8 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         ckpt = StackCheckpoints(checkpoint_dir) if checkpoint_dir else None
         best, records, stopper = _fit(state, step, predict, table=stack.table,
                                       members=stack.members, stacked=True, checkpoints=ckpt,
-                                      desc=f"{stack.size} stacked members", **common)
+                                      desc=f"{stack.size} stacked members", on_epoch=on_epoch,
+                                      **common)
         return TrainedStack(stack, best, records, stopper.best_epoch)
     parts, all_records, best_epochs = [], [], []
     plain = parallel.train(train_step)
@@ -361,9 +363,11 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         state = init(keys[i])
         step = relabel_for_member(plain, stack.table[i], stack.class_weight[i])
         ckpt = StackCheckpoints(Path(checkpoint_dir) / f"member-{m}") if checkpoint_dir else None
+        log = None if on_epoch is None else (lambda r, m=m: on_epoch({**r, "member": m}))
         best, records, stopper = _fit(state, step, lambda s, b, one=one: one(s, b)[None],
                                       table=stack.table[i:i + 1], members=(m,), stacked=False,
-                                      checkpoints=ckpt, desc=f"member {m}", **common)
+                                      checkpoints=ckpt, desc=f"member {m}", on_epoch=log,
+                                      **common)
         parts.append(best)
         all_records.extend({**r, "member": m} for r in records)
         best_epochs.append(stopper.best_epoch[0])

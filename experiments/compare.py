@@ -42,12 +42,15 @@ def finished(run_dir: Path) -> bool:
     return all((run_dir / f).is_file() for f in ("config.json", "metrics.json", "outputs.npz"))
 
 
-def check_reusable(run_dir: Path, expected: dict) -> None:
-    """ValueError unless the finished run in `run_dir` was made with the `expected` settings."""
+def check_reusable(run_dir: Path, expected: dict, defaults: dict | None = None) -> None:
+    """ValueError unless the finished run in `run_dir` was made with the `expected` settings.
+
+    A flag the run's config.json lacks (the run predates it) matches its default value.
+    """
     config = json.loads((run_dir / "config.json").read_text())
-    expected = json.loads(json.dumps(expected, default=str))   # as config.json stores them
-    differ = {k: (config.get(k), v) for k, v in expected.items()
-              if v is not None and k not in _RUN_ONLY and config.get(k) != v}
+    expected, defaults = json.loads(json.dumps([expected, defaults or {}], default=str))
+    differ = {k: (config.get(k, defaults.get(k)), v) for k, v in expected.items()
+              if v is not None and k not in _RUN_ONLY and config.get(k, defaults.get(k)) != v}
     if differ:
         raise ValueError(f"--reuse: {run_dir} was made with other settings "
                          f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in differ.items())});"
@@ -67,8 +70,9 @@ def run_one(strategy: str, backbone: str, seed: int, run_dir: Path, flags: list[
         return
     argv = [*flags, "--backbone", backbone, "--seed", str(seed), "--out", str(run_dir)]
     if reuse and finished(run_dir):
-        expected = vars(ensemble_cli.build_parser(strategy, "").parse_args(argv))
-        check_reusable(run_dir, {**expected, "strategy": strategy})
+        expected = vars(ensemble_cli.parse_args(strategy, argv))
+        defaults = vars(ensemble_cli.parse_args(strategy, ["--backbone", backbone]))
+        check_reusable(run_dir, {**expected, "strategy": strategy}, defaults)
         print(f"reusing {run_dir}", file=sys.stderr)
         return
     ensemble_cli.run(strategy, argv)
