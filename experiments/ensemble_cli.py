@@ -40,7 +40,7 @@ from experiments.evaluation import evaluate_predictions, write_report
 # resnet50` with no other flag under 10 minutes.
 ENSEMBLE_DEFAULTS = {"warmup_epochs": 0.5, "early_stopping_patience": 3}
 CUSTOM_CNN_DEFAULTS = {"image_size": 32, "count": 2000, "epochs": 15, "batch_size": 32}
-IMAGENET_ARCH_DEFAULTS = {"image_size": 32, "count": 400, "epochs": 5, "batch_size": 16}
+IMAGENET_ARCH_DEFAULTS = {"image_size": 32, "count": 400, "epochs": 3, "batch_size": 16}
 META_MODELS = {"logreg": "logistic", "gboost": "gradient_boosting"}
 
 
