@@ -13,6 +13,9 @@ K=3 cascade (2 and 2 classes) still trains as one stack.
 `--members sequential` trains the same members one after another with the plain,
 un-vmapped step (for backbones too big to hold M copies); it uses the same keys, batches and
 per-member early stopping, so both modes give the same members within float tolerance.
+
+`init_variables` starts the members from given weights instead of a fresh initialisation (the
+second phase of two-phase fine-tuning continues from the head-only phase's best variables).
 """
 
 from __future__ import annotations
@@ -317,6 +320,35 @@ def _fit(state, step: Callable, predict: Callable, *, table: np.ndarray, members
     return best, records, stopper
 
 
+def _check_like(variables: dict, template: dict) -> None:
+    """ValueError naming the first leaf whose path or shape differs from `template`'s."""
+    if jax.tree.structure(variables) != jax.tree.structure(template):
+        raise ValueError("init_variables do not match the members' variables: tree structure "
+                         f"{jax.tree.structure(variables)} != {jax.tree.structure(template)}")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variables),
+                            jax.tree.leaves(template), strict=True):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(f"init_variables{jax.tree_util.keystr(path)} has shape "
+                             f"{np.shape(a)}; the members' state needs {np.shape(b)}")
+
+
+def start_from(state, variables: dict, *, stacked: bool):
+    """`state` with its params and batch_stats replaced by `variables` and a fresh opt state.
+
+    The optimiser state is rebuilt with `state.tx.init` on the new params (vmapped over the
+    member axis when `stacked`): the optimisers in backbones/training/optim.py keep zeros and
+    a count, but an optimiser that keeps a copy of the parameters would otherwise start from
+    the discarded initialisation. Step and rng stay as built.
+    """
+    current = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    _check_like(variables, current)
+    variables = jax.tree.map(lambda v, c: jnp.asarray(v, c.dtype), variables, current)
+    init = jax.vmap(state.tx.init) if stacked else state.tx.init
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                         opt_state=init(variables["params"]))
+
+
 @dataclass
 class TrainedStack:
     """What one stack's training produced: best variables [M_s, ...] and its history."""
@@ -331,7 +363,7 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
                 eval_step: Callable, parallel, train_batches: Callable, val_batches: Callable,
                 epochs: int, patience: int, key: jax.Array, mode: str = "stacked",
                 checkpoint_dir: Path | None = None, on_epoch: Callable | None = None,
-                progress: bool = True) -> TrainedStack:
+                progress: bool = True, init_variables: dict | None = None) -> TrainedStack:
     """Train the members of `stack` together (vmapped) or one after another (sequential).
 
     make_state(num_classes, key) -> TrainState of one member; train_batches(epoch) and
@@ -339,14 +371,25 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
     initial key is fold_in(key, m) in both modes; states are built under jit (one trace, so
     every sequential member shares one compiled step). Checkpoints go under checkpoint_dir and a
     rerun with the same directory resumes from the last finished epoch.
+
+    init_variables: {"params", "batch_stats"} with a leading member axis [M_s, ...] (what
+    TrainedStack.variables holds) replace the fresh initialisation (start_from; member i's
+    slice in sequential mode); a checkpoint being resumed takes precedence over them.
     """
     if mode not in MEMBER_MODES:
         raise ValueError(f"unknown member mode {mode!r}; choose one of {', '.join(MEMBER_MODES)}")
+    if init_variables is not None:
+        sizes = {np.shape(x)[:1] for x in jax.tree.leaves(init_variables)}
+        if sizes != {(stack.size,)}:
+            raise ValueError(f"init_variables need a leading member axis of {stack.size} (the "
+                             f"stack's members); got leading shapes {sorted(sizes)}")
     keys = member_keys(key, stack.members)
     common = dict(parallel=parallel, train_batches=train_batches, val_batches=val_batches,
                   epochs=epochs, patience=patience, progress=progress)
     if mode == "stacked":
         state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
+        if init_variables is not None:
+            state = start_from(state, init_variables, stacked=True)
         step = parallel.train(stacked_train_step(train_step, stack.table, stack.class_weight))
         predict = parallel.predict(stacked_eval_step(eval_step), out_axis=1)
         ckpt = StackCheckpoints(checkpoint_dir) if checkpoint_dir else None
@@ -361,6 +404,8 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
     init = jax.jit(lambda k: make_state(stack.num_classes, k))   # one trace: one apply_fn
     for i, m in enumerate(stack.members):
         state = init(keys[i])
+        if init_variables is not None:
+            state = start_from(state, unstack_tree(init_variables, i), stacked=False)
         step = relabel_for_member(plain, stack.table[i], stack.class_weight[i])
         ckpt = StackCheckpoints(Path(checkpoint_dir) / f"member-{m}") if checkpoint_dir else None
         log = None if on_epoch is None else (lambda r, m=m: on_epoch({**r, "member": m}))

@@ -123,3 +123,62 @@ def test_nan_guard(data):
             eval_step=make_eval_step(), parallel=data_parallel("shard_map"),
             train_batches=lambda e: iter([{"image": bad[:BATCH], "label": y[:BATCH]}]),
             val_batches=lambda: iter([]), epochs=1, patience=0, key=jax.random.PRNGKey(0))
+
+
+
+def _initial(stack, seed):
+    """Stacked variables of freshly built member states (member keys from `seed`)."""
+    keys = members.member_keys(jax.random.PRNGKey(seed), stack.members)
+    state = jax.vmap(lambda k: _make_state(stack.num_classes, k))(keys)
+    return jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+
+
+def _differ(a, b) -> bool:
+    return not all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                                       strict=True))
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_init_variables_are_the_starting_point(data):
+    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    start = _initial(stack, seed=7)       # not what key 0 would initialise
+    assert _differ(start["params"], _initial(stack, seed=0)["params"])
+    frozen = members.train_stack(         # lr 0: the params stay where they started
+        stack, make_state=lambda c, k: create_train_state(
+            backbones.create("simple_cnn", num_classes=c, width=0.25), optax.sgd(0.0), k,
+            (1, SIZE, SIZE, 1)),
+        train_step=make_train_step(), eval_step=make_eval_step(),
+        parallel=data_parallel("shard_map"), train_batches=_batches(data)[0],
+        val_batches=_batches(data)[1], epochs=1, patience=0, key=jax.random.PRNGKey(0),
+        init_variables=start)
+    _assert_trees_equal(frozen.variables["params"], start["params"])
+
+
+def test_init_variables_stacked_equals_sequential(data, tmp_path):
+    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    start = _initial(stack, seed=7)
+    a = _train(data, "stacked", stack, epochs=1, init_variables=start,
+               checkpoint_dir=tmp_path / "ck")
+    b = _train(data, "sequential", stack, epochs=1, init_variables=start)
+    for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables), strict=True):
+        np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+    assert _differ(a.variables["params"], start["params"])   # it trained on
+    # a rerun finds the finished checkpoint: it is restored, other init_variables ignored
+    again = _train(data, "stacked", stack, epochs=1, init_variables=_initial(stack, seed=8),
+                   checkpoint_dir=tmp_path / "ck")
+    _assert_trees_equal(again.variables, a.variables)
+
+
+def test_init_variables_of_the_wrong_shape_are_refused(data):
+    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    two = jax.tree.map(lambda x: x[:2], _initial(stack, seed=7))
+    for mode in members.MEMBER_MODES:
+        with pytest.raises(ValueError, match="leading member axis of 4"):
+            _train(data, mode, stack, epochs=1, init_variables=two)
+    (wide,) = members.plan_stacks([3] * 4, np.array([[0, 1, 2]] * 4), [np.ones(3)] * 4)
+    with pytest.raises(ValueError, match=r"init_variables\['params'\]\['head'\].*has shape"):
+        _train(data, "stacked", wide, epochs=1, init_variables=_initial(stack, seed=7))
