@@ -305,7 +305,8 @@ def _fit(state, step: Callable, predict: Callable, *, table: np.ndarray, members
         if not stacked:
             variables = jax.tree.map(lambda x: np.asarray(x)[None], variables)
         best = variables if best is None else jax.tree.map(
-            lambda new, old: np.where(improved.reshape(-1, *[1] * (np.ndim(new) - 1)), new, old),
+            lambda new, old, keep=improved: np.where(keep.reshape(-1, *[1] * (np.ndim(new) - 1)),
+                                                     new, old),
             variables, best)
         record = {"epoch": epoch + 1, "step": step_count,
                   "train_loss": np.mean([m["loss"] for m in sums], 0).tolist(),
@@ -384,8 +385,8 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
             raise ValueError(f"init_variables need a leading member axis of {stack.size} (the "
                              f"stack's members); got leading shapes {sorted(sizes)}")
     keys = member_keys(key, stack.members)
-    common = dict(parallel=parallel, train_batches=train_batches, val_batches=val_batches,
-                  epochs=epochs, patience=patience, progress=progress)
+    common = {"parallel": parallel, "train_batches": train_batches, "val_batches": val_batches,
+              "epochs": epochs, "patience": patience, "progress": progress}
     if mode == "stacked":
         state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
         if init_variables is not None:

@@ -4,7 +4,9 @@ One run: check the data and the strategy (before anything is written), train the
 stacks, combine their outputs with the strategy's rule, evaluate on the test split, and write
 a self-contained bundle (see ensembles/bundle.py) with metrics.json, report.md, plots,
 metrics.jsonl, curves.png and outputs.npz (held-out member outputs that `experiments.stack`
-fits its meta-classifier on).
+fits its meta-classifier on). With --head-epochs N the members train in two phases, as
+`experiments.single` does: the head alone first (its logs and checkpoints under head/), then
+--freeze from the head phase's best weights with a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class Prepared:
 
 def prepare(args: argparse.Namespace, strategy: str) -> Prepared:
     """Load data and plan the members; every bad input raises here, before any write."""
-    common.check_args(args)
+    common.check_args(args, head_epochs=True)
     data = common.build_data(args)
     if args.meta != "none" and len(data.splits["val"]) == 0:
         raise ValueError("--meta needs held-out (validation) data, and the split has none")
@@ -110,20 +112,39 @@ def prepare(args: argparse.Namespace, strategy: str) -> Prepared:
         kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
                       k=args.meta_folds, seed=args.seed)
     train_labels = data.dataset.labels[data.train_indices]
-    training.optim.make_schedule(common.optim_config(args, data.steps_per_epoch))
+    model, params = _model_params(args)
+    for phase in _phases(args):   # each phase's schedule and freeze policy fit the model
+        training.optim.make_schedule(common.optim_config(phase, data.steps_per_epoch))
+        training.trainable_modules(params, phase.freeze, model)
     tasks, stacks = strategy_lib.plan(strategy, data.class_names, train_labels,
                                       healthy=args.healthy, min_per_class=args.min_per_class)
     return Prepared(args, data, tasks, stacks)
 
 
-def _make_state_fn(args: argparse.Namespace, data: common.Data):
+def _phases(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The flags of each training phase: the head-only one of --head-epochs N, then `args`."""
+    head = common.head_phase(args)
+    return [args] if head is None else [head, args]
+
+
+def _model_params(args: argparse.Namespace):
+    """A member model (2 classes) and its parameter shapes, for the freeze policy."""
+    model = common.build_model(args, args.backbone, num_classes=2)
+    shape = (1, args.image_size, args.image_size, args.channels)
+    return model, jax.eval_shape(lambda: training.state.initial_variables(
+        model, jax.random.PRNGKey(0), shape))["params"]
+
+
+def _make_state_fn(args: argparse.Namespace, data: common.Data, *, pretrained: bool = True):
+    """make_state(num_classes, key) for train_stack; `pretrained=False` skips loading the
+    --pretrained weights (a phase that starts from init_variables replaces them anyway)."""
     shape = (1, args.image_size, args.image_size, args.channels)
     cfg = common.optim_config(args, data.steps_per_epoch)
 
     def make_state(num_classes: int, key: jax.Array) -> training.TrainState:
         model = common.build_model(args, args.backbone, num_classes=num_classes)
         variables = training.state.initial_variables(model, key, shape)
-        if args.pretrained:
+        if args.pretrained and pretrained:
             variables = common.pretrained_variables(args, args.backbone, variables)
         labels = training.freeze_labels(variables["params"], args.freeze, model)
         tx = training.make_optimizer(cfg, None if args.freeze == "full" else labels)
@@ -133,10 +154,7 @@ def _make_state_fn(args: argparse.Namespace, data: common.Data):
 
 
 def _train_step(args: argparse.Namespace, data: common.Data):
-    model = common.build_model(args, args.backbone, num_classes=2)
-    shape = (1, args.image_size, args.image_size, args.channels)
-    params = jax.eval_shape(lambda: training.state.initial_variables(
-        model, jax.random.PRNGKey(0), shape))["params"]
+    model, params = _model_params(args)
     augment = (None if data.augment is None or not augment_lib.DEFAULT_ON_DEVICE else
                functools.partial(augment_lib.augment_batch, cfg=data.augment))
     return training.make_train_step(
@@ -144,11 +162,37 @@ def _train_step(args: argparse.Namespace, data: common.Data):
         trainable=training.trainable_modules(params, args.freeze, model), augment=augment)
 
 
-def train_members(p: Prepared, out: Path, train_indices: np.ndarray | None = None
-                  ) -> list[members_lib.TrainedStack]:
-    """Train every stack of the plan on `train_indices` (default: the training split);
+@dataclasses.dataclass
+class Trained:
+    """The members one training produced, and with --head-epochs those of its head phase."""
+
+    stacks: list[members_lib.TrainedStack]
+    head: list[members_lib.TrainedStack] | None = None
+
+
+def train_members(p: Prepared, out: Path, train_indices: np.ndarray | None = None) -> Trained:
+    """Train every stack of the plan on `train_indices` (default: the training split).
+
+    With --head-epochs N, phase 1 (common.head_phase: freeze "head", N epochs) trains into
+    out/head/, and phase 2 (the flags as given) starts each stack from phase 1's best
+    variables with a fresh optimizer and trains into `out`; --resume continues either phase
+    (a finished phase 1 is only restored from its checkpoints).
+    """
+    head_args = common.head_phase(p.args)
+    if head_args is None:
+        return Trained(_train_phase(p, p.args, out, train_indices))
+    head = _train_phase(p, head_args, out / common.HEAD_PHASE, train_indices)
+    final = _train_phase(p, p.args, out, train_indices, [t.variables for t in head])
+    return Trained(final, head)
+
+
+def _train_phase(p: Prepared, args: argparse.Namespace, out: Path,
+                 train_indices: np.ndarray | None, init: list[dict] | None = None
+                 ) -> list[members_lib.TrainedStack]:
+    """One phase: every stack trained under `args` (from `init[s]` when given);
     out/metrics.jsonl gets one record per stack and epoch, checkpoints go under out/."""
-    args, data = p.args, p.data
+    data = p.data
+    out.mkdir(parents=True, exist_ok=True)
     train_indices = data.train_indices if train_indices is None else train_indices
     parallel = training.data_parallel(args.parallel)
     parallel.check_batch_size(args.batch_size)
@@ -180,12 +224,14 @@ def train_members(p: Prepared, out: Path, train_indices: np.ndarray | None = Non
                       f"{np.mean(record['val_loss']):.4f} ({record['images_per_s']:.0f} img/s)",
                       file=sys.stderr)
         trained.append(members_lib.train_stack(
-            stack, make_state=_make_state_fn(args, data), train_step=_train_step(args, data),
+            stack, make_state=_make_state_fn(args, data, pretrained=init is None),
+            train_step=_train_step(args, data),
             eval_step=training.make_eval_step(), parallel=parallel,
             train_batches=train_batches, val_batches=val_batches, epochs=args.epochs,
             patience=args.early_stopping_patience, key=jax.random.PRNGKey(args.seed),
             mode=args.members, checkpoint_dir=out / "checkpoints" / f"stack-{s}",
-            on_epoch=on_epoch, progress=args.progress))
+            on_epoch=on_epoch, progress=args.progress,
+            init_variables=None if init is None else init[s]))
     return trained
 
 
@@ -211,7 +257,8 @@ def out_of_fold_outputs(p: Prepared, out: Path):
     as the final members) and predict fold f. Returns member outputs, labels, example ids,
     the fold of each row and each fold's training ids: what `MetaClassifier.fit` needs to
     check that no row was predicted by a member that trained on it. Each fold's logs and
-    checkpoints go under out/oof/fold-<f>/ (so --resume resumes them too).
+    checkpoints go under out/oof/fold-<f>/ (so --resume resumes them too; with --head-epochs
+    each fold's members train in the same two phases, the first under fold-<f>/head/).
     """
     args, data = p.args, p.data
     train = np.unique(data.train_indices)
@@ -221,7 +268,7 @@ def out_of_fold_outputs(p: Prepared, out: Path):
     for f, (fit, held) in enumerate(folds):
         fold_dir = out / "oof" / f"fold-{f}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        trained = train_members(p, fold_dir, train[fit])
+        trained = train_members(p, fold_dir, train[fit]).stacks
         loader = make_loader(data.dataset.source, train[held], batch_size=args.batch_size,
                              preprocess=data.preprocess, shuffle=False, num_epochs=1,
                              drop_remainder=False)
@@ -264,8 +311,11 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     data, tasks = p.data, p.tasks
     common.write_config(out, args, class_names=list(data.class_names), strategy=strategy,
                         member_names=list(tasks.names))
-    trained = train_members(p, out)
+    result = train_members(p, out)
+    trained = result.stacks
     _curves(trained, out / "curves.png")
+    if result.head is not None:
+        _curves(result.head, out / common.HEAD_PHASE / "curves.png")
 
     model = _model(args)
     stacks = bundle_lib.save_members(out, [t.stack for t in trained],
@@ -315,9 +365,10 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     metrics["temperature_scaling"] = calib
     metrics["variants"] = variants
     metrics["strategy"], metrics["backbone"] = strategy, args.backbone
-    metrics["best_epoch_per_member"] = {
-        tasks.names[m]: int(e) + 1 for t in trained for m, e in zip(t.stack.members,
-                                                                    t.best_epoch, strict=True)}
+    metrics["best_epoch_per_member"] = _best_epochs(tasks, trained)
+    if result.head is not None:
+        metrics["head_phase"] = {"epochs": args.head_epochs, "freeze": "head",
+                                 "best_epoch_per_member": _best_epochs(tasks, result.head)}
 
     (out / bundle_lib.COMBINER_FILE).write_text(json.dumps(
         {"rule": strategy_lib.combiner_to_json(rule), "temperature": calib["temperature"]},
@@ -338,6 +389,12 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     return out
 
 
+def _best_epochs(tasks, trained: list[members_lib.TrainedStack]) -> dict[str, int]:
+    """Each member's best epoch (1-based; 0: never improved) by member name."""
+    return {tasks.names[m]: int(e) + 1 for t in trained
+            for m, e in zip(t.stack.members, t.best_epoch, strict=True)}
+
+
 def _sections(tasks, variants: list[dict], calib: dict, args) -> dict[str, str]:
     def f(x):
         return "n/a" if x is None else f"{x:.3f}"
@@ -349,7 +406,12 @@ def _sections(tasks, variants: list[dict], calib: dict, args) -> dict[str, str]:
            f"ECE {calib['ece_before']:.4f} -> {calib['ece_after']:.4f}. The headline metrics "
            "above are uncalibrated (T changes confidence, never the decision).")
     members = (f"{len(tasks.names)} members ({', '.join(tasks.names)}), trained "
-               f"{args.members} with per-member early stopping on validation loss.")
+               f"{args.members} with per-member early stopping on validation loss")
+    if args.head_epochs:
+        members += (f", in two phases: the head alone for {args.head_epochs} epoch(s) (logs "
+                    f"in head/), then --freeze {args.freeze} for up to {args.epochs} epoch(s) "
+                    "from each member's best head-phase weights with a fresh optimizer")
+    members += "."
     return {"Members": members, "Combiners": "\n".join(rows), "Temperature scaling": cal}
 
 

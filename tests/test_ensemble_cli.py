@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -51,8 +52,8 @@ def test_cli_end_to_end(strategy, members, tmp_path, cache):
 def test_cascade_without_healthy_class_fails_before_writing(tmp_path, cache):
     out = tmp_path / "cascade"
     with pytest.raises(ValueError, match="healthy class"):
-        ensemble_cli.run("cascade", [*TINY, "--classes", "covid,viral_pneumonia,"
-                                     "bacterial_pneumonia", "--out", str(out),
+        ensemble_cli.run("cascade", [*TINY, "--classes",
+                                     "covid,viral_pneumonia,bacterial_pneumonia", "--out", str(out),
                                      "--cache-dir", str(cache)])
     assert not out.exists()
 
@@ -103,6 +104,57 @@ def test_meta_on_out_of_fold_outputs(tmp_path, cache):
     (["--meta", "logreg", "--meta-folds", "500"], "fewer than k=500 folds"),
 ])
 def test_bad_meta_folds_fail_before_writing(extra, message, tmp_path, cache):
+    out = tmp_path / "ova"
+    with pytest.raises(ValueError, match=message):
+        ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatch):
+    calls = []   # (init_variables, result) of every train_stack call, in order
+    train_stack = ensemble_cli.members_lib.train_stack
+
+    def spy(stack, **kw):
+        result = train_stack(stack, **kw)
+        calls.append((kw.get("init_variables"), result))
+        return result
+
+    monkeypatch.setattr(ensemble_cli.members_lib, "train_stack", spy)
+    out = _run("ova", tmp_path, cache, "--head-epochs", "1", "--freeze", "full",
+               "--seed", "3")
+    (none, head), (init, final) = calls           # OvA: one stack, two phases
+    assert none is None and init is head.variables
+    # phase 1 changed only the head: its trunk is the fresh initialisation of each member
+    args = ensemble_cli.parse_args("ova", [*TINY, "--seed", "3", "--cache-dir", str(cache)])
+    p = ensemble_cli.prepare(args, "ova")
+    make_state = ensemble_cli._make_state_fn(args, p.data)
+    keys = ensemble_cli.members_lib.member_keys(jax.random.PRNGKey(3), head.stack.members)
+    fresh = [make_state(2, k).params for k in keys]
+    for m, params in enumerate(fresh):
+        for name in params:
+            same = [np.array_equal(a, b[m]) for a, b in zip(
+                jax.tree.leaves(params[name]), jax.tree.leaves(head.variables["params"][name]))]
+            assert all(same) if name != "head" else not any(same), (m, name)
+    # phase 2 (--freeze full) moved the trunk on from there
+    for name in ("block1_conv1", "block2_conv1"):
+        assert not np.allclose(jax.tree.leaves(final.variables["params"][name])[0],
+                               jax.tree.leaves(head.variables["params"][name])[0])
+    head_log = [json.loads(r) for r in (out / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["member"] for r in head_log) == [0, 1, 2, 3]
+    assert (out / "head" / "checkpoints").is_dir() and (out / "head" / "curves.png").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["head_phase"]["epochs"] == 1
+    assert set(metrics["head_phase"]["best_epoch_per_member"]) == set(
+        metrics["best_epoch_per_member"])
+    assert "in two phases: the head alone for 1 epoch(s)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--head-epochs", "-1"], "--head-epochs must be >= 0"),
+    (["--head-epochs", "1", "--freeze", "last:9"], "the model has only 2 stages"),
+])
+def test_bad_two_phase_flags_fail_before_writing(extra, message, tmp_path, cache):
     out = tmp_path / "ova"
     with pytest.raises(ValueError, match=message):
         ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
