@@ -140,8 +140,8 @@ def check_args(args: argparse.Namespace, *, head_epochs: bool = False) -> None:
     if getattr(args, "head_epochs", 0) < 0:
         raise ValueError("--head-epochs must be >= 0")
     if getattr(args, "head_epochs", 0) and not head_epochs:
-        raise ValueError("--head-epochs is not supported by this experiment yet (only by "
-                         "experiments.single)")
+        raise ValueError("--head-epochs is not supported by this experiment (only by "
+                         "experiments.single and the ensemble CLIs)")
     backbone = getattr(args, "backbone", None)
     if args.pretrained:
         if backbone not in pretrained_lib.KERAS:

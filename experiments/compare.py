@@ -95,7 +95,8 @@ def run_all(strategies, backbones, seeds: int, out: Path, flags: list[str], *,
                 records.append({"strategy": s, "backbone": backbone, "seed": seed,
                                 "run": str(run_dir), "metrics": metrics,
                                 "y": z["test_label"], "proba": z["test_proba"],
-                                "pred": z["test_pred"]})
+                                "pred": z["test_pred"],
+                                "ids": z["test_patient_id"] if "test_patient_id" in z else None})
     return records
 
 
@@ -109,8 +110,8 @@ def paired_tests(records: list[dict], baseline: str) -> list[dict]:
             continue
         m = mcnemar(r["y"], r["pred"], base["pred"])
         b = paired_bootstrap(r["y"], r["proba"], base["proba"], metric="macro_f1",
-                             n_bootstrap=500, seed=r["seed"], pred_a=r["pred"],
-                             pred_b=base["pred"])
+                             patient_ids=r["ids"], n_bootstrap=500, seed=r["seed"],
+                             pred_a=r["pred"], pred_b=base["pred"])
         rows.append({"strategy": r["strategy"], "baseline": baseline,
                      "backbone": r["backbone"], "seed": r["seed"],
                      "mcnemar_p": m["p_value"], "macro_f1_diff": b["difference"],

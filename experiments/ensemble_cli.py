@@ -135,11 +135,12 @@ def _model_params(args: argparse.Namespace):
         model, jax.random.PRNGKey(0), shape))["params"]
 
 
-def _make_state_fn(args: argparse.Namespace, data: common.Data, *, pretrained: bool = True):
-    """make_state(num_classes, key) for train_stack; `pretrained=False` skips loading the
-    --pretrained weights (a phase that starts from init_variables replaces them anyway)."""
+def _make_state_fn(args: argparse.Namespace, steps_per_epoch: int, *, pretrained: bool = True):
+    """make_state(num_classes, key) for train_stack, its schedule sized by `steps_per_epoch`;
+    `pretrained=False` skips loading the --pretrained weights (a phase that starts from
+    init_variables replaces them anyway)."""
     shape = (1, args.image_size, args.image_size, args.channels)
-    cfg = common.optim_config(args, data.steps_per_epoch)
+    cfg = common.optim_config(args, steps_per_epoch)
 
     def make_state(num_classes: int, key: jax.Array) -> training.TrainState:
         model = common.build_model(args, args.backbone, num_classes=num_classes)
@@ -224,7 +225,8 @@ def _train_phase(p: Prepared, args: argparse.Namespace, out: Path,
                       f"{np.mean(record['val_loss']):.4f} ({record['images_per_s']:.0f} img/s)",
                       file=sys.stderr)
         trained.append(members_lib.train_stack(
-            stack, make_state=_make_state_fn(args, data, pretrained=init is None),
+            stack, make_state=_make_state_fn(args, len(train_indices) // args.batch_size,
+                                             pretrained=init is None),
             train_step=_train_step(args, data),
             eval_step=training.make_eval_step(), parallel=parallel,
             train_batches=train_batches, val_batches=val_batches, epochs=args.epochs,
@@ -376,6 +378,7 @@ def run(strategy: str, argv: list[str] | None = None, description: str = "") -> 
     np.savez(out / "outputs.npz", class_names=np.array(data.class_names),
              train_indices=data.train_indices, val_index=i_val, val_label=y_val,
              test_index=i_test, test_label=y_test, test_proba=proba, test_pred=pred,
+             test_patient_id=ids,
              **{f"val_member_{m}": v for m, v in enumerate(val_p)},
              **{f"test_member_{m}": v for m, v in enumerate(test_p)})
     section = bundle_lib.bundle_section(

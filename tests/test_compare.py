@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from experiments import compare
@@ -31,6 +32,10 @@ def test_compare_tiny(tmp_path):
         assert t["diff_ci95"][0] <= t["macro_f1_diff"] <= t["diff_ci95"][1]
     assert (out / "compare.png").stat().st_size > 1000
     assert "± " in (out / "compare.md").read_text()
+    # the stack's CIs resample patients, as the runs it stacks do
+    ids = np.load(out / "ova-simple_cnn-seed0" / "outputs.npz")["test_patient_id"]
+    stacked = json.loads((out / "stack-simple_cnn-seed0" / "metrics.json").read_text())
+    assert stacked["n_patients"] == len(set(ids.tolist())) > 0
 
 
 def test_unknown_strategy_is_a_clear_error(tmp_path, capsys):
