@@ -128,7 +128,7 @@ def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatc
     # phase 1 changed only the head: its trunk is the fresh initialisation of each member
     args = ensemble_cli.parse_args("ova", [*TINY, "--seed", "3", "--cache-dir", str(cache)])
     p = ensemble_cli.prepare(args, "ova")
-    make_state = ensemble_cli._make_state_fn(args, p.data)
+    make_state = ensemble_cli._make_state_fn(args, p.data.steps_per_epoch)
     keys = ensemble_cli.members_lib.member_keys(jax.random.PRNGKey(3), head.stack.members)
     fresh = [make_state(2, k).params for k in keys]
     for m, params in enumerate(fresh):

@@ -94,6 +94,11 @@ def test_last1_frozen_stages_use_running_statistics(name, size, width):
     batch = _batch(size)
     frozen = [m for m in state.params if m not in trainable]
     assert frozen and set(trainable) - {"head"}
+    # BatchNorm scales set to 1, as imported weights have them: a residual branch's
+    # zero-initialised last scale would output its offset in both modes and block the
+    # gradient to the branch's convolutions.
+    state = state.replace(params=jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ones_like(x) if p[-1].key == "scale" else x, state.params))
     # Model level: frozen stages' BatchNorm outputs equal inference mode, trainable ones not.
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     local = model.clone(axis_name=None)  # outside the step: no named device axis
