@@ -269,7 +269,6 @@ def out_of_fold_outputs(p: Prepared, out: Path):
     outputs, labels, ids, fold_of, fold_train = [], [], [], [], []
     for f, (fit, held) in enumerate(folds):
         fold_dir = out / "oof" / f"fold-{f}"
-        fold_dir.mkdir(parents=True, exist_ok=True)
         trained = train_members(p, fold_dir, train[fit]).stacks
         loader = make_loader(data.dataset.source, train[held], batch_size=args.batch_size,
                              preprocess=data.preprocess, shuffle=False, num_epochs=1,
