@@ -76,8 +76,8 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
     proba = meta.predict_proba(x_test)
     y = first["test_label"]
     # patient-grouped bootstrap CIs, as the stacked runs' (runs older than the ids: examples)
-    metrics = evaluate_predictions(y, proba, class_names, seed=seed,
-                                   patient_ids=first.get("test_patient_id"))
+    ids = first.get("test_patient_id")
+    metrics = evaluate_predictions(y, proba, class_names, seed=seed, patient_ids=ids)
     metrics["stack"] = {"runs": [str(r) for r in runs], "members": names, "model": model,
                         "fitted_on": "validation member outputs"}
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,7 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
     np.savez(out / "outputs.npz", class_names=np.array(class_names), train_indices=train,
              val_index=first["val_index"], val_label=first["val_label"],
              test_index=first["test_index"], test_label=y, test_proba=proba,
-             test_pred=proba.argmax(1),
-             **{k: first[k] for k in ("test_patient_id",) if k in first})
+             test_pred=proba.argmax(1), **({} if ids is None else {"test_patient_id": ids}))
     (out / "config.json").write_text(json.dumps(
         {"experiment": "stack", "strategy": "stack", "backbone": "+".join(sorted(
             {o["config"]["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
