@@ -98,18 +98,6 @@ def test_meta_on_out_of_fold_outputs(tmp_path, cache):
     assert (out / "meta.json").is_file()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--meta-folds", "2"], "--meta-folds needs --meta"),
-    (["--meta", "logreg", "--meta-folds", "1"], "--meta-folds needs --meta and K >= 2"),
-    (["--meta", "logreg", "--meta-folds", "500"], "fewer than k=500 folds"),
-])
-def test_bad_meta_folds_fail_before_writing(extra, message, tmp_path, cache):
-    out = tmp_path / "ova"
-    with pytest.raises(ValueError, match=message):
-        ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
-    assert not out.exists()
-
-
 @pytest.mark.slow
 def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatch):
     calls = []   # (init_variables, result) of every train_stack call, in order
@@ -151,10 +139,14 @@ def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatc
 
 
 @pytest.mark.parametrize("extra,message", [
+    (["--meta-folds", "2"], "--meta-folds needs --meta"),
+    (["--meta", "logreg", "--meta-folds", "1"], "--meta-folds needs --meta and K >= 2"),
+    (["--meta", "logreg", "--meta-folds", "500"], "fewer than k=500 folds"),
     (["--head-epochs", "-1"], "--head-epochs must be >= 0"),
     (["--head-epochs", "1", "--freeze", "last:9"], "the model has only 2 stages"),
 ])
-def test_bad_two_phase_flags_fail_before_writing(extra, message, tmp_path, cache):
+def test_bad_meta_folds_and_two_phase_flags_fail_before_writing(extra, message, tmp_path,
+                                                                 cache):
     out = tmp_path / "ova"
     with pytest.raises(ValueError, match=message):
         ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
