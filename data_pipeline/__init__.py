@@ -1,1 +1,5 @@
-"""data_pipeline package."""
+"""Datasets, splits, preprocessing and the Grain loader; `load_dataset` is the entry point."""
+
+from data_pipeline.datasets import Dataset, load_dataset
+
+__all__ = ["Dataset", "load_dataset"]

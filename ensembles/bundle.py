@@ -8,9 +8,7 @@
     RUN/meta.json | meta.skops  optional meta-classifier (ensembles.meta: JSON for logistic,
                               allowlisted skops for gradient boosting; never pickle)
 
-Single-model runs of `experiments.single` load too: their config.json names the backbone
-and head, and checkpoint/ holds the engine's orbax checkpoints (best, else latest); they
-become a one-member "single" bundle.
+A single model is a one-member ensemble (strategy "single"): its run is the same bundle.
 
 A stack run of `experiments.stack` is a bundle of bundles:
 
@@ -38,7 +36,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -100,12 +97,26 @@ def stack_section(*, class_names, names: Sequence[str], meta: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
-    """What a loaded bundle says about source[indices], in that order."""
+    """What a loaded bundle says about source[indices], in that order. Probability columns,
+    decisions and labels all index `class_names` (the model's classes)."""
 
+    class_names: tuple[str, ...]
     proba: np.ndarray       # [N, K] class probabilities
     decisions: np.ndarray   # [N] class decisions (the combiner's rule or argmax)
-    labels: np.ndarray      # [N] the source's labels
+    labels: np.ndarray      # [N] the source's labels in the model's order; -1: unknown class
     indices: np.ndarray     # [N] positions in the source
+
+
+def model_order(labels: np.ndarray, label_names: Sequence[str] | None,
+                class_names: Sequence[str]) -> np.ndarray:
+    """Source labels (indices into `label_names`) as indices into the model's `class_names`
+    (-1 for a class the model lacks); unchanged when `label_names` is None."""
+    labels = np.asarray(labels)
+    if label_names is None:
+        return labels
+    lookup = np.array([list(class_names).index(c) if c in class_names else -1
+                       for c in label_names], np.int64)
+    return lookup[labels] if len(labels) else labels
 
 
 def _loader(source, indices, preprocess: PreprocessConfig, batch_size: int):
@@ -156,14 +167,16 @@ class Bundle:
         """Class decisions of the rule (the cascade's stage rule, OvO votes, else argmax)."""
         return self.combiner.predict(member_probs)
 
-    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False
-                ) -> Predictions:
-        """Preprocess source[indices] (raw examples), run the members, combine and decide."""
+    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False,
+                label_names: Sequence[str] | None = None) -> Predictions:
+        """Preprocess source[indices] (raw examples), run the members, combine and decide;
+        `label_names` (the source's class names) maps its labels to the model's order."""
         probs, labels, idx = self.member_outputs(
             _loader(source, indices, self.preprocess, batch_size))
         proba = self.combine(probs, use_meta=use_meta)
         decisions = proba.argmax(1) if use_meta else self.decide(probs)
-        return Predictions(proba, decisions, labels, idx)
+        return Predictions(self.class_names, proba, decisions,
+                           model_order(labels, label_names, self.class_names), idx)
 
 
 @dataclasses.dataclass
@@ -177,8 +190,8 @@ class StackBundle:
     meta: MetaClassifier
     kind: str = "stack"
 
-    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False
-                ) -> Predictions:
+    def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False,
+                label_names: Sequence[str] | None = None) -> Predictions:
         """Each component on source[indices] with its own preprocessing, then the meta-
         classifier; decisions are its argmax. A stack always combines with its meta-
         classifier: `use_meta` is accepted for the shared signature and changes nothing."""
@@ -188,7 +201,8 @@ class StackBundle:
             blocks[name], labels, idx = component.member_outputs(
                 _loader(source, indices, component.preprocess, batch_size))
         proba = self.meta.predict_proba(self.meta.features(blocks))
-        return Predictions(proba, self.meta.classes_[proba.argmax(1)], labels, idx)
+        return Predictions(self.class_names, proba, self.meta.classes_[proba.argmax(1)],
+                           model_order(labels, label_names, self.class_names), idx)
 
 
 def feature_layout(names: Sequence[str], components: Sequence[Bundle]) -> list[dict]:
@@ -219,7 +233,7 @@ def _restore(path: Path) -> dict:
 
 
 def _section(run_dir: Path, config: dict) -> dict | None:
-    """The checked "bundle" entry of config.json (None for a single-model run)."""
+    """The checked "bundle" entry of config.json (None for a run that did not finish)."""
     section = config.get("bundle")
     if section is None:
         return None
@@ -233,12 +247,14 @@ def _section(run_dir: Path, config: dict) -> dict | None:
 
 
 def load_bundle(run_dir: str | Path) -> Bundle | StackBundle:
-    """Load an ensemble, stack or single-model run; BundleError if incomplete or foreign."""
+    """Load an ensemble (single included) or stack run; BundleError if incomplete or
+    foreign."""
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
     section = _section(run_dir, config)
     if section is None:
-        return _load_single(run_dir, config)
+        raise BundleError(f"{run_dir} is not a finished run: its config.json has no bundle "
+                          f"section (training did not end, or it predates bundles)")
     if section["kind"] == "stack":
         return _load_stack(run_dir, section)
     t = section["tasks"]
@@ -293,59 +309,16 @@ def _load_stack(run_dir: Path, section: dict) -> StackBundle:
     return StackBundle(run_dir, class_names, names, components, meta)
 
 
-def _single_checkpoint(run_dir: Path) -> Path:
-    """checkpoint/best/<step> (else latest/<step>) of a single-model run, the newest step."""
-    for kind in ("best", "latest"):
-        steps = sorted((p for p in (run_dir / "checkpoint" / kind).glob("*") if p.name.isdigit()),
-                       key=lambda p: int(p.name))
-        if steps:
-            return steps[-1]
-    raise BundleError(f"incomplete run: no checkpoint under {run_dir / 'checkpoint'}")
-
-
-def _load_single(run_dir: Path, config: dict) -> Bundle:
-    """A run of experiments.single: one K-class member from its best (else latest) checkpoint."""
-    needed = ("backbone", "class_names", "image_size", "channels", "normalization")
-    missing = [k for k in needed if k not in config]
-    if missing:
-        raise BundleError(f"{run_dir}/config.json is neither an ensemble bundle nor a single-"
-                          f"model run (missing {', '.join(missing)})")
-    checkpoint = _single_checkpoint(run_dir)
-    with ocp.CheckpointManager(checkpoint.parent) as manager:
-        restored = manager.restore(int(checkpoint.name), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
-    state = restored["state"]
-    variables = {"params": _add_axis(state["params"]),
-                 "batch_stats": _add_axis(state.get("batch_stats") or {})}
-    class_names = tuple(config["class_names"])
-    tasks = make_tasks("single", class_names)
-    stack = Stack((0,), len(class_names), tasks.table, np.ones((1, len(class_names)), np.float32))
-    preprocess = PreprocessConfig(image_size=config["image_size"], channels=config["channels"],
-                                  normalization=config["normalization"],
-                                  clahe=bool(config.get("clahe", False)))
-    return Bundle(run_dir, config["backbone"], class_names, preprocess, tasks, [stack],
-                  [variables], strategy_lib.rule_combiner(tasks), None, None, "single",
-                  _model_options({**config, "head": backbones.resolve_head(
-                      config.get("head", "linear"), config["backbone"])}))
-
-
-def _add_axis(tree):
-    return jax.tree.map(lambda x: np.asarray(x)[None], tree)
-
-
 # -- copying a run into a stack bundle ---------------------------------------------------
 def bundle_pieces(run_dir: str | Path) -> list[Path]:
     """The paths (relative to run_dir) load_bundle reads: config.json, combiner, member
-    checkpoints and meta file of an ensemble; config.json and the checkpoint step of a
-    single-model run. BundleError if one is missing or the run is foreign or a stack."""
+    checkpoints and meta file of an ensemble. BundleError if one is missing or the run is foreign or a stack."""
     run_dir = Path(run_dir)
     config = _read_config(run_dir)
     section = _section(run_dir, config)
     if section is None:
-        if "backbone" not in config or "class_names" not in config:
-            raise BundleError(f"{run_dir}/config.json is neither an ensemble bundle nor a "
-                              f"single-model run")
-        return [Path("config.json"), _single_checkpoint(run_dir).relative_to(run_dir)]
+        raise BundleError(f"{run_dir} is not a finished run: its config.json has no bundle "
+                          f"section")
     if section["kind"] == "stack":
         raise BundleError(f"{run_dir} is a stack bundle; stack the runs it was built from")
     pieces = [Path("config.json"), Path(section["combiner"]),

@@ -19,17 +19,18 @@ from ensembles import members as members_lib
 from ensembles.combiners import make_combiner
 from ensembles.tasks import Tasks, check_trainable, make_tasks
 
-RULES = {"ova": {}, "ovo": {"decision": "votes"}, "cascade": {}, "single": {}}
-
-
 def plan(strategy: str, class_names: Sequence[str], train_labels: np.ndarray, *,
-         healthy: str = "normal", min_per_class: int = 2
+         healthy: str = "normal", min_per_class: int = 2, class_weighted: bool = True
          ) -> tuple[Tasks, list[members_lib.Stack]]:
-    """Tasks of `strategy` and their stacks, after checking every member can be trained."""
+    """Tasks of `strategy` and their stacks, after checking every member can be trained.
+
+    `class_weighted`: each member weights its classes n / (C * count) over its own training
+    examples (an OvA member sees 1 positive per K-1 negatives); else every weight is 1."""
     tasks = make_tasks(strategy, class_names, healthy=healthy)
     check_trainable(tasks, train_labels, min_per_class=min_per_class)
-    return tasks, members_lib.plan_stacks(tasks.num_classes, tasks.table,
-                                          tasks.class_weights(train_labels))
+    weights = (tasks.class_weights(train_labels) if class_weighted else
+               [np.ones(c, np.float32) for c in tasks.num_classes])
+    return tasks, members_lib.plan_stacks(tasks.num_classes, tasks.table, weights)
 
 
 def stacked_apply(model) -> Callable:

@@ -1,5 +1,5 @@
-"""Experiment CLIs (`python -m experiments.<name>`) and the evaluation they share.
+"""Experiment CLIs (`python -m experiments.<name>`): thin shells over the `ensembles` API.
 
-Every CLI builds its run from `experiments.common` (flags, data, model, train state, run
-directory) and reports through `experiments.evaluation`. Nothing imports this package.
+Each turns flags into a typed config (`experiments.common`), calls the API and prints a
+summary. Nothing imports this package.
 """

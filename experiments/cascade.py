@@ -4,7 +4,7 @@ Cascade: healthy-vs-sick member, then a sick-type member; the stage rule and a t
 on validation.
 
 With no flags it trains on the embedded synthetic_cxr at the ensemble defaults of
-experiments/ensemble_cli.py and prints where its report is.
+ensembles.config.FAMILY_DEFAULTS and prints a summary line and where its report is.
 """
 
 from __future__ import annotations

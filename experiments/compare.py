@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import common, ensemble_cli, stack  # noqa: E402
-from experiments.stats import mcnemar, paired_bootstrap  # noqa: E402
+from ensembles.stats import mcnemar, paired_bootstrap  # noqa: E402
 
 STRATEGIES = ("single", "ova", "ovo", "cascade", "stack")
 METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece")

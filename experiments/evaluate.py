@@ -19,7 +19,7 @@ import numpy as np
 
 from data_pipeline.datasets import DATASETS, load_dataset
 from ensembles.bundle import Bundle, BundleError, StackBundle, load_bundle
-from experiments.evaluation import evaluate_predictions, write_report
+from ensembles.evaluation import evaluate_predictions, write_report
 
 
 def match_classes(model_classes, data_classes) -> dict:

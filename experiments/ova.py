@@ -3,7 +3,7 @@
 One-vs-all ensemble: K binary members (class k vs rest), scores normalised across members.
 
 With no flags it trains on the embedded synthetic_cxr at the ensemble defaults of
-experiments/ensemble_cli.py and prints where its report is.
+ensembles.config.FAMILY_DEFAULTS and prints a summary line and where its report is.
 """
 
 from __future__ import annotations

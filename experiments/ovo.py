@@ -4,7 +4,7 @@ One-vs-one ensemble: K(K-1)/2 pairwise members combined by scikit-learn's vote r
 coupling.
 
 With no flags it trains on the embedded synthetic_cxr at the ensemble defaults of
-experiments/ensemble_cli.py and prints where its report is.
+ensembles.config.FAMILY_DEFAULTS and prints a summary line and where its report is.
 """
 
 from __future__ import annotations

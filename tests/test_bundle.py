@@ -16,7 +16,7 @@ from data_pipeline.splits import split_indices
 from data_pipeline.synthetic import generate_phantoms
 from ensembles.bundle import BundleError, bundle_pieces, copy_bundle, load_bundle
 from experiments import ensemble_cli, evaluate, predict, single
-from experiments.evaluation import evaluate_predictions
+from ensembles.evaluation import evaluate_predictions
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
         "--batch-size", "16", "--no-progress"]

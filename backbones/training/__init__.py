@@ -1,5 +1,5 @@
 """The training engine: train state, optimisers, freeze policies, the pure per-shard train
-step, data-parallel wrappers (shard_map / pmap), orbax checkpoints and the epoch loop.
+step, data-parallel wrappers (shard_map / pmap), one atomic orbax checkpoint per epoch and the one loop (a stack of M >= 1 members).
 
     from backbones import training
     tx = training.make_optimizer(training.OptimConfig(learning_rate=1e-3))
@@ -12,7 +12,8 @@ step, data-parallel wrappers (shard_map / pmap), orbax checkpoints and the epoch
 from backbones.training.checkpoint import Checkpointer, NonFiniteError
 from backbones.training.freeze import freeze_labels, parse_policy, stages, trainable_modules
 from backbones.training.loop import (
-    FitConfig, FitResult, TrainingDiverged, fit, predict, train_batch, validation_metrics)
+    MONITORS, EarlyStopping, FitConfig, FitResult, TrainingDiverged, fit, member_metrics,
+    predict_logits)
 from backbones.training.optim import OPTIMIZERS, SCHEDULES, OptimConfig, make_optimizer
 from backbones.training.parallel import PARALLEL_MODES, DataParallel, data_parallel
 from backbones.training.precision import PRECISIONS, compute_dtype
@@ -20,8 +21,8 @@ from backbones.training.state import TrainState, create_train_state
 from backbones.training.step import make_eval_step, make_train_step
 
 __all__ = [
-    "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SCHEDULES", "Checkpointer", "DataParallel",
+    "MONITORS", "EarlyStopping", "member_metrics", "predict_logits", "OPTIMIZERS", "PARALLEL_MODES", "PRECISIONS", "SCHEDULES", "Checkpointer", "DataParallel",
     "FitConfig", "FitResult", "NonFiniteError", "OptimConfig", "TrainState",
     "TrainingDiverged", "compute_dtype", "create_train_state", "data_parallel", "fit",
     "freeze_labels", "make_eval_step", "make_optimizer", "make_train_step", "parse_policy",
-    "predict", "stages", "train_batch", "trainable_modules", "validation_metrics"]
+    "stages", "trainable_modules"]

@@ -1,10 +1,12 @@
-"""Orbax checkpoints of the train state and the Grain iterator: latest K and the best one.
+"""One orbax checkpoint per epoch holding everything a resume needs, written atomically.
 
-`latest/` keeps the K most recent epochs with the data iterator's position, so a resumed run
-continues bit-identically; `best/` keeps the single best state by the monitored validation
-metric. Orbax writes each step into a temporary directory and renames it when complete, so a
-crash never leaves a checkpoint that looks finished. A state with a NaN or Inf anywhere is
-never written.
+Each epoch's checkpoint is ONE orbax step with five items: the train state, the best
+variables per member so far, the early-stopping record, the per-epoch metric records and the
+Grain iterator position. Orbax writes a step into a temporary folder and renames it when
+complete, so a run killed at any moment resumes from a checkpoint whose items agree with each
+other: there is no "latest" saved without its matching "best" (the crash window that two
+separate managers had). The K most recent epochs are kept. A state or best snapshot with a
+NaN or Inf anywhere is never written.
 """
 
 from __future__ import annotations
@@ -34,63 +36,67 @@ def non_finite_leaves(tree: Any) -> list[str]:
     return bad
 
 
+def checkpointable(iterator: Any) -> bool:
+    """Whether a data iterator can save its position (Grain's iterators can)."""
+    return hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
+
+
 class Checkpointer:
-    """Latest-K and best checkpoints of one run under `directory`."""
+    """The per-epoch checkpoints of one training (a stack of members, or one member)."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2):
+        if keep < 1:
+            raise ValueError("keep_checkpoints must be >= 1")
         self.directory = Path(directory).absolute()
-        options = dict(create=True, enable_async_checkpointing=False)
-        self.latest = ocp.CheckpointManager(
-            self.directory / "latest", options=ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(keep), **options))
-        self.best = ocp.CheckpointManager(
-            self.directory / "best", options=ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.LatestN(1), **options))
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
-    @staticmethod
-    def _state_items(state: TrainState) -> dict:
-        items = jax.device_get(checkpoint_items(state))
-        bad = non_finite_leaves(items)
+    def latest_epoch(self) -> int | None:
+        """The newest complete epoch, None if there is none."""
+        return self.manager.latest_step()
+
+    def path(self) -> Path | None:
+        """Directory of the newest complete checkpoint."""
+        epoch = self.latest_epoch()
+        return None if epoch is None else self.directory / str(epoch)
+
+    def save(self, epoch: int, state: TrainState, best: dict, stopper: dict,
+             records: list[dict], data_iterator: Any = None) -> None:
+        """Write epoch `epoch` as one atomic step; NonFiniteError if state or best is bad."""
+        items = {"state": jax.device_get(checkpoint_items(state)), "best": jax.device_get(best),
+                 "stopper": {k: np.asarray(v) for k, v in stopper.items()}}
+        bad = non_finite_leaves({"state": items["state"], "best": items["best"]})
         if bad:
-            raise NonFiniteError(f"refusing to checkpoint step {int(items['step'])}: "
-                                 f"non-finite values in {', '.join(bad[:5])}")
-        return items
-
-    def save(self, state: TrainState, data_iterator: Any = None, *, best: bool = False
-             ) -> None:
-        """Save `state` (one host copy) and the iterator position as the latest checkpoint,
-        and also as the best one when `best`."""
-        items = self._state_items(state)
-        step = int(items["step"])
-        args = {"state": ocp.args.StandardSave(items)}
-        if data_iterator is not None:
+            raise NonFiniteError(f"refusing to checkpoint epoch {epoch}: non-finite values in "
+                                 f"{', '.join(bad[:5])}")
+        args = {"items": ocp.args.StandardSave(items), "records": ocp.args.JsonSave(records)}
+        if data_iterator is not None and checkpointable(data_iterator):
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.latest.save(step, args=ocp.args.Composite(**args), force=True)
-        if best:
-            self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(items)),
-                           force=True)
+        self.manager.save(epoch, args=ocp.args.Composite(**args), force=True)
 
-    def path(self, kind: str = "latest") -> Path | None:
-        """Directory of the latest (or best) complete checkpoint, None if there is none."""
-        manager = self.latest if kind == "latest" else self.best
-        step = manager.latest_step()
-        return None if step is None else self.directory / kind / str(step)
-
-    def restore(self, template: TrainState, data_iterator: Any = None, *,
-                kind: str = "latest") -> TrainState | None:
-        """Restore into `template` (its shapes, dtypes and optimiser structure) and, for the
-        latest checkpoint, move `data_iterator` to its saved position. None if none exists."""
-        manager = self.latest if kind == "latest" else self.best
-        step = manager.latest_step()
-        if step is None:
+    def restore(self, state: TrainState, best: dict, stopper: dict, data_iterator: Any = None
+                ) -> tuple[TrainState, dict, dict, list[dict], int] | None:
+        """(state, best, stopper, records, epoch) of the newest epoch, shaped like the given
+        templates; moves `data_iterator` to the saved position. None if nothing is saved."""
+        epoch = self.latest_epoch()
+        if epoch is None:
             return None
-        target = jax.device_get(checkpoint_items(template))
-        args = {"state": ocp.args.StandardRestore(target)}
-        if data_iterator is not None and kind == "latest":
+        template = {"state": jax.device_get(checkpoint_items(state)),
+                    "best": jax.device_get(best),
+                    "stopper": {k: np.asarray(v) for k, v in stopper.items()}}
+        args = {"items": ocp.args.StandardRestore(template), "records": ocp.args.JsonRestore()}
+        if data_iterator is not None and checkpointable(data_iterator):
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
-        return with_checkpoint_items(template, restored["state"])
+        restored = self.manager.restore(epoch, args=ocp.args.Composite(**args))
+        items = restored["items"]
+        return (with_checkpoint_items(state, items["state"]), items["best"], items["stopper"],
+                list(restored["records"]), epoch)
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,16 +1,20 @@
-"""The epoch loop: train, validate, early-stop, checkpoint, log, resume.
+"""The one training loop: a stack of M >= 1 members, per-member early stopping, resume.
 
-Follows Flax's ImageNet example: the loop owns Python-side concerns (progress bar,
-metrics.jsonl, checkpoints, early stopping) and calls the compiled step; the step stays pure.
+A single model is a stack of one member. The caller hands in the wrapped step and predict
+functions (`DataParallel.train` / `.predict`, vmapped over members or not) and a relabel
+table [M, K] that says which original class each member sees as which of its labels (-1: not
+this member's example; the identity row for a single K-class model). The loop owns the
+Python-side concerns, as in Flax's ImageNet example: progress bars, per-member validation
+metrics, early stopping on any monitor, the NaN guard, one atomic checkpoint per epoch
+(state, best variables, stopper, records and the Grain iterator position) and the records a
+metric writer receives. The steps stay pure.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +23,35 @@ import numpy as np
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
-from backbones.training import losses
 from backbones.training.checkpoint import Checkpointer
-from backbones.training.curves import plot_curves
 from backbones.training.parallel import DataParallel
 from backbones.training.state import TrainState
 
-MONITORS = {"val_macro_f1": "max", "val_accuracy": "max", "val_loss": "min"}
+MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+    """The loss became NaN or Inf; the message names the members, the step and the last
+    good checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-    """How long to train and when to stop."""
+    """How long to train, when each member stops, how many checkpoints to keep."""
 
     epochs: int
     steps_per_epoch: int
-    monitor: str = "val_macro_f1"
-    patience: int | None = 5
+    monitor: str = "val_loss"
+    patience: int | None = 3          # epochs without improvement; None or 0: never stop
+    keep_checkpoints: int = 2
     progress: bool = True
 
     def __post_init__(self):
         if self.monitor not in MONITORS:
             raise ValueError(f"unknown monitor {self.monitor!r}; choose one of "
                              f"{', '.join(MONITORS)}")
+        if self.epochs < 1:
+            raise ValueError("epochs must be >= 1")
         if self.steps_per_epoch < 1:
             raise ValueError("steps_per_epoch must be >= 1: the training split is smaller "
                              "than one batch")
@@ -53,156 +59,221 @@ class FitConfig:
 
 @dataclasses.dataclass
 class FitResult:
-    state: TrainState            # the best state by the monitor (the last if no validation)
-    history: list[dict]          # one record per epoch, as in metrics.jsonl
-    best_epoch: int
+    """Best variables per member (leading member axis), the records and each member's best
+    epoch (1-based; 0: never improved)."""
+
+    variables: dict
+    records: list[dict]
+    best_epoch: np.ndarray
     stopped_early: bool
 
 
-def train_batch(batch: dict, class_weights: np.ndarray | None) -> dict:
-    """Loader batch -> step batch: image, label and the per-example weight."""
-    labels = np.asarray(batch["label"], np.int32)
-    weights = (np.ones(len(labels), np.float32) if class_weights is None
-               else np.asarray(class_weights, np.float32)[labels])
-    return {"image": np.asarray(batch["image"]), "label": labels, "weight": weights}
+@dataclasses.dataclass
+class EarlyStopping:
+    """Per-member early stopping on a monitor; a stopped member's best snapshot is frozen
+    while the others train on, so a stack selects what each member alone would select."""
+
+    mode: str                    # "min" | "max"
+    patience: int | None
+    best: np.ndarray             # [M] best monitored value
+    best_epoch: np.ndarray       # [M] 1-based; 0 = never improved
+    stale: np.ndarray            # [M] epochs since the last improvement
+    active: np.ndarray           # [M] bool
+
+    @classmethod
+    def start(cls, size: int, monitor: str, patience: int | None) -> EarlyStopping:
+        mode = MONITORS[monitor]
+        worst = np.inf if mode == "min" else -np.inf
+        return cls(mode, patience, np.full(size, worst), np.zeros(size, np.int64),
+                   np.zeros(size, np.int64), np.ones(size, bool))
+
+    def update(self, epoch: int, value: np.ndarray | None) -> np.ndarray:
+        """Record epoch `epoch` (1-based); returns the members whose snapshot is replaced.
+        Without validation (`value` None) every active member's latest state is its best."""
+        if value is None:
+            improved = self.active.copy()
+        else:
+            better = value < self.best if self.mode == "min" else value > self.best
+            improved = self.active & better
+            self.best = np.where(improved, value, self.best)
+        self.best_epoch = np.where(improved, epoch, self.best_epoch)
+        self.stale = np.where(improved, 0, self.stale + self.active)
+        if self.patience:
+            self.active = self.active & (self.stale < self.patience)
+        return improved
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale,
+                "active": self.active}
+
+    def restore(self, saved: dict) -> None:
+        for key in ("best", "best_epoch", "stale", "active"):
+            setattr(self, key, np.asarray(saved[key]))
 
 
-def predict(predict_fn: Callable, state: Any, loader: Iterable[dict]
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits, labels and example indices over one pass of an evaluation loader."""
-    logits, labels, indices = [], [], []
-    for batch in loader:
-        logits.append(np.asarray(predict_fn(state, {"image": np.asarray(batch["image"])})))
-        labels.append(np.asarray(batch["label"]))
-        indices.append(np.asarray(batch["index"]))
-    return np.concatenate(logits), np.concatenate(labels), np.concatenate(indices)
+def member_metrics(logits: np.ndarray, labels: np.ndarray, table: np.ndarray
+                   ) -> dict[str, np.ndarray]:
+    """Validation loss, accuracy and macro-F1 per member over its own examples.
 
-
-def validation_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Mean cross-entropy, accuracy and macro-F1 over all classes the model outputs."""
-    ce = np.asarray(losses.cross_entropy(logits, labels))
+    logits [M, N, C], original labels [N], relabel table [M, K]."""
+    logits = np.asarray(logits, np.float64)
+    member_label = np.asarray(table)[:, labels]                                  # [M, N]
+    keep = member_label >= 0
+    safe = np.where(keep, member_label, 0)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, safe[..., None], -1)[..., 0]
+    count = np.maximum(keep.sum(1), 1)
     pred = logits.argmax(-1)
-    return {"val_loss": float(ce.mean()), "val_accuracy": float((pred == labels).mean()),
-            "val_macro_f1": float(f1_score(labels, pred, average="macro",
-                                           labels=np.arange(logits.shape[-1]),
-                                           zero_division=0))}
+    f1 = [f1_score(safe[m][keep[m]], pred[m][keep[m]], average="macro", zero_division=0,
+                   labels=np.arange(logits.shape[-1])) if keep[m].any() else 0.0
+          for m in range(len(logits))]
+    return {"val_loss": (nll * keep).sum(1) / count,
+            "val_accuracy": ((pred == safe) & keep).sum(1) / count,
+            "val_macro_f1": np.asarray(f1, np.float64)}
 
 
-def _read_history(path: Path, last_epoch: int) -> list[dict]:
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["epoch"] <= last_epoch]
+def predict_logits(predict: Callable, state: Any, batches: Iterable[dict]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits [M, N, C], labels [N] and example indices [N] over one pass of `batches`.
+
+    `predict(state, {"image"})` returns [M, B, C]; a short last batch is padded to the
+    first batch's size (one compiled shape) and the padding cut off."""
+    logits, labels, indices, size = [], [], [], None
+    for batch in batches:
+        images = np.asarray(batch["image"])
+        size, n = size or len(images), len(images)
+        if n < size:
+            images = np.concatenate([images, np.repeat(images[-1:], size - n, axis=0)])
+        logits.append(np.asarray(predict(state, {"image": images}))[:, :n])
+        labels.append(np.asarray(batch["label"]))
+        indices.append(np.asarray(batch.get("index", np.zeros(n, np.int64))))
+    if not logits:
+        return np.zeros((0, 0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(logits, 1), np.concatenate(labels), np.concatenate(indices)
 
 
-def _write_history(path: Path, history: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in history))
+def _with_member_axis(tree: Any, stacked: bool) -> Any:
+    return tree if stacked else jax.tree.map(lambda x: np.asarray(x)[None], tree)
 
 
-def _improved(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value > best if mode == "max" else value < best)
+def _variables(state: TrainState, stacked: bool) -> dict:
+    host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    return _with_member_axis(host, stacked)
 
 
-def fit(state: TrainState, *, parallel: DataParallel, train_step: Callable,
-        eval_step: Callable, train_loader: Any, val_loader: Any | None,
-        config: FitConfig, out_dir: str | Path, class_weights: np.ndarray | None = None,
-        checkpointer: Checkpointer | None = None) -> FitResult:
-    """Train `state` for up to `config.epochs` epochs of `steps_per_epoch` steps.
+def _check_finite(values: np.ndarray, what: str, epoch: int, step: int,
+                  names: Sequence[str], checkpointer: Checkpointer | None) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        last = checkpointer.path() if checkpointer is not None else None
+        raise TrainingDiverged(
+            f"{what} is {values[bad][0]} for member(s) {[names[i] for i in np.flatnonzero(bad)]}"
+            f" at step {step} (epoch {epoch}); no checkpoint holds these values; last good "
+            f"checkpoint: {last or 'none'} (lower --lr or check the data)")
 
-    `train_loader` yields all epochs' batches in one iteration (make_loader with
-    num_epochs=epochs), so its iterator state is the data position to checkpoint. If
-    `checkpointer` holds a checkpoint, training resumes from it (state, rng, step, data
-    position and the early-stopping record from metrics.jsonl). Writes metrics.jsonl and
-    curves.png into `out_dir`.
+
+def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataParallel,
+        table: np.ndarray, train_data: Iterable[dict], val_data: Iterable[dict] | None,
+        config: FitConfig, stacked: bool, member_names: Sequence[str],
+        checkpoint_dir: str | Path | None = None,
+        on_record: Callable[[dict], None] | None = None, desc: str = "training") -> FitResult:
+    """Train `state` (M stacked members, or one member's plain state) for up to
+    `config.epochs` epochs of `config.steps_per_epoch` batches.
+
+    `train_data` is iterated once for the whole training (a Grain loader with
+    num_epochs=epochs), so its iterator position is what a checkpoint saves; `val_data` is
+    iterated once per epoch. With `checkpoint_dir`, a run that finds a checkpoint there
+    resumes from it exactly (state, rng, best snapshots, stopper, records, data position).
+    `on_record` receives each epoch's record as it is made (live logging); the returned
+    records are the truth, restored ones included.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    history_path = out_dir / "metrics.jsonl"
-    mode = MONITORS[config.monitor]
-    data = iter(train_loader)
-    history: list[dict] = []
-    if checkpointer is not None:
-        restored = checkpointer.restore(state, data)
-        if restored is not None:
-            state = restored
-            history = _read_history(history_path, int(state.step) // config.steps_per_epoch)
-    if not history and history_path.exists():
-        history_path.unlink()
-    best, best_epoch, since_best = None, 0, 0
-    for record in history:
-        if record.get(config.monitor) is not None and _improved(record[config.monitor], best,
-                                                                 mode):
-            best, best_epoch, since_best = record[config.monitor], record["epoch"], 0
-        else:
-            since_best += 1
-    stopped = config.patience is not None and history and since_best >= config.patience
-
-    step_fn = parallel.train(train_step)
-    predict_fn = parallel.predict(eval_step)
-    replicated = parallel.replicate(state)
-    best_state = None
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        if stopped:
-            break
-        start = time.perf_counter()
-        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}",
-                   disable=not config.progress, leave=False)
-        for _ in bar:
-            try:
-                batch = train_batch(next(data), class_weights)
-            except StopIteration:
-                raise ValueError(
-                    f"the training loader ran out in epoch {epoch}: it must yield "
-                    f"{config.epochs} x {config.steps_per_epoch} batches (num_epochs=epochs)"
-                ) from None
-            replicated, metrics = step_fn(replicated, batch)
-            loss, count = float(metrics["loss"]), float(metrics["count"])
-            if not math.isfinite(loss):
-                step = int(np.asarray(parallel.unreplicate(replicated).step))
-                last = checkpointer.path() if checkpointer else None
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {step} (epoch {epoch}); last good checkpoint: "
-                    f"{last or 'none'}")
-            sums["loss"] += loss * count
-            sums["correct"] += float(metrics["accuracy"]) * count
-            sums["count"] += count
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}",
-                            acc=f"{sums['correct'] / sums['count']:.3f}",
-                            img_s=f"{sums['count'] / elapsed:.0f}")
-        train_seconds = time.perf_counter() - start
-        record = {"epoch": epoch,
-                  "step": int(np.asarray(parallel.unreplicate(replicated).step)),
-                  "train_loss": sums["loss"] / sums["count"],
-                  "train_accuracy": sums["correct"] / sums["count"],
-                  "val_loss": None, "val_accuracy": None, "val_macro_f1": None,
-                  "images_per_s": sums["count"] / train_seconds}
-        if val_loader is not None:
-            record.update(validation_metrics(*predict(predict_fn, replicated, val_loader)[:2]))
-        record["seconds"] = time.perf_counter() - start
-        value = record.get(config.monitor)
-        is_best = value is None or _improved(value, best, mode)
-        if is_best:
-            best, best_epoch, since_best = value, epoch, 0
-        else:
-            since_best += 1
-        history.append(record)
-        _write_history(history_path, history)
+    size = len(member_names)
+    stopper = EarlyStopping.start(size, config.monitor, config.patience)
+    data = iter(train_data)
+    best = _variables(state, stacked)
+    records: list[dict] = []
+    checkpointer = (Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
+                    if checkpoint_dir is not None else None)
+    try:
+        start_epoch = 0
         if checkpointer is not None:
-            checkpointer.save(parallel.unreplicate(replicated), data, best=is_best)
-        elif is_best:
-            best_state = jax.device_get(parallel.unreplicate(replicated))
-        if config.progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in record.items() if v is not None))
-        stopped = config.patience is not None and since_best >= config.patience
+            restored = checkpointer.restore(state, best, stopper.as_dict(), data)
+            if restored is not None:
+                state, best, saved_stopper, records, start_epoch = restored
+                stopper.restore(saved_stopper)
+        replicated = parallel.replicate(state)
+        step_count = records[-1]["step"] if records else 0
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            if not stopper.active.any():
+                break
+            replicated, step_count, train = _train_epoch(
+                replicated, step, data, config, epoch, step_count, member_names, checkpointer,
+                desc)
+            host = jax.device_get(parallel.unreplicate(replicated))
+            record = {"epoch": epoch, "step": step_count, "members": list(member_names),
+                      **train}
+            value = None
+            if val_data is not None:
+                logits, labels, _ = predict_logits(predict, replicated, val_data)
+                if len(labels):
+                    val = member_metrics(logits.reshape(size, *logits.shape[-2:]), labels,
+                                         table)
+                    _check_finite(val["val_loss"], "validation loss", epoch, step_count,
+                                  member_names, checkpointer)
+                    record.update({k: v.tolist() for k, v in val.items()})
+                    value = val[config.monitor]
+            improved = stopper.update(epoch, value)
+            variables = _variables(host, stacked)
+            best = jax.tree.map(
+                lambda new, old: np.where(improved.reshape(-1, *[1] * (np.ndim(new) - 1)),
+                                          new, old), variables, best)
+            record.update(active=stopper.active.tolist(),
+                          best_epoch=stopper.best_epoch.tolist())
+            records.append(record)
+            if checkpointer is not None:
+                checkpointer.save(epoch, host, best, stopper.as_dict(), records, data)
+            if on_record is not None:
+                on_record(record)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    trained = len(records)
+    return FitResult(best, records, stopper.best_epoch,
+                     stopped_early=trained < config.epochs and not stopper.active.any())
 
-    plot_curves(history, out_dir / "curves.png")
-    final = parallel.unreplicate(replicated)
-    if checkpointer is not None and checkpointer.path("best") is not None:
-        final = checkpointer.restore(final, kind="best")
-    elif best_state is not None:
-        final = best_state
-    return FitResult(state=final, history=history, best_epoch=best_epoch,
-                     stopped_early=bool(stopped) and len(history) < config.epochs)
+
+def _train_epoch(replicated: Any, step: Callable, data: Any, config: FitConfig, epoch: int,
+                 step_count: int, names: Sequence[str], checkpointer: Checkpointer | None,
+                 desc: str) -> tuple[Any, int, dict]:
+    """One epoch of steps; returns the state, the step count and the epoch's train metrics
+    (per member, example-weighted means), images/s and step time."""
+    start = time.perf_counter()
+    loss, correct, count, images = 0.0, 0.0, 0.0, 0
+    bar = tqdm(range(config.steps_per_epoch), total=config.steps_per_epoch,
+               desc=f"{desc} epoch {epoch}/{config.epochs}", disable=not config.progress,
+               leave=False)
+    for _ in bar:
+        try:
+            batch = next(data)
+        except StopIteration:
+            raise ValueError(
+                f"the training data ran out in epoch {epoch}: it must yield {config.epochs} x "
+                f"{config.steps_per_epoch} batches (a loader with num_epochs=epochs)") from None
+        replicated, metrics = step(replicated, {"image": batch["image"],
+                                                "label": batch["label"]})
+        metrics = jax.tree.map(lambda x: np.atleast_1d(np.asarray(x, np.float64)), metrics)
+        step_count += 1
+        _check_finite(metrics["loss"], "training loss", epoch, step_count, names, checkpointer)
+        loss = loss + metrics["loss"] * metrics["count"]
+        correct = correct + metrics["accuracy"] * metrics["count"]
+        count = count + metrics["count"]
+        images += len(batch["label"])
+        bar.set_postfix(loss=f"{float(np.mean(loss / np.maximum(count, 1))):.4f}")
+    seconds = time.perf_counter() - start
+    count = np.maximum(count, 1e-12)
+    return replicated, step_count, {
+        "train_loss": (loss / count).tolist(), "train_accuracy": (correct / count).tolist(),
+        "images_per_s": images / seconds, "step_time_s": seconds / config.steps_per_epoch,
+        "seconds": seconds}
+

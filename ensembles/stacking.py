@@ -1,10 +1,9 @@
-"""`python -m experiments.stack --runs RUN_DIR...` or `--strategies ova,ovo,cascade --backbones
-simple_cnn,cnn16 [common flags]`: a meta-classifier over the members of several runs.
+"""Stacking finished runs: a meta-classifier over the members of several runs, as a bundle.
 
 The meta-classifier (ensembles.meta, logistic regression by default) is fitted on the members'
 validation outputs only, with the leakage guard checking them against every run's training
 indices, and evaluated on the shared test split. All runs must share the dataset split (same
-data, --seed and --split-recipe): the command checks the example indices and refuses others.
+data, --seed and --split-recipe): the example indices are checked and others refused.
 
 The output folder is a self-contained stack bundle (ensembles/bundle.py): every stacked run's
 bundle pieces are hard-linked (else copied) into components/<i>/, the meta-classifier is saved
@@ -15,7 +14,6 @@ preprocessing before applying the meta-classifier.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,8 +22,7 @@ import numpy as np
 
 from ensembles import bundle as bundle_lib
 from ensembles.meta import MetaClassifier, make_features
-from experiments import common, ensemble_cli
-from experiments.evaluation import evaluate_predictions, write_report
+from ensembles.evaluation import evaluate_predictions, write_report
 
 
 def load_outputs(run: Path) -> dict:
@@ -39,7 +36,9 @@ def load_outputs(run: Path) -> dict:
     members = sorted(int(k.split("_")[-1]) for k in z if k.startswith("val_member_"))
     if not members:
         raise ValueError(f"{run} saved no member outputs (a stack run?): stack ensemble runs")
-    return {"name": f"{config['strategy']}/{config['backbone']}", "config": config, **z,
+    run = config["config"]
+    return {"name": f"{run['ensemble']['strategy']}/{run['model']['backbone']}",
+            "backbone": run["model"]["backbone"], **z,
             "val": [z[f"val_member_{m}"] for m in members],
             "test": [z[f"test_member_{m}"] for m in members]}
 
@@ -90,7 +89,7 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
              test_pred=proba.argmax(1), **({} if ids is None else {"test_patient_id": ids}))
     (out / "config.json").write_text(json.dumps(
         {"experiment": "stack", "strategy": "stack", "backbone": "+".join(sorted(
-            {o["config"]["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
+            {o["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
          "meta_model": model, "class_names": class_names, "argv": sys.argv,
          "bundle": bundle_lib.stack_section(class_names=class_names, names=names,
                                             meta=meta_file)}, indent=2) + "\n")
@@ -98,33 +97,3 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
                  extra_sections={"Stacked runs": "\n".join(f"- {n}: `{r}`" for n, r in
                                                            zip(names, runs, strict=True))})
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=None, help="finished ensemble runs")
-    parser.add_argument("--strategies", default="ova,ovo,cascade",
-                        help="without --runs: train these strategies first")
-    parser.add_argument("--backbones", default="simple_cnn", help="without --runs: backbones")
-    parser.add_argument("--meta-model", default="logreg", choices=tuple(ensemble_cli.META_MODELS))
-    parser.add_argument("--stack-out", default=None,
-                        help="output folder (default runs/stack-<UTC time>)")
-    args, rest = parser.parse_known_args(argv)
-    try:
-        out = Path(args.stack_out or common.make_run_dir(
-            argparse.Namespace(out=None, resume=False, overwrite=False), "stack", "members"))
-        runs = ([Path(r) for r in args.runs] if args.runs else
-                [ensemble_cli.run(s, [*rest, "--backbone", b, "--out", str(out / f"{s}-{b}")])
-                 for b in args.backbones.split(",") for s in args.strategies.split(",")])
-        metrics = stack_runs(runs, out, model=ensemble_cli.META_MODELS[args.meta_model])
-    except (*common.CLI_ERRORS, bundle_lib.BundleError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1", "roc_auc_macro")}))
-    print(f"report: {out / 'report.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Paired significance tests for two predictors scored on the same test examples.
 
 McNemar's test compares error rates through the discordant pairs; the paired bootstrap compares
-any metric of `experiments.evaluation.bootstrap_metrics` (accuracy, macro F1, macro ROC-AUC)
+any metric of `ensembles.evaluation.bootstrap_metrics` (accuracy, macro F1, macro ROC-AUC)
 by resampling examples, or whole patients when patient ids are known, with the same draws for
 both predictors so their correlation is kept.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import binomtest, chi2
 
-from experiments.evaluation import (
+from ensembles.evaluation import (
     bootstrap_metrics, bootstrap_weights, check_decisions, check_predictions, resampling_units)
 
 EXACT_BELOW = 25   # discordant pairs under which the exact binomial test is used

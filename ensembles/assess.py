@@ -1,0 +1,86 @@
+"""A saved model on any dataset: class matching by name, metrics, and the one-line summary.
+
+Classes are matched by canonical name: examples of a class the model does not know are left
+out of the metrics (counted, and where the model put them is reported); classes the model
+knows but the data lacks get no recall / ROC-AUC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.datasets import Dataset
+from ensembles.bundle import Bundle, StackBundle
+from ensembles.evaluation import evaluate_predictions
+
+
+def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> dict:
+    """Data label -> model label for shared canonical names, plus what each side lacks."""
+    model_classes = list(model_classes)
+    mapping = {d: model_classes.index(c) for d, c in enumerate(data_classes)
+               if c in model_classes}
+    return {"mapping": mapping,
+            "model_lacks": [c for c in data_classes if c not in model_classes],
+            "data_lacks": [c for c in model_classes if c not in data_classes]}
+
+
+def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.ndarray, *,
+                    batch_size: int = 32, use_meta: bool = False, seed: int = 0,
+                    n_bootstrap: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(metrics, labels in the model's class order, probabilities) of `bundle` on
+    dataset.source[indices], over the examples whose class the model knows."""
+    match = match_classes(bundle.class_names, dataset.class_names)
+    if not match["mapping"]:
+        raise ValueError(f"no class in common: model {list(bundle.class_names)}, data "
+                         f"{list(dataset.class_names)}")
+    p = bundle.predict(dataset.source, indices, batch_size=batch_size, use_meta=use_meta,
+                       label_names=dataset.class_names)
+    known = p.labels >= 0
+    source_labels = np.asarray(dataset.labels)[p.indices]
+    unknown = {}
+    for d, name in enumerate(dataset.class_names):
+        rows = ~known & (source_labels == d)
+        if rows.any():
+            counts = np.bincount(p.decisions[rows], minlength=len(bundle.class_names))
+            unknown[name] = {"count": int(rows.sum()),
+                             "predicted_as": dict(zip(bundle.class_names, counts.tolist()))}
+    if not known.any():
+        raise ValueError("no example of a class the model knows")
+    y = p.labels[known]
+    metrics = evaluate_predictions(y, p.proba[known], bundle.class_names,
+                                   patient_ids=dataset.patient_ids[p.indices[known]],
+                                   seed=seed, y_pred=p.decisions[known],
+                                   n_bootstrap=n_bootstrap)
+    metrics["evaluated_on"] = {"dataset": dataset.name, "run": str(bundle.run_dir),
+                               "examples": int(known.sum()),
+                               "model_lacks": match["model_lacks"],
+                               "data_lacks": match["data_lacks"],
+                               "excluded_examples": unknown,
+                               "skipped_files": len(dataset.skipped)}
+    return metrics, y, p.proba[known]
+
+
+def chance_level(num_classes: int) -> float:
+    """Accuracy and macro-F1 of guessing uniformly among `num_classes` balanced classes."""
+    return 1.0 / num_classes
+
+
+def includes_chance(metrics: dict) -> bool:
+    """Whether the macro-F1 95% CI (or, without one, the point value) reaches chance."""
+    chance = chance_level(len(metrics["per_class"]))
+    ci = (metrics.get("ci95") or {}).get("macro_f1")
+    return (ci[0] if ci else metrics["macro_f1"]) <= chance
+
+
+def summary_line(metrics: dict, report: str | Path) -> str:
+    """test accuracy and macro-F1 with 95% CIs, chance level for the class set, report path."""
+    def value(name: str) -> str:
+        ci = (metrics.get("ci95") or {}).get(name)
+        return f"{metrics[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    k = len(metrics["per_class"])
+    verdict = " AT CHANCE: the macro-F1 CI includes chance;" if includes_chance(metrics) else ""
+    return (f"test accuracy {value('accuracy')}, macro-F1 {value('macro_f1')} (95% CI); "
+            f"chance {chance_level(k):.3f} for {k} classes;{verdict} report: {report}")

@@ -1,0 +1,207 @@
+"""From a RunConfig to what the engine trains: data splits and loaders, models, states, steps.
+
+Pure builders over the typed config; nothing here trains or writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import backbones
+from backbones import pretrained as pretrained_lib
+from backbones import training
+from data_pipeline import augment as augment_lib
+from data_pipeline.balance import balance_indices
+from data_pipeline.datasets import Dataset, load_dataset
+from data_pipeline.loader import make_loader
+from data_pipeline.preprocess import PreprocessConfig
+from data_pipeline.splits import split_indices
+from ensembles.config import RunConfig
+
+
+@dataclasses.dataclass
+class Data:
+    """A dataset, its patient-grouped splits and how its images are prepared."""
+
+    dataset: Dataset
+    splits: dict[str, np.ndarray]       # example indices into dataset.source
+    train_indices: np.ndarray           # after balance resampling
+    preprocess: PreprocessConfig
+    augment: augment_lib.AugmentConfig | None
+    class_weighted: bool                # members weight their classes (balance class_weights)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.dataset.class_names
+
+    def eval_loader(self, split: str, batch_size: int) -> Any:
+        """Every example of `split` once, in order."""
+        return self.loader(self.splits[split], batch_size)
+
+    def loader(self, indices: np.ndarray, batch_size: int) -> Any:
+        """Every example of `indices` once, in order, preprocessed as in training."""
+        return make_loader(self.dataset.source, indices, batch_size=batch_size,
+                           preprocess=self.preprocess, shuffle=False, num_epochs=1,
+                           drop_remainder=False)
+
+    def train_loader(self, config: RunConfig, indices: np.ndarray | None = None) -> Any:
+        """All epochs' shuffled training batches in one (checkpointable) Grain iteration."""
+        host = None if augment_lib.DEFAULT_ON_DEVICE else self.augment
+        return make_loader(self.dataset.source,
+                           self.train_indices if indices is None else indices,
+                           batch_size=config.training.batch_size, preprocess=self.preprocess,
+                           augment=host, shuffle=True, seed=config.training.seed,
+                           num_epochs=config.training.epochs, drop_remainder=True,
+                           worker_count=config.data.workers)
+
+
+def load_data(config: RunConfig) -> Dataset:
+    """The dataset the config names (synthetic_cxr generated at its image size and seed)."""
+    d = config.data
+    options = ({"count": d.count, "image_size": d.image_size, "seed": config.training.seed}
+               if d.dataset == "synthetic_cxr" else {})
+    return load_dataset(d.dataset, data_dir=d.data_dir, classes=d.classes,
+                        cache_dir=d.cache_dir, **options)
+
+
+def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
+    """Dataset -> patient-grouped splits -> balancing; ValueError if a batch cannot fill."""
+    d, t = config.data, config.training
+    dataset = dataset if dataset is not None else load_data(config)
+    splits = split_indices(dataset.labels, dataset.patient_ids, recipe=d.split_recipe,
+                           seed=t.seed)
+    train = splits["train"]
+    if d.balance in ("downsample", "oversample"):
+        train = balance_indices(train, dataset.labels, mode=d.balance, seed=t.seed)
+    if len(train) // t.batch_size < 1:
+        raise ValueError(f"the training split has {len(train)} examples, fewer than one batch "
+                         f"of {t.batch_size}; lower the batch size")
+    preprocess = PreprocessConfig(image_size=d.image_size, channels=d.channels,
+                                  normalization=d.normalization, clahe=d.clahe)
+    return Data(dataset=dataset, splits=splits, train_indices=train, preprocess=preprocess,
+                augment=augment_lib.AugmentConfig() if d.augment else None,
+                class_weighted=d.balance == "class_weights")
+
+
+def build_model(config: RunConfig, *, num_classes: int | None):
+    """The backbone in the configured compute dtype, BatchNorm synchronised over "batch"."""
+    m = config.model
+    options = {} if m.width is None else {"width": m.width}
+    return backbones.create(m.backbone, num_classes=num_classes,
+                            head=backbones.resolve_head(m.head, m.backbone),
+                            dtype=training.compute_dtype(m.precision),
+                            axis_name=training.parallel.AXIS, **options)
+
+
+def model_options(config: RunConfig) -> dict:
+    """What a bundle needs to rebuild the members' model: the resolved head and the width."""
+    options = {"head": backbones.resolve_head(config.model.head, config.model.backbone)}
+    if config.model.width is not None:
+        options["width"] = config.model.width
+    return options
+
+
+def weights_path(config: RunConfig) -> Path:
+    """The file `pretrained` names: a PATH itself, or for "imagenet" the Keras notop file in
+    backbones.default_weights_path's folder (the full file if only that one is there)."""
+    m = config.model
+    if m.pretrained != "imagenet":
+        return Path(m.pretrained)
+    notop = backbones.default_weights_path(m.backbone, include_top=False)
+    full = backbones.default_weights_path(m.backbone, include_top=True)
+    return full if full.is_file() and not notop.is_file() else notop
+
+
+def check_weights(config: RunConfig) -> None:
+    """FileNotFoundError naming where to put the ImageNet file when it is missing."""
+    if not config.model.pretrained:
+        return
+    path = weights_path(config)
+    if path.is_file():
+        return
+    backbone = config.model.backbone
+    if config.model.pretrained != "imagenet":
+        raise FileNotFoundError(f"--pretrained: {path} is not a file")
+    folder = f"{pretrained_lib.RELEASE}/{pretrained_lib.KERAS[backbone].folder}/"
+    raise FileNotFoundError(
+        f"--pretrained imagenet: {path} not found; download "
+        f"{pretrained_lib.keras_file_name(backbone, include_top=False)} (or "
+        f"{pretrained_lib.keras_file_name(backbone, include_top=True)}) from the official "
+        f"Keras release {folder} into {path.parent}, or set CXR_ENSEMBLES_WEIGHTS to the "
+        f"folder that holds it")
+
+
+def pretrained_variables(config: RunConfig, variables: dict) -> dict:
+    """Merge the pretrained weights into freshly initialised `variables` (trunk only)."""
+    grayscale = "sum" if config.data.channels == 1 else "repeat"  # 1 channel: sum RGB kernels
+    loaded = backbones.load_pretrained(config.model.backbone, weights_path(config),
+                                       include_top=False, grayscale=grayscale)
+    return backbones.merge_pretrained(variables, loaded)
+
+
+def optim_config(config: RunConfig, steps_per_epoch: int) -> training.OptimConfig:
+    """The optimiser settings of the config, the schedule sized by `steps_per_epoch`."""
+    t = config.training
+    return training.OptimConfig(
+        optimizer=t.optimizer, learning_rate=t.lr, schedule=t.schedule,
+        warmup_steps=round(t.warmup_epochs * steps_per_epoch),
+        total_steps=t.epochs * steps_per_epoch, weight_decay=t.weight_decay,
+        clip_norm=t.clip_norm)
+
+
+def input_shape(config: RunConfig) -> tuple[int, int, int, int]:
+    """The NHWC shape of one example batch the models are initialised with."""
+    return (1, config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def param_shapes(config: RunConfig):
+    """A 2-class member model and its parameter shapes (for freeze-policy checks)."""
+    model = build_model(config, num_classes=2)
+    return model, jax.eval_shape(lambda: training.state.initial_variables(
+        model, jax.random.PRNGKey(0), input_shape(config)))["params"]
+
+
+def make_state_fn(config: RunConfig, steps_per_epoch: int, *, pretrained: bool = True
+                  ) -> Callable[[int, jax.Array], training.TrainState]:
+    """make_state(num_classes, key) for the engine; `pretrained=False` skips loading the
+    pretrained weights (a phase that starts from given variables replaces them anyway)."""
+    shape = input_shape(config)
+    optim = optim_config(config, steps_per_epoch)
+    policy = config.model.freeze
+
+    def make_state(num_classes: int, key: jax.Array) -> training.TrainState:
+        model = build_model(config, num_classes=num_classes)
+        variables = training.state.initial_variables(model, key, shape)
+        if config.model.pretrained and pretrained:
+            variables = pretrained_variables(config, variables)
+        labels = training.freeze_labels(variables["params"], policy, model)
+        tx = training.make_optimizer(optim, None if policy == "full" else labels)
+        return training.create_train_state(model, tx, key, shape, variables=variables)
+
+    return make_state
+
+
+def make_train_step(config: RunConfig, data: Data) -> Callable:
+    """The pure per-shard train step: freeze policy, label smoothing, on-device augmentation."""
+    model, params = param_shapes(config)
+    augment = (None if data.augment is None or not augment_lib.DEFAULT_ON_DEVICE else
+               functools.partial(augment_lib.augment_batch, cfg=data.augment))
+    return training.make_train_step(
+        label_smoothing=config.training.label_smoothing, freeze_policy=config.model.freeze,
+        trainable=training.trainable_modules(params, config.model.freeze, model),
+        augment=augment)
+
+
+def fit_config(config: RunConfig, steps_per_epoch: int) -> training.FitConfig:
+    """The engine's epochs, early stopping, checkpoints and progress bars."""
+    t = config.training
+    return training.FitConfig(epochs=t.epochs, steps_per_epoch=steps_per_epoch,
+                              monitor=t.monitor, patience=t.early_stopping_patience,
+                              keep_checkpoints=t.keep_checkpoints, progress=t.progress)

@@ -1,0 +1,260 @@
+"""One typed run configuration: data, model, training and ensemble settings.
+
+Every run, from the CLIs or from Python, is described by a `RunConfig`; `config.json` is that
+config serialised (`to_dict`) and a run can be recreated from it (`from_dict`). Settings left
+as None take the default of the backbone's family from `FAMILY_DEFAULTS` (the one table of
+per-family defaults) or, for the "auto" preprocessing fields, follow --pretrained.
+
+    cfg = make_config("ova", backbone="resnet50", epochs=5, pretrained="imagenet")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+import backbones
+from backbones import pretrained as pretrained_lib
+from backbones import training
+from data_pipeline.datasets import DATASETS
+from data_pipeline.preprocess import NORMALIZATIONS as _ALL_NORMALIZATIONS
+from data_pipeline.splits import RECIPES
+from ensembles.members import MEMBER_MODES
+from ensembles.tasks import STRATEGIES
+
+BALANCE_MODES = ("none", "downsample", "oversample", "class_weights")
+# "dataset" needs a mean/std the library does not compute yet.
+NORMALIZATIONS = tuple(n for n in _ALL_NORMALIZATIONS if n != "dataset")
+META_MODELS = {"logreg": "logistic", "gboost": "gradient_boosting"}
+# The preprocessing each Keras application was trained with (keras.applications.*.
+# preprocess_input); pretrained runs use it unless a normalization is given.
+PRETRAINED_NORMALIZATION = {"resnet50": "caffe", "vgg16": "caffe", "vgg19": "caffe",
+                            "xception": "tf", "inception_v3": "tf", "densenet121": "torch"}
+
+# Defaults per backbone family, measured on this project's 2-core CPU (README, "Measured").
+# The custom CNNs learn synthetic_cxr in a few minutes (macro-F1 >= 0.8 for ova/ovo/cascade:
+# tests/test_ensemble_accuracy.py); the ImageNet architectures get a budget that keeps the
+# README's main command under 10 minutes.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "custom_cnn": {"image_size": 32, "count": 2000, "epochs": 15, "batch_size": 32},
+    "imagenet": {"image_size": 32, "count": 400, "epochs": 3, "batch_size": 16},
+}
+
+
+def family(backbone: str) -> str:
+    """"custom_cnn" or "imagenet": the row of FAMILY_DEFAULTS a backbone takes."""
+    return "custom_cnn" if backbones.is_custom_cnn(backbone) else "imagenet"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which images, how they are split, balanced, preprocessed and augmented."""
+
+    dataset: str = "synthetic_cxr"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    count: int | None = None                 # synthetic_cxr examples (family default)
+    classes: tuple[str, ...] | None = None   # canonical classes to keep, in order
+    image_size: int | None = None            # family default
+    channels: int | None = None              # auto: 3 when pretrained, else 1
+    normalization: str | None = None         # auto: the backbone's preset when pretrained
+    clahe: bool = False
+    split_recipe: str = "70/15/15"
+    balance: str = "class_weights"
+    augment: bool = True
+    workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The backbone every member uses, its head, weights and freeze policy."""
+
+    backbone: str = "simple_cnn"
+    head: str = "auto"
+    width: float | None = None
+    pretrained: str | None = None            # "imagenet" or a Keras .h5 file
+    freeze: str = "full"
+    head_epochs: int = 0
+    precision: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation, early stopping, checkpoints and how members and devices are used."""
+
+    epochs: int | None = None                # family default
+    batch_size: int | None = None            # global; family default
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    schedule: str = "warmup_cosine"
+    warmup_epochs: float = 0.5
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    clip_norm: float | None = None
+    monitor: str = "val_loss"
+    early_stopping_patience: int = 3
+    parallel: str = "shard_map"
+    members: str = "auto"                    # stacked | sequential | auto
+    keep_checkpoints: int = 2
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    """The strategy, its combiner options and the optional stacking meta-classifier."""
+
+    strategy: str = "ova"
+    meta: str = "none"                       # none | logreg | gboost
+    meta_folds: int = 0
+    healthy: str = "normal"
+    ovo_decision: str = "votes"
+    target_sensitivity: float = 0.95
+    min_per_class: int = 2
+    n_bootstrap: int = 1000
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
+            "ensemble": EnsembleConfig}
+# Settings that say how a run executes, not what it computes (a resume may change them).
+RUN_ONLY = {("data", "cache_dir"), ("data", "workers"), ("training", "progress")}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """JSON-ready sections (tuples as lists)."""
+        return {name: {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in dataclasses.asdict(getattr(self, name)).items()}
+                for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> RunConfig:
+        """Rebuild a config written by `to_dict` (unknown keys are an error)."""
+        sections = {}
+        for name, kind in SECTIONS.items():
+            values = dict(doc.get(name, {}))
+            fields = {f.name for f in dataclasses.fields(kind)}
+            unknown = sorted(set(values) - fields)
+            if unknown:
+                raise ValueError(f"config section {name!r} has unknown settings {unknown}")
+            if name == "data" and values.get("classes") is not None:
+                values["classes"] = tuple(values["classes"])
+            sections[name] = kind(**values)
+        return cls(**sections)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with settings changed by name, whichever section holds them."""
+        return _apply(self, changes)
+
+    def differences(self, other: RunConfig) -> list[str]:
+        """`section.name: ours vs theirs` for every computed setting that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{s}.{k}: {b[s][k]!r} vs {a[s][k]!r}" for s in SECTIONS for k in a[s]
+                if (s, k) not in RUN_ONLY and a[s][k] != b[s][k]]
+
+
+def _apply(config: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    updates: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in changes.items():
+        owners = [n for n, kind in SECTIONS.items()
+                  if key in {f.name for f in dataclasses.fields(kind)}]
+        if not owners:
+            raise ValueError(f"unknown setting {key!r}")
+        updates[owners[0]][key] = value
+    return RunConfig(**{name: dataclasses.replace(getattr(config, name), **updates[name])
+                        for name in SECTIONS})
+
+
+def make_config(strategy: str = "ova", **settings: Any) -> RunConfig:
+    """A checked, fully resolved config: `settings` by name (any section's field), the
+    backbone family's defaults for the rest, the auto fields filled in."""
+    return resolve(_apply(RunConfig(ensemble=EnsembleConfig(strategy=strategy)), settings))
+
+
+def defaults_for(backbone: str) -> dict[str, Any]:
+    """The settings a run with `backbone` uses where none is given."""
+    return dict(FAMILY_DEFAULTS[family(backbone)])
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Fill family defaults, the auto preprocessing and --members auto; then `check`."""
+    backbone = config.model.backbone
+    if backbone not in backbones.names():
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of "
+                         f"{', '.join(backbones.names())}")
+    fill = {k: v for k, v in defaults_for(backbone).items()
+            if getattr(config.data, k, getattr(config.training, k, None)) is None}
+    config = _apply(config, fill)
+    pretrained = bool(config.model.pretrained) and backbone in PRETRAINED_NORMALIZATION
+    channels = config.data.channels or (3 if pretrained else 1)
+    normalization = config.data.normalization
+    if normalization is None:
+        preset = PRETRAINED_NORMALIZATION[backbone] if pretrained else "unit"
+        if channels == 1 and preset in ("caffe", "torch"):
+            raise ValueError(f"pretrained {backbone} with 1 channel: its preset {preset!r} has "
+                             f"per-channel constants; use 3 channels or give a normalization "
+                             f"(tf, unit or xray)")
+        normalization = preset
+    members = config.training.members
+    if members == "auto":
+        cpu = jax.default_backend() == "cpu"
+        members = "sequential" if cpu and backbones.is_custom_cnn(backbone) else "stacked"
+    config = _apply(config, {"channels": channels, "normalization": normalization,
+                             "members": members})
+    check(config)
+    return config
+
+
+def check(config: RunConfig) -> None:
+    """One-line ValueError for any setting that cannot run, before anything is written."""
+    d, m, t, e = config.data, config.model, config.training, config.ensemble
+    for name, value in (("epochs", t.epochs), ("batch_size", t.batch_size),
+                        ("image_size", d.image_size), ("count", d.count)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1")
+    choices = {"dataset": (d.dataset, DATASETS), "split_recipe": (d.split_recipe, RECIPES),
+               "balance": (d.balance, BALANCE_MODES),
+               "normalization": (d.normalization, NORMALIZATIONS),
+               "channels": (d.channels, (1, 3)), "head": (m.head, ("auto", *backbones.HEADS)),
+               "precision": (m.precision, training.PRECISIONS),
+               "optimizer": (t.optimizer, training.OPTIMIZERS),
+               "schedule": (t.schedule, training.SCHEDULES),
+               "monitor": (t.monitor, tuple(training.MONITORS)),
+               "parallel": (t.parallel, training.PARALLEL_MODES),
+               "members": (t.members, MEMBER_MODES), "strategy": (e.strategy, STRATEGIES),
+               "meta": (e.meta, ("none", *META_MODELS)),
+               "ovo_decision": (e.ovo_decision, ("votes", "coupling"))}
+    for name, (value, allowed) in choices.items():
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
+    training.parse_policy(m.freeze)
+    if m.head_epochs < 0:
+        raise ValueError("head_epochs must be >= 0")
+    if t.keep_checkpoints < 1:
+        raise ValueError("keep_checkpoints must be >= 1")
+    if e.meta_folds and (e.meta == "none" or e.meta_folds < 2):
+        raise ValueError("meta_folds needs a meta-classifier and K >= 2 (0 fits it on the "
+                         "validation outputs)")
+    if m.pretrained and m.backbone not in pretrained_lib.KERAS:
+        raise ValueError(f"pretrained: {m.backbone} has no ImageNet weights; Keras publishes "
+                         f"them for {', '.join(pretrained_lib.KERAS)}")
+
+
+def head_phase(config: RunConfig) -> RunConfig | None:
+    """The config of the head-only first phase of head_epochs N (None when N is 0):
+    everything as given except freeze "head", N epochs, warm-up at most half of them."""
+    epochs = config.model.head_epochs
+    if not epochs:
+        return None
+    return config.replace(freeze="head", epochs=epochs, head_epochs=0,
+                          warmup_epochs=min(config.training.warmup_epochs, epochs / 2))

@@ -1,0 +1,178 @@
+"""Training every member of a strategy through the one engine, in one or two phases.
+
+`plan_run` checks the data and the strategy before anything is written; `train_members`
+trains each stack of the plan (`ensembles.members.train_stack` -> `backbones.training.fit`)
+and writes the phase's metrics.jsonl, TensorBoard events and curves.png;
+`out_of_fold_outputs` trains K-fold members for a meta-classifier fitted out of fold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from backbones import training
+from backbones.training.curves import plot_curves
+from backbones.training.metric_writer import MetricWriter
+from data_pipeline.splits import kfold_indices
+from ensembles import build
+from ensembles import members as members_lib
+from ensembles import strategy as strategy_lib
+from ensembles.config import RunConfig, head_phase
+from ensembles.tasks import Tasks
+
+HEAD_PHASE = "head"  # run sub-directory of the head-only phase of head_epochs
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything checked before the run directory is touched."""
+
+    config: RunConfig
+    data: build.Data
+    tasks: Tasks
+    stacks: list[members_lib.Stack]
+
+
+@dataclasses.dataclass
+class Trained:
+    """The members one training produced, and with head_epochs those of its head phase."""
+
+    stacks: list[members_lib.TrainedStack]
+    head: list[members_lib.TrainedStack] | None = None
+
+
+def phases(config: RunConfig) -> list[RunConfig]:
+    """The config of each training phase: the head-only one of head_epochs N, then `config`."""
+    head = head_phase(config)
+    return [config] if head is None else [head, config]
+
+
+def plan_run(config: RunConfig, data: build.Data) -> Plan:
+    """Tasks and stacks of the strategy on `data`; every bad input raises here."""
+    e = config.ensemble
+    build.check_weights(config)
+    if e.meta != "none" and len(data.splits["val"]) == 0:
+        raise ValueError("a meta-classifier needs held-out (validation) data, and the split "
+                         "has none")
+    if e.meta_folds:   # a class with fewer patients than folds is refused here
+        train = np.unique(data.train_indices)
+        kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
+                      k=e.meta_folds, seed=config.training.seed)
+    train_labels = data.dataset.labels[data.train_indices]
+    model, params = build.param_shapes(config)
+    steps = len(data.train_indices) // config.training.batch_size
+    for phase in phases(config):   # each phase's schedule and freeze policy fit the model
+        training.optim.make_schedule(build.optim_config(phase, steps))
+        training.trainable_modules(params, phase.model.freeze, model)
+    tasks, stacks = strategy_lib.plan(e.strategy, data.class_names, train_labels,
+                                      healthy=e.healthy, min_per_class=e.min_per_class,
+                                      class_weighted=data.class_weighted)
+    return Plan(config, data, tasks, stacks)
+
+
+def train_members(plan: Plan, out: Path, train_indices: np.ndarray | None = None) -> Trained:
+    """Train every stack of the plan on `train_indices` (default: the training split).
+
+    With head_epochs N, phase 1 (freeze "head", N epochs) trains into out/head/, and phase 2
+    starts each stack from phase 1's best variables with a fresh optimizer and trains into
+    `out`; a rerun over the same folder resumes either phase exactly (a finished phase only
+    restores its checkpoints).
+    """
+    head = head_phase(plan.config)
+    if head is None:
+        return Trained(_train_phase(plan, plan.config, out, train_indices))
+    first = _train_phase(plan, head, out / HEAD_PHASE, train_indices)
+    final = _train_phase(plan, plan.config, out, train_indices, [t.variables for t in first])
+    return Trained(final, first)
+
+
+def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.ndarray | None,
+                 init: list[dict] | None = None) -> list[members_lib.TrainedStack]:
+    """One phase: every stack trained under `config` (from `init[s]` when given). Writes
+    out/metrics.jsonl (the restored records and the new ones: one line per member-record),
+    out/tensorboard/ and out/curves.png."""
+    data, t = plan.data, config.training
+    out.mkdir(parents=True, exist_ok=True)
+    indices = data.train_indices if train_indices is None else train_indices
+    steps = len(indices) // t.batch_size
+    parallel = training.data_parallel(t.parallel)
+    parallel.check_batch_size(t.batch_size)
+    trained = []
+    with MetricWriter(out) as writer:
+        for s, stack in enumerate(plan.stacks):
+            trained.append(members_lib.train_stack(
+                stack, make_state=build.make_state_fn(config, steps, pretrained=init is None),
+                train_step=build.make_train_step(config, data),
+                eval_step=training.make_eval_step(), parallel=parallel,
+                train_data=data.train_loader(config, indices),
+                val_data=data.eval_loader("val", t.batch_size),
+                config=build.fit_config(config, steps), key=jax.random.PRNGKey(t.seed),
+                member_names=plan.tasks.names, mode=t.members,
+                checkpoint_dir=out / "checkpoints" / f"stack-{s}",
+                on_record=writer.write, init_variables=None if init is None else init[s]))
+        writer.rewrite([r for ts in trained for r in ts.records])
+    plot_curves(mean_history(trained), out / "curves.png")
+    return trained
+
+
+def mean_history(trained: Sequence[members_lib.TrainedStack]) -> list[dict]:
+    """Per epoch, every metric averaged over all members (for the learning curves)."""
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    by_epoch: dict[int, dict[str, list]] = {}
+    for t in trained:
+        for r in t.records:
+            e = by_epoch.setdefault(r["epoch"], {k: [] for k in keys})
+            for k in keys:
+                if r.get(k) is not None:
+                    e[k].extend(np.atleast_1d(r[k]).tolist())
+    return [{"epoch": e, **{k: float(np.mean(v)) if v else None for k, v in d.items()}}
+            for e, d in sorted(by_epoch.items())]
+
+
+def best_epochs(tasks: Tasks, trained: Sequence[members_lib.TrainedStack]) -> dict[str, int]:
+    """Each member's best epoch (1-based; 0: never improved) by member name."""
+    return {tasks.names[m]: int(e) for t in trained
+            for m, e in zip(t.stack.members, t.best_epoch, strict=True)}
+
+
+@dataclasses.dataclass
+class OutOfFold:
+    """Member outputs for training examples from members that never saw them."""
+
+    members: list[np.ndarray]      # per member [N, C_m]
+    labels: np.ndarray
+    indices: np.ndarray
+    fold: np.ndarray               # the fold of each row
+    fold_train: list[np.ndarray]   # each fold's training ids
+
+
+def out_of_fold_outputs(plan: Plan, out: Path, member_outputs) -> OutOfFold:
+    """K-fold out-of-fold member outputs over the (unique) training examples.
+
+    The examples are split into meta_folds stratified, patient-grouped folds; fold f's members
+    train on the other folds (early stopping on the validation split, as the final members) and
+    `member_outputs(trained, loader)` predicts fold f. Each fold's logs and checkpoints go
+    under out/oof/fold-<f>/, so a rerun resumes them too.
+    """
+    config, data = plan.config, plan.data
+    train = np.unique(data.train_indices)
+    folds = kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
+                          k=config.ensemble.meta_folds, seed=config.training.seed)
+    outputs, labels, ids, fold_of, fold_train = [], [], [], [], []
+    for f, (fit, held) in enumerate(folds):
+        trained = train_members(plan, out / "oof" / f"fold-{f}", train[fit]).stacks
+        probs, y, idx = member_outputs(trained, data.loader(train[held],
+                                                            config.training.batch_size))
+        outputs.append(probs)
+        labels.append(y)
+        ids.append(idx)
+        fold_of.append(np.full(len(idx), f))
+        fold_train.append(train[fit])
+    members = [np.concatenate([o[m] for o in outputs]) for m in range(len(outputs[0]))]
+    return OutOfFold(members, np.concatenate(labels), np.concatenate(ids),
+                     np.concatenate(fold_of), fold_train)

@@ -1,0 +1,90 @@
+"""Run directories: where a run goes, config.json, and what a resume may change.
+
+Every check happens before the first write: a refused command (a non-empty folder without
+overwrite, a resume of a missing run or with other settings) leaves every file as it was.
+config.json is written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from ensembles.config import RunConfig
+
+CONFIG_FILE = "config.json"
+
+
+def default_run_dir(experiment: str, backbone: str) -> Path:
+    """runs/<experiment>-<backbone>-<UTC time>/"""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{experiment}-{backbone}-{stamp}"
+
+
+def read_config(run_dir: Path) -> dict:
+    """The parsed config.json of a run; ValueError if it is missing or not JSON."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no {CONFIG_FILE}: not a run of this project")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error.msg})") from None
+
+
+def check_run_dir(out: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, what would damage or mix up a run."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if resume:
+        if not out.is_dir():
+            raise ValueError(f"nothing to resume: {out} does not exist")
+        saved = read_config(out)
+        if "config" not in saved:
+            raise ValueError(f"{out}/{CONFIG_FILE} holds no run config: cannot resume it")
+        differ = config.differences(RunConfig.from_dict(saved["config"]))
+        if differ:
+            raise ValueError(f"--resume with other settings than the run's "
+                             f"({'; '.join(differ)}); resume with the run's own settings")
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"run directory {out} exists and is not empty; pass --overwrite to "
+                         f"replace it or --resume to continue it")
+
+
+def open_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
+    """Create (or, with overwrite, empty) the run directory checked by `check_run_dir`."""
+    if not resume and overwrite and out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json_atomic(path: Path, doc: Any) -> Path:
+    """Write JSON into a temporary file beside `path`, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(doc, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_config(out: Path, config: RunConfig, **facts: Any) -> Path:
+    """config.json: the run's config, the command line, the JAX setup and `facts`."""
+    return write_json_atomic(out / CONFIG_FILE, {
+        "config": config.to_dict(), **facts, "argv": sys.argv,
+        "jax": {"version": jax.__version__, "backend": jax.default_backend(),
+                "devices": [str(d) for d in jax.local_devices()]}})
