@@ -88,10 +88,10 @@ class Ensemble:
         run is missing or was made with other settings. Returns self."""
         cfg = self.config
         strategy, backbone = cfg.ensemble.strategy, cfg.model.backbone
-        data = build.build_data(cfg, data)
-        plan = fitting.plan_run(cfg, data)
         out = Path(out) if out is not None else runs.default_run_dir(strategy, backbone)
         runs.check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
+        data = build.build_data(cfg, data)
+        plan = fitting.plan_run(cfg, data)
         runs.open_run_dir(out, resume=resume, overwrite=overwrite)
         facts = {"experiment": strategy, "dataset": data.dataset.name,
                  "class_names": list(data.class_names), "member_names": list(plan.tasks.names),

@@ -1,6 +1,6 @@
 """OvA, OvO and the cascade with simple_cnn learn synthetic_cxr: test macro-F1 >= 0.8.
 
-The settings are the ensemble CLIs' custom-CNN defaults (experiments.ensemble_cli:
+The settings are the custom-CNN defaults (ensembles.config.FAMILY_DEFAULTS:
 32 px phantoms, 2000 examples = 1400 train / 300 test, 15 epochs, batch 32, members one
 after another on CPU) without augmentation: the phantoms already vary in pose and exposure,
 and augmenting them costs about 0.05 of macro-F1 at this budget. Measured on the 2-core CPU
@@ -28,8 +28,8 @@ def cache(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ova", "ovo", "cascade"])
 def test_simple_cnn_ensemble_reaches_macro_f1_0_8(strategy, tmp_path, cache):
-    out = ensemble_cli.run(strategy, [*LEARNS, "--out", str(tmp_path / strategy),
+    ens = ensemble_cli.run(strategy, [*LEARNS, "--out", str(tmp_path / strategy),
                                       "--cache-dir", str(cache)])
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((ens.run_dir_ / "metrics.json").read_text())
     assert metrics["n_examples"] == 300
     assert metrics["macro_f1"] >= 0.8, metrics["per_class"]

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import ensemble_cli
+from ensembles import build, fitting
+from experiments import common, ensemble_cli
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
         "--batch-size", "16", "--no-progress"]
@@ -20,7 +21,7 @@ FILES = ("config.json", "combiner.json", "metrics.json", "metrics.jsonl", "repor
 def _run(strategy, tmp_path, cache, *extra):
     out = tmp_path / strategy
     return ensemble_cli.run(strategy, [*TINY, "--out", str(out), "--cache-dir", str(cache),
-                                       *extra])
+                                       *extra]).run_dir_
 
 
 @pytest.fixture(scope="session")
@@ -94,30 +95,31 @@ def test_meta_on_out_of_fold_outputs(tmp_path, cache):
     for f in (0, 1):   # one member training per fold, logged apart from the final members'
         records = (out / "oof" / f"fold-{f}" / "metrics.jsonl").read_text().splitlines()
         # --members auto: one after another on CPU, one record per member and epoch
-        assert sorted(json.loads(r)["member"] for r in records) == [0, 1, 2, 3]
+        names = json.loads((out / "config.json").read_text())["member_names"]
+        assert sorted(json.loads(r)["members"][0] for r in records) == sorted(names)
     assert (out / "meta.json").is_file()
 
 
 @pytest.mark.slow
 def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatch):
     calls = []   # (init_variables, result) of every train_stack call, in order
-    train_stack = ensemble_cli.members_lib.train_stack
+    train_stack = fitting.members_lib.train_stack
 
     def spy(stack, **kw):
         result = train_stack(stack, **kw)
         calls.append((kw.get("init_variables"), result))
         return result
 
-    monkeypatch.setattr(ensemble_cli.members_lib, "train_stack", spy)
+    monkeypatch.setattr(fitting.members_lib, "train_stack", spy)
     out = _run("ova", tmp_path, cache, "--head-epochs", "1", "--freeze", "full",
                "--seed", "3")
     (none, head), (init, final) = calls           # OvA: one stack, two phases
     assert none is None and init is head.variables
     # phase 1 changed only the head: its trunk is the fresh initialisation of each member
-    args = ensemble_cli.parse_args("ova", [*TINY, "--seed", "3", "--cache-dir", str(cache)])
-    p = ensemble_cli.prepare(args, "ova")
-    make_state = ensemble_cli._make_state_fn(args, p.data.steps_per_epoch)
-    keys = ensemble_cli.members_lib.member_keys(jax.random.PRNGKey(3), head.stack.members)
+    config = common.parse("ova", [*TINY, "--seed", "3", "--cache-dir", str(cache)])[0]
+    data = build.build_data(config)
+    make_state = build.make_state_fn(config, len(data.train_indices) // 16)
+    keys = fitting.members_lib.member_keys(jax.random.PRNGKey(3), head.stack.members)
     fresh = [make_state(2, k).params for k in keys]
     for m, params in enumerate(fresh):
         for name in params:
@@ -129,7 +131,7 @@ def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatc
         assert not np.allclose(jax.tree.leaves(final.variables["params"][name])[0],
                                jax.tree.leaves(head.variables["params"][name])[0])
     head_log = [json.loads(r) for r in (out / "head" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(r["member"] for r in head_log) == [0, 1, 2, 3]
+    assert len(head_log) == 4 and all(len(r["members"]) == 1 for r in head_log)
     assert (out / "head" / "checkpoints").is_dir() and (out / "head" / "curves.png").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head_phase"]["epochs"] == 1
@@ -139,10 +141,10 @@ def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatc
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--meta-folds", "2"], "--meta-folds needs --meta"),
-    (["--meta", "logreg", "--meta-folds", "1"], "--meta-folds needs --meta and K >= 2"),
+    (["--meta-folds", "2"], "meta_folds needs a meta-classifier"),
+    (["--meta", "logreg", "--meta-folds", "1"], "meta_folds needs a meta-classifier and K >= 2"),
     (["--meta", "logreg", "--meta-folds", "500"], "fewer than k=500 folds"),
-    (["--head-epochs", "-1"], "--head-epochs must be >= 0"),
+    (["--head-epochs", "-1"], "head_epochs must be >= 0"),
     (["--head-epochs", "1", "--freeze", "last:9"], "the model has only 2 stages"),
 ])
 def test_bad_meta_folds_and_two_phase_flags_fail_before_writing(extra, message, tmp_path,
@@ -151,3 +153,38 @@ def test_bad_meta_folds_and_two_phase_flags_fail_before_writing(extra, message, 
     with pytest.raises(ValueError, match=message):
         ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
     assert not out.exists()
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_refused_resume_changes_no_file(tmp_path, cache, capsys):
+    out = tmp_path / "ova"
+    argv = [*TINY, "--out", str(out), "--cache-dir", str(cache)]
+    assert ensemble_cli.main("ova", "", argv) == 0
+    before = _snapshot(out)
+    refusals = [
+        ([*argv, "--resume", "--lr", "0.01"], "training.lr: 0.001 vs 0.01"),
+        ([*argv, "--resume", "--image-size", "32", "--seed", "1"],
+         "data.image_size: 16 vs 32; training.seed: 0 vs 1"),
+        ([*argv, "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (argv, "exists and is not empty"),
+        ([*TINY, "--resume", "--out", str(tmp_path / "missing"), "--cache-dir", str(cache)],
+         "nothing to resume"),
+        ([*TINY, "--resume", "--cache-dir", str(cache)], "--resume needs --out"),
+    ]
+    for bad, message in refusals:
+        capsys.readouterr()
+        assert ensemble_cli.main("ova", "", bad) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1], err
+        assert not any("Traceback" in line for line in err)
+        assert _snapshot(out) == before, bad
+    assert not (tmp_path / "missing").exists()
+    # a resume of a finished run with its own settings retrains nothing and changes no result
+    assert ensemble_cli.main("ova", "", [*argv, "--resume"]) == 0
+    after = _snapshot(out)
+    for name in ("metrics.json", "combiner.json", "outputs.npz", "metrics.jsonl"):
+        assert after[name] == before[name], name

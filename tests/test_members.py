@@ -3,12 +3,16 @@ per-member early stopping, checkpoint resume and the NaN guard."""
 
 from __future__ import annotations
 
+import itertools
+
+import chex
 import jax
 import numpy as np
 import optax
 import pytest
 
 import backbones
+from backbones.training import FitConfig, TrainingDiverged
 from backbones.training.parallel import data_parallel
 from backbones.training.state import create_train_state
 from backbones.training.step import make_eval_step, make_train_step
@@ -19,6 +23,7 @@ SIZE, BATCH = 16, 16
 # OvA over 3 classes as a relabel table, plus a masked OvO-like member (class 1 vs 2 only).
 TABLE = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 1]], np.int32)
 WEIGHTS = [np.array([0.75, 1.5]), np.array([0.75, 1.5]), np.array([0.75, 1.5]), np.ones(2)]
+NAMES = ["a", "b", "c", "b-vs-c"]
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +34,31 @@ def data():
     return x, ph["label"].astype(np.int32)
 
 
-def _batches(data, n_train=64):
+class Batches:
+    """Re-iterable batches: every epoch's training batches, or one validation pass."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return self.make()
+
+
+def _batches(data, n_train=64, epochs=3):
     x, y = data
 
-    def train(epoch):
-        order = np.random.default_rng(epoch).permutation(n_train)
-        for s in range(0, n_train, BATCH):
-            idx = order[s:s + BATCH]
-            yield {"image": x[idx], "label": y[idx]}
+    def train():
+        for epoch in range(epochs):
+            order = np.random.default_rng(epoch).permutation(n_train)
+            for s in range(0, n_train, BATCH):
+                idx = order[s:s + BATCH]
+                yield {"image": x[idx], "label": y[idx]}
 
     def val():
         for s in range(n_train, len(y), BATCH):
             yield {"image": x[s:s + BATCH], "label": y[s:s + BATCH]}
 
-    return train, val
+    return Batches(train), Batches(val)
 
 
 def _make_state(num_classes, key):
@@ -50,14 +66,17 @@ def _make_state(num_classes, key):
     return create_train_state(model, optax.sgd(0.05, momentum=0.9), key, (1, SIZE, SIZE, 1))
 
 
-def _train(data, mode, stack, **kw):
-    train, val = _batches(data)
-    kw.setdefault("epochs", 2)
-    kw.setdefault("patience", 0)
+def _config(epochs=2, patience=0):
+    return FitConfig(epochs=epochs, steps_per_epoch=64 // BATCH, patience=patience,
+                     progress=False)
+
+
+def _train(data, mode, stack, *, epochs=2, **kw):
+    train, val = _batches(data, epochs=epochs)
     return members.train_stack(
         stack, make_state=_make_state, train_step=make_train_step(), eval_step=make_eval_step(),
-        parallel=data_parallel("shard_map"), train_batches=train, val_batches=val,
-        key=jax.random.PRNGKey(0), mode=mode, **kw)
+        parallel=data_parallel("shard_map"), train_data=train, val_data=val,
+        config=_config(epochs), key=jax.random.PRNGKey(0), member_names=NAMES, mode=mode, **kw)
 
 
 def test_member_targets_relabel_and_mask():
@@ -85,8 +104,8 @@ def test_stacked_equals_sequential(data):
     for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
         assert x.shape[0] == 4
         np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
-    seq_val = np.array([[r["val_loss"][0] for r in b.records if r["member"] == m]
-                        for m in range(4)]).T                          # [epochs, members]
+    seq_val = np.array([[r["val_loss"][0] for r in b.records if r["members"] == [name]]
+                        for name in NAMES]).T                          # [epochs, members]
     np.testing.assert_allclose([r["val_loss"] for r in a.records], seq_val, rtol=1e-4)
     # the members learned something different from each other and from the initial state
     p = jax.tree.leaves(a.variables["params"])[0]
@@ -96,20 +115,23 @@ def test_stacked_equals_sequential(data):
 def test_resume_equals_uninterrupted(data, tmp_path):
     (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
     full = _train(data, "stacked", stack, epochs=3)
-    _train(data, "stacked", stack, epochs=2, checkpoint_dir=tmp_path / "ck")
-    resumed = _train(data, "stacked", stack, epochs=3, checkpoint_dir=tmp_path / "ck")
+    train, val = _batches(data, epochs=3)
+    cut = Batches(lambda: itertools.islice(iter(train), 2 * 64 // BATCH + 1))  # dies in epoch 3
+    with pytest.raises(ValueError, match="ran out in epoch 3"):
+        members.train_stack(
+            stack, make_state=_make_state, train_step=make_train_step(),
+            eval_step=make_eval_step(), parallel=data_parallel("shard_map"), train_data=cut,
+            val_data=val, config=_config(3), key=jax.random.PRNGKey(0), member_names=NAMES,
+            checkpoint_dir=tmp_path / "ck")
+    # a plain iterator has no position to save: the resumed run skips what epochs 1-2 used
+    skip = Batches(lambda: itertools.islice(iter(train), 2 * 64 // BATCH, None))
+    resumed = members.train_stack(
+        stack, make_state=_make_state, train_step=make_train_step(),
+        eval_step=make_eval_step(), parallel=data_parallel("shard_map"), train_data=skip,
+        val_data=val, config=_config(3), key=jax.random.PRNGKey(0), member_names=NAMES,
+        checkpoint_dir=tmp_path / "ck")
     assert [r["epoch"] for r in resumed.records] == [1, 2, 3]
-    for x, y in zip(jax.tree.leaves(full.variables), jax.tree.leaves(resumed.variables)):
-        np.testing.assert_allclose(x, y, atol=1e-6)
-
-
-def test_early_stopping_is_per_member():
-    stop = members.EarlyStopping.start(2, patience=1)
-    np.testing.assert_array_equal(stop.update(0, np.array([1.0, 1.0])), [True, True])
-    np.testing.assert_array_equal(stop.update(1, np.array([0.5, 2.0])), [True, False])
-    assert stop.active.tolist() == [True, False]
-    np.testing.assert_array_equal(stop.update(2, np.array([0.4, 0.1])), [True, False])
-    assert stop.best_epoch.tolist() == [2, 0]
+    chex.assert_trees_all_equal(full.variables, resumed.variables)
 
 
 def test_nan_guard(data):
@@ -117,12 +139,14 @@ def test_nan_guard(data):
     x, y = data
     bad = x.copy()
     bad[0, 0, 0, 0] = np.nan
-    with pytest.raises(FloatingPointError, match="non-finite training loss at epoch 0"):
+    with pytest.raises(TrainingDiverged, match=r"training loss is nan for member\(s\) "
+                                               r"\['a', 'b', 'c', 'b-vs-c'\] at step 1 \(epoch 1\)"):
         members.train_stack(
             stack, make_state=_make_state, train_step=make_train_step(),
             eval_step=make_eval_step(), parallel=data_parallel("shard_map"),
-            train_batches=lambda e: iter([{"image": bad[:BATCH], "label": y[:BATCH]}]),
-            val_batches=lambda: iter([]), epochs=1, patience=0, key=jax.random.PRNGKey(0))
+            train_data=[{"image": bad[:BATCH], "label": y[:BATCH]}], val_data=None,
+            config=FitConfig(epochs=1, steps_per_epoch=1, progress=False),
+            key=jax.random.PRNGKey(0), member_names=NAMES)
 
 
 
@@ -152,9 +176,9 @@ def test_init_variables_are_the_starting_point(data):
             backbones.create("simple_cnn", num_classes=c, width=0.25), optax.sgd(0.0), k,
             (1, SIZE, SIZE, 1)),
         train_step=make_train_step(), eval_step=make_eval_step(),
-        parallel=data_parallel("shard_map"), train_batches=_batches(data)[0],
-        val_batches=_batches(data)[1], epochs=1, patience=0, key=jax.random.PRNGKey(0),
-        init_variables=start)
+        parallel=data_parallel("shard_map"), train_data=_batches(data)[0],
+        val_data=_batches(data)[1], config=_config(1), key=jax.random.PRNGKey(0),
+        member_names=NAMES, init_variables=start)
     _assert_trees_equal(frozen.variables["params"], start["params"])
 
 

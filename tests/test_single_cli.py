@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from experiments import single
+from ensembles import Ensemble
+from experiments import common
+from experiments.ensemble_cli import main
+from experiments.single import DESCRIPTION
+
+
+def single_main(argv):
+    return main("single", DESCRIPTION, argv)
 
 
 @pytest.fixture(scope="module")
@@ -22,18 +29,26 @@ def _argv(out, cache, *extra):
 
 def test_single_writes_every_file(tmp_path, cache, capsys):
     out = tmp_path / "run"
-    assert single.main(_argv(out, cache)) == 0
-    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    assert single_main(_argv(out, cache)) == 0
+    line = capsys.readouterr().out.strip()
+    metrics = json.loads((out / "metrics.json").read_text())
+    lo, hi = metrics["ci95"]["macro_f1"]
+    assert line.startswith(f"test accuracy {metrics['accuracy']:.3f} [")
+    assert f"macro-F1 {metrics['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]" in line
+    assert "chance 0.250 for 4 classes" in line and line.endswith(f"report: {out / 'report.md'}")
+    assert ("AT CHANCE" in line) == (lo <= 0.25)
     for name in ("config.json", "metrics.json", "report.md", "confusion.png", "curves.png",
-                 "metrics.jsonl", "roc.png", "reliability.png"):
+                 "metrics.jsonl", "roc.png", "reliability.png", "combiner.json"):
         assert (out / name).stat().st_size > 0, name
-    assert any((out / "checkpoint" / "latest").glob("[0-9]*"))
-    assert any((out / "checkpoint" / "best").glob("[0-9]*"))
+    assert sorted(p.name for p in (out / "checkpoints" / "stack-0" / "member-0").iterdir()
+                  if p.name.isdigit()) == ["1", "2"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     config = json.loads((out / "config.json").read_text())
-    assert config["backbone"] == "simple_cnn" and config["epochs"] == 2
+    assert config["config"]["model"]["backbone"] == "simple_cnn"
+    assert config["config"]["training"]["epochs"] == 2
+    assert config["member_names"] == ["all"]
     assert config["class_names"] == ["covid", "normal", "viral_pneumonia",
                                      "bacterial_pneumonia"]
-    metrics = json.loads((out / "metrics.json").read_text())
     n_test = config["split_sizes"]["test"]
     assert sum(map(sum, metrics["confusion_matrix"])) == n_test
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
@@ -43,30 +58,48 @@ def test_single_writes_every_file(tmp_path, cache, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-            "val_macro_f1", "images_per_s", "seconds"} <= set(records[0])
-    steps = config["steps_per_epoch"]
+            "val_macro_f1", "images_per_s", "step_time_s", "seconds"} <= set(records[0])
+    steps = config["split_sizes"]["train"] // 8
     assert [r["step"] for r in records] == [steps, 2 * steps]
+
+
+def test_single_cli_and_ensemble_single_agree(tmp_path, cache):
+    """The CLI and the Python API with the same settings give the same metrics."""
+    out = tmp_path / "cli"
+    assert single_main(_argv(out, cache)) == 0
+    cli = json.loads((out / "metrics.json").read_text())
+    api = Ensemble("single", backbone="simple_cnn", count=64, image_size=16, width=0.25,
+                   epochs=2, batch_size=8, n_bootstrap=20, cache_dir=str(cache),
+                   progress=False).fit(out=tmp_path / "api")
+    assert api.metrics_ == cli
+    assert api.members_ == ("all",)
 
 
 def test_refuses_a_non_empty_out_and_missing_weights(tmp_path, cache, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert single.main(_argv(out, cache)) == 2
+    assert single_main(_argv(out, cache)) == 2
     assert "exists and is not empty" in capsys.readouterr().err
-    assert single.main(_argv(tmp_path / "other", cache, "--pretrained",
+    assert single_main(_argv(tmp_path / "other", cache, "--pretrained",
                              str(tmp_path / "missing.h5"))) == 2
     assert "error:" in capsys.readouterr().err
 
 
-def test_help_shows_defaults(capsys):
+@pytest.mark.parametrize("backbone,epochs,batch,count", [("simple_cnn", 15, 32, 2000),
+                                                          ("resnet50", 3, 16, 400)])
+def test_help_shows_the_defaults_of_the_backbones_family(backbone, epochs, batch, count,
+                                                         capsys):
     with pytest.raises(SystemExit):
-        single.parse_args(["--help"])
-    text = capsys.readouterr().out
+        common.parse("single", ["--backbone", backbone, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
     for flag in ("--dataset", "--parallel", "--precision", "--balance", "--freeze",
-                 "--early-stopping-patience", "--augment, --no-augment"):
+                 "--early-stopping-patience", "--augment, --no-augment", "--monitor"):
         assert flag in text, flag
     assert "(default: synthetic_cxr)" in text and "(default: shard_map)" in text
+    assert f"--epochs EPOCHS (default: {epochs})" in text
+    assert f"--batch-size BATCH_SIZE global batch size (default: {batch})" in text
+    assert f"--count COUNT synthetic_cxr: examples (default: {count})" in text
 
 
 @pytest.mark.slow
@@ -78,7 +111,7 @@ def test_simple_cnn_beats_chance_on_synthetic(tmp_path, cache):
             "--epochs", "6", "--batch-size", "16", "--no-augment", "--lr", "3e-3",
             "--n-bootstrap", "20", "--cache-dir", str(cache), "--out", str(out),
             "--no-progress"]
-    assert single.main(argv) == 0
+    assert single_main(argv) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["val_accuracy"] for r in records) >= 0.75, records
+    assert max(r["val_accuracy"][0] for r in records) >= 0.75, records
     assert json.loads((out / "metrics.json").read_text())["accuracy"] >= 0.6  # 44 test images

@@ -132,23 +132,6 @@ def test_frozen_parameters_and_statistics_stay_bit_identical(policy):
         assert same == (name not in trainable), name
 
 
-def test_nan_loss_stops_with_the_step_named(tmp_path):
-    state, dp, _ = _setup()
-    poisoned = _batch()
-    poisoned["image"][0, 0, 0, 0] = np.nan
-    loader = [poisoned] * 4
-
-    class Loader:
-        def __iter__(self):
-            return iter([{**b, "index": np.arange(8)} for b in loader])
-
-    cfg = training.FitConfig(epochs=1, steps_per_epoch=2, progress=False)
-    with pytest.raises(training.TrainingDiverged, match=r"at step 1 .*last good checkpoint: none"):
-        training.fit(state, parallel=dp, train_step=training.make_train_step(),
-                     eval_step=training.make_eval_step(), train_loader=Loader(),
-                     val_loader=None, config=cfg, out_dir=tmp_path)
-
-
 def test_precision_flag():
     assert training.compute_dtype("auto", "cpu") == jnp.float32
     assert training.compute_dtype("auto", "gpu") == jnp.bfloat16

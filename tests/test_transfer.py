@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,15 @@ from test_pretrained import write_legacy_h5
 
 import backbones
 from backbones import layers, training
-from experiments import common, single
+from ensembles import build
+from ensembles.config import PRETRAINED_NORMALIZATION, head_phase
+from experiments import common
+from experiments.single import DESCRIPTION
+from experiments.ensemble_cli import main
+
+
+def single_main(argv):
+    return main("single", DESCRIPTION, argv)
 
 KEYS = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
 
@@ -140,59 +149,56 @@ def test_head_policy_trunk_in_inference_mode_and_dropout_on():
 
 # --- --pretrained wiring -------------------------------------------------------------------
 
-def _args(*extra):
-    return single.parse_args(["--backbone", *extra])
+def _config(*extra):
+    return common.parse("single", ["--backbone", *extra])[0]
 
 
 def test_presets_channels_and_explicit_flags(tmp_path):
     weights = tmp_path / "w.h5"
     weights.write_bytes(b"")
-    scratch = _args("simple_cnn")
-    assert (scratch.channels, scratch.normalization) == (1, "unit")
-    for name, preset in common.PRETRAINED_NORMALIZATION.items():
-        args = _args(name, "--pretrained", str(weights))
-        assert (args.channels, args.normalization) == (3, preset), name
-    args = _args("resnet50", "--pretrained", str(weights), "--normalization", "tf")
-    assert (args.channels, args.normalization) == (3, "tf")
-    args = _args("xception", "--pretrained", str(weights), "--channels", "1")
-    assert (args.channels, args.normalization) == (1, "tf")
+    scratch = _config("simple_cnn")
+    assert (scratch.data.channels, scratch.data.normalization) == (1, "unit")
+    for name, preset in PRETRAINED_NORMALIZATION.items():
+        cfg = _config(name, "--pretrained", str(weights))
+        assert (cfg.data.channels, cfg.data.normalization) == (3, preset), name
+    cfg = _config("resnet50", "--pretrained", str(weights), "--normalization", "tf")
+    assert (cfg.data.channels, cfg.data.normalization) == (3, "tf")
+    cfg = _config("xception", "--pretrained", str(weights), "--channels", "1")
+    assert (cfg.data.channels, cfg.data.normalization) == (1, "tf")
     with pytest.raises(ValueError, match="preset 'caffe' has per-channel constants"):
-        _args("resnet50", "--pretrained", str(weights), "--channels", "1")
-    args = _args("densenet121", "--pretrained", str(weights), "--channels", "1",
-                 "--normalization", "xray")
-    assert (args.channels, args.normalization) == (1, "xray")
-    with pytest.raises(ValueError, match="--head-epochs must be >= 0"):
-        _args("simple_cnn", "--head-epochs", "-1")
-    two_phase = _args("simple_cnn", "--head-epochs", "2")
-    with pytest.raises(ValueError, match="--head-epochs is not supported by this experiment"):
-        common.check_args(two_phase)  # a CLI that has not adopted fit_two_phase
-    head = common.head_phase(two_phase)
-    assert (head.freeze, head.epochs, head.head_epochs, head.warmup_epochs) == ("head", 2, 0, 1)
-    assert common.head_phase(scratch) is None
+        _config("resnet50", "--pretrained", str(weights), "--channels", "1")
+    cfg = _config("densenet121", "--pretrained", str(weights), "--channels", "1",
+                  "--normalization", "xray")
+    assert (cfg.data.channels, cfg.data.normalization) == (1, "xray")
+    with pytest.raises(ValueError, match="head_epochs must be >= 0"):
+        _config("simple_cnn", "--head-epochs", "-1")
+    head = head_phase(_config("simple_cnn", "--head-epochs", "2"))
+    assert (head.model.freeze, head.training.epochs, head.model.head_epochs,
+            head.training.warmup_epochs) == ("head", 2, 0, 0.5)
+    assert head_phase(scratch) is None
 
 
 def test_imagenet_file_lookup_and_refusals(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CXR_ENSEMBLES_WEIGHTS", str(tmp_path))
     argv = ["--out", str(tmp_path / "run"), "--pretrained", "imagenet", "--backbone"]
-    assert single.main([*argv, "densenet121"]) == 2
+    assert single_main([*argv, "densenet121"]) == 2
     err = capsys.readouterr().err
     notop = "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert f"{tmp_path / notop} not found" in err
     assert "storage.googleapis.com/tensorflow/keras-applications/densenet/" in err
-    assert single.main([*argv, "resnet18"]) == 2
+    assert single_main([*argv, "resnet18"]) == 2
     assert "resnet18 has no ImageNet weights" in capsys.readouterr().err
-    assert single.main([*argv[:2], "--pretrained", str(tmp_path / "nope.h5"),
+    assert single_main([*argv[:2], "--pretrained", str(tmp_path / "nope.h5"),
                         "--backbone", "vgg16"]) == 2
     assert "nope.h5 is not a file" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run directory
     # Only the with-top file present: it is used (its top is dropped on load).
     full = tmp_path / "densenet121_weights_tf_dim_ordering_tf_kernels.h5"
     full.write_bytes(b"")
-    assert common.weights_path(_args("densenet121", "--pretrained", "imagenet"),
-                               "densenet121") == full
+    assert build.weights_path(_config("densenet121", "--pretrained", "imagenet")) == full
     (tmp_path / notop).write_bytes(b"")
-    assert common.weights_path(_args("densenet121", "--pretrained", "imagenet"),
-                               "densenet121") == tmp_path / notop
+    assert build.weights_path(_config("densenet121", "--pretrained", "imagenet")) == (
+        tmp_path / notop)
 
 
 # --- two-phase fine-tuning end to end ------------------------------------------------------
@@ -214,9 +220,12 @@ def _keras_like_trunk(name: str, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(lambda p, x: draw(p, x).astype(np.float32), trunk)
 
 
-def _restore(directory):
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-    return ocp.StandardCheckpointer().restore(directory / str(steps[-1]) / "state")
+def _latest_state(directory):
+    """The newest epoch's train state of a one-member stack (member axis dropped)."""
+    with ocp.CheckpointManager(directory.absolute()) as manager:
+        items = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            items=ocp.args.StandardRestore()))["items"]
+    return jax.tree.map(lambda x: x[0], items["state"])
 
 
 @pytest.mark.slow
@@ -229,16 +238,18 @@ def test_two_phase_from_a_pretrained_file(tmp_path):
             "--batch-size", "8", "--warmup-epochs", "0.5", "--n-bootstrap", "0", "--no-augment",
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
     with pytest.warns(UserWarning, match="not an official Keras"):
-        assert single.main(argv) == 0
-    config = json.loads((out / "config.json").read_text())
-    assert (config["normalization"], config["channels"], config["head_epochs"]) == (
-        "caffe", 3, 1)
+        assert single_main(argv) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["data"]["normalization"], config["data"]["channels"],
+            config["model"]["head_epochs"], config["training"]["members"]) == (
+        "caffe", 3, 1, "stacked")
     for run in (out / "head", out):
         records = (run / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(r)["epoch"] for r in records] == [1], run
     want = traverse_util.flatten_dict(trunk["params"])
-    phase1 = traverse_util.flatten_dict(_restore(out / "head" / "checkpoint" / "latest")["params"])
-    phase2 = traverse_util.flatten_dict(_restore(out / "checkpoint" / "latest")["params"])
+    ckpt = Path("checkpoints") / "stack-0"
+    phase1 = traverse_util.flatten_dict(_latest_state(out / "head" / ckpt)["params"])
+    phase2 = traverse_util.flatten_dict(_latest_state(out / ckpt)["params"])
     for key, value in want.items():  # phase 1 trained the head alone
         np.testing.assert_array_equal(phase1[key], value, err_msg="/".join(key))
         if key[0].startswith("block5"):  # phase 2 (last:1) moved only the last stage

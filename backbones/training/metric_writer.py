@@ -67,8 +67,10 @@ class MetricWriter:
 
     `resume_records` are the records restored with a checkpoint, the truth on resume:
     metrics.jsonl is rewritten to exactly them (None starts an empty file). TensorBoard files
-    are appended to (a new event file per writer) and marked so that TensorBoard hides the
-    events a crashed run logged after the last resumed record (tensorboardX's purge_step).
+    are appended to (a new event file per writer); with `resume_records` they are marked so
+    that TensorBoard hides the events a crashed run logged after the last resumed record
+    (tensorboardX's purge_step). Without them nothing is hidden: a training phase that holds
+    several members' trainings cannot name one step to purge from.
     """
 
     def __init__(self, directory: str | Path, *, resume_records: Sequence[dict] | None = None,
@@ -84,7 +86,7 @@ class MetricWriter:
         if tensorboard:
             self._tb = SummaryWriter(
                 str(self.path.parent / "tensorboard"),
-                purge_step=_step(records[-1]) + 1 if records else 0,
+                purge_step=_step(records[-1]) + 1 if records else None,
                 flush_secs=TB_FLUSH_SECS,
                 # tensorboardX names event files by the second and opens them "wb": two writers
                 # started within one second would otherwise share, and truncate, one file.
