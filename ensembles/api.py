@@ -51,6 +51,9 @@ class Ensemble:
                  **settings: Any):
         if config is None:
             self.config = make_config(strategy, **settings)
+        elif "backbone" in settings and settings["backbone"] != config.model.backbone:
+            raise ValueError("a resolved config holds its backbone family's defaults: build a "
+                             "new one with make_config(strategy, backbone=...) to change it")
         else:
             self.config = resolve(config.replace(**settings) if settings else config)
         self.bundle_: bundle_lib.Bundle | None = None
@@ -136,9 +139,9 @@ class Ensemble:
 
     def _predictions(self, images: np.ndarray, use_meta: bool) -> bundle_lib.Predictions:
         images = np.asarray(images)
-        if images.ndim == 4 and images.shape[-1] == 1:
-            images = images[..., 0]
-        if images.ndim != 3 or images.dtype != np.uint8:
+        if images.ndim == 3:
+            images = images[..., None]              # the loader's examples are [H, W, 1]
+        if images.ndim != 4 or images.shape[-1] != 1 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 [N, H, W] or [N, H, W, 1]; got "
                              f"{images.dtype} {list(images.shape)}")
         source = [{"image": image, "label": 0} for image in images]
@@ -163,7 +166,8 @@ class Ensemble:
         """A fitted Ensemble from a run folder (or one written by `save`)."""
         bundle = bundle_lib.load_bundle(path)
         if not isinstance(bundle, bundle_lib.Bundle):
-            raise bundle_lib.BundleError(f"{path} is a stack run: load it with Stack.load")
+            raise bundle_lib.BundleError(f"{path} is a stack run: load it with "
+                                         f"ensembles.bundle.load_bundle")
         doc = runs.read_config(Path(path))
         ens = cls.__new__(cls)
         ens.config = RunConfig.from_dict(doc["config"])

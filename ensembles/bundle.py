@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+from scipy.special import softmax
 
 import backbones
 from data_pipeline.loader import make_loader
@@ -152,7 +153,7 @@ class Bundle:
         """Per-member probabilities [N, C_m], labels and indices over preprocessed batches."""
         logits, labels, indices = strategy_lib.member_logits(
             self._apply, self.variables, self.stacks, batches)
-        return [strategy_lib.softmax(z) for z in logits], labels, indices
+        return [softmax(z, axis=-1) for z in logits], labels, indices
 
     def combine(self, member_probs: list[np.ndarray], *, use_meta: bool = False) -> np.ndarray:
         """K-class probabilities from member probabilities (the rule, or the meta-classifier)."""

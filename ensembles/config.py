@@ -157,7 +157,8 @@ class RunConfig:
         return _apply(self, changes)
 
     def differences(self, other: RunConfig) -> list[str]:
-        """`section.name: ours vs theirs` for every computed setting that differs."""
+        """`section.name: theirs vs ours` (the other config's value first) for every
+        computed setting that differs."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{s}.{k}: {b[s][k]!r} vs {a[s][k]!r}" for s in SECTIONS for k in a[s]
                 if (s, k) not in RUN_ONLY and a[s][k] != b[s][k]]

@@ -36,9 +36,12 @@ def load_outputs(run: Path) -> dict:
     members = sorted(int(k.split("_")[-1]) for k in z if k.startswith("val_member_"))
     if not members:
         raise ValueError(f"{run} saved no member outputs (a stack run?): stack ensemble runs")
-    run = config["config"]
-    return {"name": f"{run['ensemble']['strategy']}/{run['model']['backbone']}",
-            "backbone": run["model"]["backbone"], **z,
+    if "config" not in config:
+        raise ValueError(f"{run}/config.json holds no run config (a run of an older version "
+                         f"of this project): retrain it to stack it")
+    settings = config["config"]
+    return {"name": f"{settings['ensemble']['strategy']}/{settings['model']['backbone']}",
+            "backbone": settings["model"]["backbone"], **z,
             "val": [z[f"val_member_{m}"] for m in members],
             "test": [z[f"test_member_{m}"] for m in members]}
 

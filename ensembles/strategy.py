@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backbones.training.loop import pad_batch
 from ensembles import members as members_lib
 from ensembles.combiners import make_combiner
 from ensembles.tasks import Tasks, check_trainable, make_tasks
@@ -64,21 +65,6 @@ def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
         raise ValueError("no images to predict")
     return ([np.concatenate(o).astype(np.float64) for o in out], np.concatenate(labels),
             np.concatenate(indices))
-
-
-def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Pad a short last batch to `size` by repeating its last image (outputs are cut after)."""
-    if len(images) >= size:
-        return images
-    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Probabilities from logits [..., C] in float64."""
-    z = np.asarray(logits, np.float64)
-    z = z - z.max(-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
 
 
 def rule_combiner(tasks: Tasks, *, ovo_decision: str = "votes",

@@ -1,5 +1,11 @@
 """`python -m experiments.compare --strategies single,ova,ovo,cascade,stack --backbones
-simple_cnn,cnn16 --seeds 3 [common flags]`: every strategy x backbone x seed, compared.
+simple_cnn,cnn16 --seeds 3 [training flags]`: every strategy x backbone x seed, compared.
+
+The training flags are those of `experiments.ova` (not --backbone, --seed, --out, --resume or
+--overwrite: the comparison sets them per run); they are parsed once per backbone, so each
+backbone takes its family's defaults for the flags not given. Every run's config is built
+(`ensembles.config.RunConfig`) and every run folder checked before the first run trains;
+runs train through `ensembles.Ensemble` and "stack" through `ensembles.Stack`.
 
 Each (backbone, seed) trains every strategy on the same split (the seed also picks the split),
 so strategies are paired on identical test examples: McNemar's test on the decisions and a
@@ -7,13 +13,15 @@ paired bootstrap of macro-F1 (patient-grouped when ids exist) against the first 
 "stack" is the meta-classifier over that backbone's other runs (fitted on validation outputs).
 Writes compare.csv (one row per run), compare.md (mean ± std over seeds, seed-0 bootstrap CI,
 paired tests) and compare.png (macro-F1 per strategy and backbone). `--reuse` resumes an
-interrupted comparison: finished runs in --compare-out are kept once their settings are checked.
+interrupted comparison: finished runs in --compare-out are kept once their saved config is
+checked against this command's (RunConfig.differences), interrupted runs are resumed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,17 +32,52 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments import common, ensemble_cli, stack  # noqa: E402
+from ensembles import Ensemble, Stack  # noqa: E402
+from ensembles import bundle as bundle_lib  # noqa: E402
+from ensembles import runs as runs_lib  # noqa: E402
+from ensembles.config import META_MODELS, RunConfig, resolve  # noqa: E402
 from ensembles.stats import mcnemar, paired_bootstrap  # noqa: E402
+from experiments import common  # noqa: E402
 
 STRATEGIES = ("single", "ova", "ovo", "cascade", "stack")
 METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece")
+DESCRIPTION = "Every strategy x backbone x seed, compared on paired test examples."
+STACK_META = "logreg"
+# Flags the comparison sets per run itself (--backbones, --seeds, --compare-out, --reuse).
+_OWNED = ("--backbone", "--seed", "--out", "--resume", "--overwrite")
 
 
-# config.json keys that say where, how verbosely or how fast a run ran, not what it computed
-# (stacked and sequential members train the same members: tests/test_members.py).
-_RUN_ONLY = ("out", "overwrite", "resume", "progress", "argv", "jax", "cache_dir", "workers",
-             "members")
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One run of the comparison: its config (None for "stack") and folder."""
+
+    strategy: str
+    backbone: str
+    seed: int
+    config: RunConfig | None
+    run_dir: Path
+
+
+def plan(strategies, backbones, seeds: int, out: Path, flags: list[str]) -> list[Planned]:
+    """Every (backbone, seed, strategy) run in training order, each with its checked config.
+
+    The shared flags are parsed once per backbone, so every backbone takes its family's
+    defaults (ensembles.config.FAMILY_DEFAULTS) for the flags not given; strategy and seed
+    are then set per run. Any bad flag or setting raises before anything trains.
+    """
+    given = [f.split("=")[0] for f in flags if f.split("=")[0] in _OWNED]
+    if given:
+        raise ValueError(f"{', '.join(dict.fromkeys(given))}: the comparison sets these per run "
+                         f"(use --backbones, --seeds, --compare-out and --reuse)")
+    planned = []
+    for backbone in backbones:
+        base, _ = common.parse("ova", [*flags, "--backbone", backbone], DESCRIPTION)
+        for seed in range(seeds):
+            for s in strategies:
+                config = None if s == "stack" else resolve(base.replace(strategy=s, seed=seed))
+                planned.append(Planned(s, backbone, seed, config,
+                                       out / f"{s}-{backbone}-seed{seed}"))
+    return planned
 
 
 def finished(run_dir: Path) -> bool:
@@ -42,61 +85,82 @@ def finished(run_dir: Path) -> bool:
     return all((run_dir / f).is_file() for f in ("config.json", "metrics.json", "outputs.npz"))
 
 
-def check_reusable(run_dir: Path, expected: dict, defaults: dict | None = None) -> None:
-    """ValueError unless the finished run in `run_dir` was made with the `expected` settings.
-
-    A flag the run's config.json lacks (the run predates it) matches its default value.
-    """
-    config = json.loads((run_dir / "config.json").read_text())
-    expected, defaults = json.loads(json.dumps([expected, defaults or {}], default=str))
-    differ = {k: (config.get(k, defaults.get(k)), v) for k, v in expected.items()
-              if v is not None and k not in _RUN_ONLY and config.get(k, defaults.get(k)) != v}
-    if differ:
-        raise ValueError(f"--reuse: {run_dir} was made with other settings "
-                         f"({', '.join(f'{k}: {a!r} vs {b!r}' for k, (a, b) in differ.items())});"
-                         f" use another --compare-out")
+def stacked_runs(planned: list[Planned], run: Planned) -> list[Path]:
+    """The runs a "stack" run stacks: its (backbone, seed)'s other runs before it, the
+    single model left out unless it is the only one."""
+    before = [p for p in planned[:planned.index(run)]
+              if (p.backbone, p.seed) == (run.backbone, run.seed) and p.strategy != "stack"]
+    return [p.run_dir for p in before if p.strategy != "single"] or [p.run_dir for p in before]
 
 
-def run_one(strategy: str, backbone: str, seed: int, run_dir: Path, flags: list[str],
-            members: list[Path], reuse: bool) -> None:
-    """Train (or stack) one run into `run_dir`; with `reuse`, keep a matching finished one."""
-    if strategy == "stack":
+def reuse_differences(run_dir: Path, expected: RunConfig) -> list[str]:
+    """`section.name: saved vs expected` for each setting of the run in `run_dir` that
+    differs from `expected`, apart from those that say how a run executes, not what it
+    computes (RunConfig.differences skips them; and stacked and sequential members train the
+    same members: tests/test_members.py). A setting the saved config lacks takes its default."""
+    doc = runs_lib.read_config(run_dir)
+    if "config" not in doc:
+        raise ValueError(f"--reuse: {run_dir}/config.json holds no run config (an older "
+                         f"run); use another --compare-out")
+    saved = RunConfig.from_dict(doc["config"])
+    return expected.differences(saved.replace(members=expected.training.members))
+
+
+def stack_differences(run_dir: Path, members: list[Path]) -> list[str]:
+    """What differs between the stack run in `run_dir` and the stack of `members`."""
+    doc = runs_lib.read_config(run_dir)
+    expected = {"runs": [str(r) for r in members], "meta_model": META_MODELS[STACK_META]}
+    return [f"{k}: {doc.get(k)!r} vs {v!r}" for k, v in expected.items() if doc.get(k) != v]
+
+
+def decide(planned: list[Planned], run: Planned, reuse: bool) -> str:
+    """"reuse" (a finished run, settings checked), "resume" (an interrupted one, with
+    `reuse`) or "train"; ValueError, before anything trains, for a run that cannot go on."""
+    run_dir = run.run_dir
+    if run.strategy == "stack":
+        members = stacked_runs(planned, run)
         if not members:
             raise ValueError("stack needs at least one other strategy to stack")
-        if reuse and finished(run_dir):
-            check_reusable(run_dir, {"runs": [str(r) for r in members]})
-            return
-        stack.stack_runs(members, run_dir, seed=seed)
-        return
-    argv = [*flags, "--backbone", backbone, "--seed", str(seed), "--out", str(run_dir)]
-    if reuse and finished(run_dir):
-        expected = vars(ensemble_cli.parse_args(strategy, argv))
-        defaults = vars(ensemble_cli.parse_args(strategy, ["--backbone", backbone]))
-        check_reusable(run_dir, {**expected, "strategy": strategy}, defaults)
-        print(f"reusing {run_dir}", file=sys.stderr)
-        return
-    ensemble_cli.run(strategy, argv)
+        differ = stack_differences(run_dir, members) if reuse and finished(run_dir) else None
+        action = "reuse" if differ is not None else "train"
+        if action == "train" and (run_dir / bundle_lib.COMPONENTS_DIR).exists():
+            raise ValueError(f"{run_dir} already holds a stack bundle; use another "
+                             f"--compare-out (or --reuse once it is finished)")
+    elif reuse and finished(run_dir):
+        action, differ = "reuse", reuse_differences(run_dir, run.config)
+    elif reuse and (run_dir / runs_lib.CONFIG_FILE).is_file():
+        action, differ = "resume", reuse_differences(run_dir, run.config)
+    else:
+        runs_lib.check_run_dir(run_dir, run.config, resume=False, overwrite=False)
+        action, differ = "train", None
+    if differ:
+        raise ValueError(f"--reuse: {run_dir} was made with other settings "
+                         f"({'; '.join(differ)}); use another --compare-out")
+    return action
 
 
-def run_all(strategies, backbones, seeds: int, out: Path, flags: list[str], *,
-            reuse: bool = False) -> list[dict]:
-    """Train/evaluate every combination; one record per run with its metrics and outputs."""
+def run_all(planned: list[Planned], *, reuse: bool = False) -> list[dict]:
+    """Train/evaluate every planned run (every run checked first); one record per run with
+    its metrics and outputs. With `reuse`, finished runs are kept and interrupted ones
+    resumed."""
+    actions = [decide(planned, run, reuse) for run in planned]
     records = []
-    for backbone in backbones:
-        for seed in range(seeds):
-            runs = {}
-            for s in strategies:
-                run_dir = out / f"{s}-{backbone}-seed{seed}"
-                members = [runs[k] for k in runs if k != "single"] or list(runs.values())
-                run_one(s, backbone, seed, run_dir, flags, members, reuse)
-                runs[s] = run_dir
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-                z = np.load(run_dir / "outputs.npz")
-                records.append({"strategy": s, "backbone": backbone, "seed": seed,
-                                "run": str(run_dir), "metrics": metrics,
-                                "y": z["test_label"], "proba": z["test_proba"],
-                                "pred": z["test_pred"],
-                                "ids": z["test_patient_id"] if "test_patient_id" in z else None})
+    for run, action in zip(planned, actions, strict=True):
+        if action == "reuse":
+            print(f"reusing {run.run_dir}", file=sys.stderr)
+        elif run.strategy == "stack":
+            print(f"stacking {run.run_dir}", file=sys.stderr)
+            Stack(stacked_runs(planned, run), meta=STACK_META, seed=run.seed).fit(run.run_dir)
+        else:
+            print(f"{'resuming' if action == 'resume' else 'training'} {run.run_dir}",
+                  file=sys.stderr)
+            Ensemble(config=run.config).fit(out=run.run_dir, resume=action == "resume")
+        metrics = json.loads((run.run_dir / "metrics.json").read_text())
+        z = np.load(run.run_dir / "outputs.npz")
+        records.append({"strategy": run.strategy, "backbone": run.backbone, "seed": run.seed,
+                        "run": str(run.run_dir), "metrics": metrics,
+                        "y": z["test_label"], "proba": z["test_proba"], "pred": z["test_pred"],
+                        "ids": z["test_patient_id"] if "test_patient_id" in z else None})
     return records
 
 
@@ -187,33 +251,45 @@ def write_outputs(out: Path, records, summary, tests) -> None:
     plt.close(fig)
 
 
+def _names(text: str, what: str, allowed=None) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if allowed is not None and n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {unknown}; choose from {', '.join(allowed)}"
+                         if allowed is not None else f"--{what}: give at least one name")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--{what}: {', '.join(names)} repeats a name")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
+    # allow_abbrev=False: --seed / --backbone are refused training flags, not --seeds /
+    # --backbones abbreviated
     parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--strategies", default="single,ova,ovo,cascade,stack")
     parser.add_argument("--backbones", default="simple_cnn,cnn16")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--compare-out", default=None,
-                        help="output folder (default runs/compare-<UTC time>)")
+                        help="output folder (default runs/compare-all-<UTC time>)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs already finished in --compare-out (same settings, "
-                             "checked) and train only the missing ones: resumes a comparison")
+                             "checked), resume interrupted ones and train only the missing "
+                             "ones: resumes a comparison")
     args, flags = parser.parse_known_args(argv)
     try:
-        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-        unknown = [s for s in strategies if s not in STRATEGIES]
-        if unknown or not strategies:
-            raise ValueError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+        strategies = _names(args.strategies, "strategy", STRATEGIES)
         if "stack" in strategies and strategies.index("stack") != len(strategies) - 1:
             strategies = [s for s in strategies if s != "stack"] + ["stack"]
         if args.seeds < 1:
             raise ValueError("--seeds must be >= 1")
-        out = Path(args.compare_out or common.make_run_dir(
-            argparse.Namespace(out=None, resume=False, overwrite=False), "compare", "all"))
+        out = (Path(args.compare_out) if args.compare_out else
+               runs_lib.default_run_dir("compare", "all"))
+        planned = plan(strategies, _names(args.backbones, "backbones"), args.seeds, out, flags)
         out.mkdir(parents=True, exist_ok=True)
-        records = run_all(strategies, args.backbones.split(","), args.seeds, out, flags,
-                          reuse=args.reuse)
-    except (ValueError, FileNotFoundError) as error:
+        records = run_all(planned, reuse=args.reuse)
+    except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = summarise(records)

@@ -11,71 +11,34 @@ preprocessing and decides by the meta-classifier (--meta is implied).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, load_dataset
-from ensembles.bundle import Bundle, BundleError, StackBundle, load_bundle
-from ensembles.evaluation import evaluate_predictions, write_report
+from ensembles.assess import evaluate_bundle, summary_line
+from ensembles.bundle import load_bundle
+from ensembles.evaluation import write_report
+from experiments import common
 
 
-def match_classes(model_classes, data_classes) -> dict:
-    """Data label -> model label for shared canonical names, plus what each side lacks."""
-    mapping = {d: model_classes.index(c) for d, c in enumerate(data_classes)
-               if c in model_classes}
-    return {"mapping": mapping,
-            "model_lacks": [c for c in data_classes if c not in model_classes],
-            "data_lacks": [c for c in model_classes if c not in data_classes]}
-
-
-def evaluate_run(bundle: Bundle | StackBundle, dataset, *, batch_size: int = 32,
-                 use_meta: bool = False, seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of `bundle` on every example of `dataset` whose class the model knows."""
-    match = match_classes(list(bundle.class_names), list(dataset.class_names))
-    if not match["mapping"]:
-        raise ValueError(f"no class in common: model {list(bundle.class_names)}, data "
-                         f"{list(dataset.class_names)}")
-    p = bundle.predict(dataset.source, np.arange(len(dataset.source)), batch_size=batch_size,
-                       use_meta=use_meta)
-    proba, pred, labels, indices = p.proba, p.decisions, p.labels, p.indices
-    known = np.isin(labels, list(match["mapping"]))
-    unknown = {}
-    for d, name in enumerate(dataset.class_names):
-        if d not in match["mapping"] and np.any(labels == d):
-            counts = np.bincount(pred[labels == d], minlength=len(bundle.class_names))
-            unknown[name] = {"count": int(np.sum(labels == d)),
-                             "predicted_as": dict(zip(bundle.class_names, counts.tolist()))}
-    if not known.any():
-        raise ValueError("no example of a class the model knows")
-    y = np.array([match["mapping"][int(d)] for d in labels[known]])
-    metrics = evaluate_predictions(y, proba[known], bundle.class_names,
-                                   patient_ids=dataset.patient_ids[indices[known]], seed=seed,
-                                   y_pred=pred[known])
-    metrics["cross_dataset"] = {"dataset": dataset.name, "run": str(bundle.run_dir),
-                                "model_lacks": match["model_lacks"],
-                                "data_lacks": match["data_lacks"],
-                                "excluded_examples": unknown,
-                                "skipped_files": len(dataset.skipped)}
-    return metrics, y, proba[known]
-
-
-def _section(cross: dict) -> str:
-    lines = [f"Model: `{cross['run']}`; data: {cross['dataset']} (every image is test data).",
+def _section(on: dict) -> str:
+    lines = [f"Model: `{on['run']}`; data: {on['dataset']} (every image is test data; "
+             f"{on['examples']} of a class the model knows are evaluated).",
              f"- classes the model lacks (left out of the metrics): "
-             f"{', '.join(cross['model_lacks']) or 'none'}",
+             f"{', '.join(on['model_lacks']) or 'none'}",
              f"- classes the data lacks (no recall / ROC-AUC): "
-             f"{', '.join(cross['data_lacks']) or 'none'}",
-             f"- unreadable files skipped while building the dataset: {cross['skipped_files']}"]
-    for name, e in cross["excluded_examples"].items():
+             f"{', '.join(on['data_lacks']) or 'none'}",
+             f"- unreadable files skipped while building the dataset: {on['skipped_files']}"]
+    for name, e in on["excluded_examples"].items():
         lines.append(f"- {e['count']} `{name}` images predicted as: "
                      + ", ".join(f"{k} {v}" for k, v in e["predicted_as"].items()))
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory (ensemble, stack or single)")
@@ -85,22 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="report folder (default RUN/eval-<dataset>)")
     parser.add_argument("--meta", action="store_true", help="use the saved meta-classifier")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--n-bootstrap", type=int, default=1000,
+                        help="patient-grouped bootstrap resamples for the 95%% CIs (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     args = parser.parse_args(argv)
     try:
+        if args.batch_size < 1 or args.n_bootstrap < 0:
+            raise ValueError("--batch-size must be >= 1 and --n-bootstrap >= 0")
         bundle = load_bundle(args.run)
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
-        metrics, y, proba = evaluate_run(bundle, dataset, batch_size=args.batch_size,
-                                         use_meta=args.meta)
-    except (ValueError, FileNotFoundError, BundleError) as error:
+        metrics, y, proba = evaluate_bundle(
+            bundle, dataset, np.arange(len(dataset.source)), batch_size=args.batch_size,
+            use_meta=args.meta, seed=args.seed, n_bootstrap=args.n_bootstrap)
+    except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
     write_report(metrics, out, y_true=y, proba=proba,
                  title=f"{Path(args.run).name} evaluated on {args.dataset}",
-                 extra_sections={"Cross-dataset matching": _section(metrics["cross_dataset"])})
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1", "roc_auc_macro")}))
-    print(f"report: {out / 'report.md'}")
+                 extra_sections={"Cross-dataset matching": _section(metrics["evaluated_on"])})
+    print(summary_line(metrics, out / "report.md"))
     return 0
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.decode import DecodeError, decode_image
-from ensembles.bundle import Bundle, BundleError, StackBundle, load_bundle
+from ensembles.bundle import Bundle, Predictions, StackBundle, load_bundle
+from experiments import common
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 CHUNK = 256  # decoded full-size images held at once (the models see them preprocessed)
@@ -38,13 +39,14 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
-                  use_meta: bool = False
-                  ) -> tuple[list[Path], np.ndarray, np.ndarray, list[dict]]:
-    """(decoded files, probabilities [N, K], decisions [N], skipped [{"path", "reason"}]).
+                  use_meta: bool = False) -> tuple[list[Path], Predictions, list[dict]]:
+    """(decoded files, their Predictions, skipped [{"path", "reason"}]).
 
+    The predictions' rows follow the decoded files (`indices` index them; there are no
+    labels: -1); probability columns and decisions index `class_names`, the model's classes.
     Decisions follow the combiner's rule (a cascade's stages, OvO votes), or the meta-
     classifier's argmax with `use_meta` or for a stack run."""
-    kept, skipped, proba, decisions = [], [], [], []
+    kept, skipped, chunks = [], [], []
     for start in range(0, len(files), CHUNK):
         source = []
         for f in files[start:start + CHUNK]:
@@ -54,16 +56,27 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
             except DecodeError as error:
                 skipped.append({"path": str(f), "reason": str(error)})
         if source:
-            p = bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
-                               use_meta=use_meta)
-            proba.append(p.proba)
-            decisions.append(p.decisions)
-    if not proba:
-        return kept, np.zeros((0, len(bundle.class_names))), np.zeros(0, int), skipped
-    return kept, np.concatenate(proba), np.concatenate(decisions), skipped
+            chunks.append(bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
+                                         use_meta=use_meta))
+    k = len(bundle.class_names)
+    class_names = chunks[0].class_names if chunks else tuple(bundle.class_names)
+    proba = np.concatenate([c.proba for c in chunks]) if chunks else np.zeros((0, k))
+    decisions = (np.concatenate([c.decisions for c in chunks]).astype(int) if chunks
+                 else np.zeros(0, int))
+    return kept, Predictions(class_names, proba, decisions, np.full(len(kept), -1),
+                             np.arange(len(kept))), skipped
 
 
-def main(argv: list[str] | None = None) -> int:
+def rows(files: Sequence[Path], p: Predictions) -> list[list[str]]:
+    """The CSV: a header `path,<class names...>,prediction`, then one row per file with its
+    probabilities and the name of its decided class."""
+    names = list(p.class_names)
+    return [["path", *names, "prediction"],
+            *([str(f), *(f"{q:.6f}" for q in row), names[int(d)]]
+              for f, row, d in zip(files, p.proba, p.decisions, strict=True))]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory (ensemble, stack or single)")
@@ -73,25 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
         bundle = load_bundle(args.run)
         files = find_images(args.inputs)
-        kept, proba, decisions, skipped = predict_files(bundle, files, batch_size=args.batch_size,
-                                             use_meta=args.meta)
-    except (ValueError, FileNotFoundError, BundleError) as error:
+        kept, predictions, skipped = predict_files(bundle, files, batch_size=args.batch_size,
+                                                   use_meta=args.meta)
+    except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for s in skipped:
         print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
-    names = bundle.class_names
-    rows = [[str(f), *(f"{p:.6f}" for p in row), names[int(d)]]
-            for f, row, d in zip(kept, proba, decisions, strict=True)]
-    header = ["path", *names, "prediction"]
+    table = rows(kept, predictions)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
-            csv.writer(fh).writerows([header, *rows])
+            csv.writer(fh).writerows(table)
     else:
-        csv.writer(sys.stdout).writerows([header, *rows])
-    print(f"predicted {len(kept)} image(s), skipped {len(skipped)} unreadable", file=sys.stderr)
+        csv.writer(sys.stdout).writerows(table)
+    print(f"predicted {len(kept)} image(s), skipped {len(skipped)} unreadable"
+          + (f"; csv: {args.csv}" if args.csv else ""), file=sys.stderr)
     return 0
 
 

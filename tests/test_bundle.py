@@ -1,8 +1,11 @@
-"""The ensemble bundle: save -> load -> predict equals the in-process test predictions;
-predict / evaluate CLIs on generated images; incomplete or foreign run directories refused."""
+"""The ensemble bundle: save -> load -> predict equals the in-process test predictions (an
+`experiments.single` run included: a one-member ensemble bundle); labels and decisions share
+the model's class order on data that lists its classes in another order; predict / evaluate
+CLIs on generated images; incomplete or foreign run directories refused."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -11,22 +14,24 @@ import pytest
 from PIL import Image
 
 from data_pipeline.datasets import load_dataset
+from data_pipeline.decode import decode_image
 from data_pipeline.loader import make_loader
-from data_pipeline.splits import split_indices
 from data_pipeline.synthetic import generate_phantoms
-from ensembles.bundle import BundleError, bundle_pieces, copy_bundle, load_bundle
-from experiments import ensemble_cli, evaluate, predict, single
+from ensembles import Ensemble, RunConfig, build
+from ensembles.assess import evaluate_bundle
+from ensembles.bundle import Bundle, BundleError, bundle_pieces, copy_bundle, load_bundle
 from ensembles.evaluation import evaluate_predictions
+from experiments import ensemble_cli, evaluate, predict, single
 
-TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
-        "--batch-size", "16", "--no-progress"]
+TINY = {"image_size": 16, "count": 120, "epochs": 1, "width": 0.25, "batch_size": 16,
+        "progress": False}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("bundle")
-    return ensemble_cli.run("ova", [*TINY, "--out", str(base / "ova"), "--cache-dir",
-                                    str(base / "tfds")])
+    ens = Ensemble("ova", **TINY, cache_dir=str(base / "tfds")).fit(out=base / "ova")
+    return ens.run_dir_
 
 
 @pytest.fixture(scope="module")
@@ -45,50 +50,102 @@ def images(tmp_path_factory):
     return root
 
 
+def _run_config(run_dir) -> RunConfig:
+    return RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+
+
 def test_round_trip_predictions_equal_in_process(run):
     bundle = load_bundle(run)
     saved = np.load(run / "outputs.npz")
-    config = json.loads((run / "config.json").read_text())
-    ds = load_dataset("synthetic_cxr", cache_dir=config["cache_dir"],
-                      count=config["count"], image_size=config["image_size"],
-                      seed=config["seed"])
+    ds = build.load_data(_run_config(run))
     loader = make_loader(ds.source, saved["test_index"], batch_size=7,
                          preprocess=bundle.preprocess, shuffle=False, drop_remainder=False)
     probs, labels, idx = bundle.member_outputs(loader)
     np.testing.assert_array_equal(idx, saved["test_index"])
     np.testing.assert_allclose(bundle.combine(probs), saved["test_proba"], atol=1e-5)
     np.testing.assert_array_equal(bundle.decide(probs), saved["test_pred"])
+    p = bundle.predict(ds.source, saved["test_index"], batch_size=7,
+                       label_names=ds.class_names)
+    np.testing.assert_array_equal(p.labels, saved["test_label"])
+    np.testing.assert_array_equal(p.decisions, saved["test_pred"])
+
+
+def test_labels_and_decisions_share_the_model_class_order(run, images, tmp_path):
+    """A dataset listing its classes in another order than the model (and one the model
+    lacks): Predictions.labels are mapped into the model's order, so accuracy from labels vs
+    decisions equals the accuracy counted by class name."""
+    order = ("lung_opacity", "viral_pneumonia", "normal", "covid")
+    ds = load_dataset("image_folder", data_dir=images, classes=order,
+                      cache_dir=tmp_path / "tfds")
+    bundle = load_bundle(run)
+    assert ds.class_names == order
+    assert bundle.class_names == ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
+    p = bundle.predict(ds.source, np.arange(len(ds.source)), batch_size=5,
+                       label_names=ds.class_names)
+    assert p.class_names == bundle.class_names
+    truth = [ds.class_names[y] for y in ds.labels[p.indices]]       # names, by hand
+    expected = [bundle.class_names.index(n) if n in bundle.class_names else -1 for n in truth]
+    np.testing.assert_array_equal(p.labels, expected)
+    known = p.labels >= 0
+    assert known.sum() == 12 and (~known).sum() == 3
+    raw = ds.labels[p.indices]
+    assert np.any(raw[known] != p.labels[known])   # the orders really differ on known classes
+    by_name = np.mean([bundle.class_names[d] == n
+                       for d, n, k in zip(p.decisions, truth, known, strict=True) if k])
+    assert np.mean(p.decisions[known] == p.labels[known]) == pytest.approx(by_name)
+    metrics, y, proba = evaluate_bundle(bundle, ds, np.arange(len(ds.source)), batch_size=5,
+                                        n_bootstrap=0)
+    assert metrics["accuracy"] == pytest.approx(by_name)
+    np.testing.assert_array_equal(y, p.labels[known])
+    np.testing.assert_allclose(proba, p.proba[known], atol=1e-6)
+    per_class = {c: np.mean([bundle.class_names[d] == c for d, n in
+                             zip(p.decisions, truth, strict=True) if n == c])
+                 for c in ("covid", "normal", "viral_pneumonia") if c in truth}
+    for c, recall in per_class.items():
+        assert metrics["per_class"][c]["recall"] == pytest.approx(recall)
+    assert metrics["evaluated_on"]["excluded_examples"]["lung_opacity"]["count"] == 3
 
 
 def test_predict_cli_skips_unreadable(run, images, tmp_path, capsys):
     (images / "covid" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "p.csv"
-    assert predict.main(["--run", str(run), str(images), "--csv", str(out)]) == 0
-    rows = out.read_text().splitlines()
-    assert rows[0].split(",")[:5] == ["path", "covid", "normal", "viral_pneumonia",
-                                      "bacterial_pneumonia"]
+    try:
+        assert predict.main(["--run", str(run), str(images), "--csv", str(out)]) == 0
+    finally:
+        (images / "covid" / "broken.png").unlink()
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ["path", "covid", "normal", "viral_pneumonia", "bacterial_pneumonia",
+                       "prediction"]
     assert len(rows) == 1 + 15
-    probs = np.array([[float(v) for v in r.split(",")[1:5]] for r in rows[1:]])
+    probs = np.array([[float(v) for v in r[1:5]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert "skipped 1 unreadable" in capsys.readouterr().err
-    (images / "covid" / "broken.png").unlink()
+    # the prediction column names the class of the bundle's decisions, in the model's order
+    bundle = load_bundle(run)
+    source = [{"image": decode_image(r[0]), "label": 0} for r in rows[1:]]
+    p = bundle.predict(source, np.arange(len(source)))
+    np.testing.assert_allclose(probs, p.proba, atol=2e-6)
+    assert [r[5] for r in rows[1:]] == [bundle.class_names[d] for d in p.decisions]
 
 
-def test_evaluate_reports_class_mismatch(run, images, tmp_path):
+def test_evaluate_reports_class_mismatch(run, images, tmp_path, capsys):
     out = tmp_path / "eval"
     assert evaluate.main(["--run", str(run), "--dataset", "image_folder", "--data-dir",
                           str(images), "--cache-dir", str(tmp_path / "tfds"),
                           "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    cross = metrics["cross_dataset"]
-    assert cross["model_lacks"] == ["lung_opacity"]
-    assert cross["data_lacks"] == ["bacterial_pneumonia"]
-    assert cross["excluded_examples"]["lung_opacity"]["count"] == 3
-    assert metrics["n_examples"] == 12
+    on = metrics["evaluated_on"]
+    assert on["model_lacks"] == ["lung_opacity"]
+    assert on["data_lacks"] == ["bacterial_pneumonia"]
+    assert on["excluded_examples"]["lung_opacity"]["count"] == 3
+    assert metrics["n_examples"] == on["examples"] == 12
     assert "lung_opacity" in (out / "report.md").read_text()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"test accuracy {metrics['accuracy']:.3f}")
+    assert "chance 0.250 for 4 classes" in last and last.endswith(f"report: {out}/report.md")
 
 
-def test_incomplete_and_foreign_runs_are_refused(run, tmp_path):
+def test_incomplete_and_foreign_runs_are_refused(run, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     shutil.rmtree(broken / "members" / "stack-0")
@@ -103,28 +160,57 @@ def test_incomplete_and_foreign_runs_are_refused(run, tmp_path):
         load_bundle(foreign)
     with pytest.raises(BundleError, match="config.json is missing"):
         load_bundle(tmp_path)
+    assert predict.main(["--run", str(broken), str(tmp_path)]) == 2
+    assert evaluate.main(["--run", str(foreign), "--dataset", "synthetic_cxr"]) == 2
+    err = capsys.readouterr().err
+    assert "error: incomplete run: member checkpoint" in err
+    assert "error: " in err and "format version 99" in err
 
 
-def test_single_run_loads_and_copies(tmp_path):
-    """A run of experiments.single (its --head auto resolved on load) predicts its own test
-    metrics, and its bundle pieces (config + newest best checkpoint) load the same model."""
+def test_single_run_is_an_ensemble_bundle(tmp_path, capsys):
+    """A run of experiments.single is a one-member ensemble bundle; it (and its copied
+    pieces) loads and predicts its test split as the run did in-process."""
     out = tmp_path / "single"
-    single.run(single.parse_args([
-        "--backbone", "simple_cnn", "--image-size", "16", "--count", "80", "--epochs", "1",
-        "--warmup-epochs", "0", "--width", "0.25", "--batch-size", "16", "--no-progress",
-        "--n-bootstrap", "0", "--out", str(out), "--cache-dir", str(tmp_path / "tfds")]))
-    config = json.loads((out / "config.json").read_text())
-    ds = load_dataset("synthetic_cxr", cache_dir=config["cache_dir"], count=80, image_size=16,
-                      seed=0)
-    test = split_indices(ds.labels, ds.patient_ids, recipe=config["split_recipe"])["test"]
+    argv = ["--backbone", "simple_cnn", "--image-size", "16", "--count", "80", "--epochs", "1",
+            "--warmup-epochs", "0", "--width", "0.25", "--batch-size", "16", "--no-progress",
+            "--n-bootstrap", "0", "--out", str(out), "--cache-dir", str(tmp_path / "tfds")]
+    assert ensemble_cli.main("single", single.DESCRIPTION, argv) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {out}/report.md")
+    config = _run_config(out)
+    assert config.ensemble.strategy == "single"
+    ds = build.load_data(config)
+    test = build.build_data(config, ds).splits["test"]
+    saved = np.load(out / "outputs.npz")
+    np.testing.assert_array_equal(saved["test_index"], test)
+    metrics = json.loads((out / "metrics.json").read_text())
     pieces = bundle_pieces(out)
-    assert [str(p) for p in pieces] == ["config.json", "checkpoint/best/3"]
+    assert [str(p) for p in pieces] == ["config.json", "combiner.json", "members/stack-0"]
     copy_bundle(out, tmp_path / "copy", pieces)
-    saved = json.loads((out / "metrics.json").read_text())
     for run_dir in (out, tmp_path / "copy"):
         bundle = load_bundle(run_dir)
-        assert bundle.kind == "single"
-        p = bundle.predict(ds.source, test)
-        m = evaluate_predictions(p.labels, p.proba, ds.class_names, n_bootstrap=0)
-        assert m["accuracy"] == saved["accuracy"]
-        assert m["roc_auc_macro"] == pytest.approx(saved["roc_auc_macro"], abs=1e-6)
+        assert isinstance(bundle, Bundle) and bundle.kind == "ensemble"
+        assert bundle.tasks.strategy == "single" and len(bundle.tasks.names) == 1
+        p = bundle.predict(ds.source, test, batch_size=5, label_names=ds.class_names)
+        np.testing.assert_allclose(p.proba, saved["test_proba"], atol=1e-5)
+        np.testing.assert_array_equal(p.decisions, saved["test_pred"])
+        np.testing.assert_array_equal(p.labels, saved["test_label"])
+        m = evaluate_predictions(p.labels, p.proba, ds.class_names, y_pred=p.decisions,
+                                 n_bootstrap=0)
+        assert m["accuracy"] == metrics["accuracy"]
+        assert m["roc_auc_macro"] == pytest.approx(metrics["roc_auc_macro"], abs=1e-6)
+
+
+def test_predict_proba_on_raw_images_equals_the_run(run):
+    """Ensemble.load(...).predict_proba / predict on raw uint8 images, [N, H, W, 1] and
+    [N, H, W], give the run's own test probabilities and decisions."""
+    ens = Ensemble.load(run)
+    saved = np.load(run / "outputs.npz")
+    assert ens.classes_ == tuple(str(c) for c in saved["class_names"])
+    assert ens.members_ == load_bundle(run).tasks.names and len(ens.members_) == 4
+    assert ens.metrics_ == json.loads((run / "metrics.json").read_text())
+    ds = build.load_data(ens.config)
+    raw = np.stack([np.asarray(ds.source[int(i)]["image"]) for i in saved["test_index"]])
+    assert raw.dtype == np.uint8 and raw.shape[-1] == 1
+    for images in (raw, raw[..., 0]):
+        np.testing.assert_allclose(ens.predict_proba(images), saved["test_proba"], atol=1e-5)
+        np.testing.assert_array_equal(ens.predict(images), saved["test_pred"])

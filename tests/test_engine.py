@@ -75,7 +75,7 @@ class Interrupted(training.DataParallel):
         return run
 
 
-def _fit(out: Path, parallel=None, *, monitor="val_loss", on_record=None, patience=None):
+def _fit(out: Path, parallel=None, *, monitor="val_loss", patience=None):
     """One K=3 model through the engine (a stack of one member), checkpoints in out/ckpt."""
     parallel = parallel or training.data_parallel("shard_map", jax.devices()[:1])
     source = TinySource()
@@ -99,7 +99,7 @@ def _fit(out: Path, parallel=None, *, monitor="val_loss", on_record=None, patien
             config=training.FitConfig(epochs=EPOCHS, steps_per_epoch=STEPS, monitor=monitor,
                                       patience=patience, progress=False),
             stacked=False, member_names=["all"], checkpoint_dir=out / "ckpt",
-            on_record=on_record or writer.write)
+            on_record=writer.write)
         writer.rewrite(result.records)
     return result
 
@@ -152,27 +152,38 @@ def _crash_inside_save(monkeypatch):
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
 
 
-@pytest.mark.parametrize("where", ["before_save", "inside_save", "after_save",
-                                   "after_record"])
+def _crash_after_save(monkeypatch):
+    original = MetricWriter.write
+
+    def write(self, record):
+        if record["epoch"] == 2:
+            raise Crash("between the checkpoint and the metric record")
+        return original(self, record)
+    monkeypatch.setattr(MetricWriter, "write", write)
+
+
+CRASH_POINTS = ("before_save", "inside_save", "after_save", "after_record")
+
+
+def inject(where: str, monkeypatch, *, steps: int) -> training.DataParallel | None:
+    """Arm a Crash in epoch 2 at `where` (after_record: the first step of epoch 3); returns
+    the DataParallel to train with for that point (None: the default one)."""
+    if where == "after_record":
+        return Interrupted(at=2 * steps + 1)
+    {"before_save": _crash_before_save, "inside_save": _crash_inside_save,
+     "after_save": _crash_after_save}[where](monkeypatch)
+    return None
+
+
+@pytest.mark.parametrize("where", CRASH_POINTS)
 def test_a_crash_at_any_write_resumes_bit_identical(where, uninterrupted, tmp_path,
                                                     monkeypatch):
     ref_out, ref = uninterrupted
     out = tmp_path / "run"
-    on_record = None
-    parallel = None
     with monkeypatch.context() as patch:
-        if where == "before_save":
-            _crash_before_save(patch)
-        elif where == "inside_save":
-            _crash_inside_save(patch)
-        elif where == "after_save":
-            def on_record(record):
-                if record["epoch"] == 2:
-                    raise Crash("between the checkpoint and the metric record")
-        else:
-            parallel = Interrupted(at=2 * STEPS + 1)       # first step of epoch 3
+        parallel = inject(where, patch, steps=STEPS)
         with pytest.raises(Crash):
-            _fit(out, parallel, on_record=on_record)
+            _fit(out, parallel)
     if where == "inside_save":   # the half-written epoch 2 is not a checkpoint
         assert training.Checkpointer(out / "ckpt").latest_epoch() == 1
     resumed = _fit(out)

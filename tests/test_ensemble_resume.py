@@ -8,10 +8,8 @@ import json
 import chex
 import jax
 import pytest
-from test_engine import (
-    TIMING, Crash, Interrupted, _crash_before_save, _crash_inside_save, _final_checkpoint)
+from test_engine import CRASH_POINTS, TIMING, Crash, _final_checkpoint, inject
 
-from backbones.training.metric_writer import MetricWriter
 from ensembles import Ensemble, fitting
 
 SETTINGS = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
@@ -37,27 +35,14 @@ def _lines(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["before_save", "inside_save", "after_save",
-                                   "after_record"])
+@pytest.mark.parametrize("where", CRASH_POINTS)
 def test_ova_killed_anywhere_resumes_exactly(where, uninterrupted, cache, tmp_path,
                                              monkeypatch):
     out = tmp_path / "ova"
     with monkeypatch.context() as patch:
-        if where == "before_save":
-            _crash_before_save(patch)
-        elif where == "inside_save":
-            _crash_inside_save(patch)
-        elif where == "after_save":
-            original = MetricWriter.write
-
-            def write(self, record):
-                if record["epoch"] == 2:
-                    raise Crash("between the checkpoint and the metric record")
-                return original(self, record)
-            patch.setattr(MetricWriter, "write", write)
-        else:
-            patch.setattr(fitting.training, "data_parallel",
-                          lambda mode: Interrupted(at=2 * STEPS + 1))
+        parallel = inject(where, patch, steps=STEPS)
+        if parallel is not None:
+            patch.setattr(fitting.training, "data_parallel", lambda mode: parallel)
         with pytest.raises(Crash):
             Ensemble("ova", cache_dir=cache, **SETTINGS).fit(out=out)
     assert not (out / "metrics.json").exists()          # nothing looks finished

@@ -1,6 +1,7 @@
-"""Stack runs as bundles: experiments.stack writes a self-contained stack bundle whose
-components keep their own preprocessing; load_bundle -> predict equals the probabilities the
-stack run wrote; evaluate / predict CLIs on it; broken or foreign stack bundles refused.
+"""Stack runs as bundles: experiments.stack (over --runs, or training its runs first) writes a
+self-contained stack bundle whose components keep their own preprocessing; load_bundle ->
+predict equals the probabilities the stack run wrote; evaluate / predict CLIs on it; broken
+or foreign stack bundles refused.
 
 Two tiny runs on one image folder (raw 32 px): OvA at 16 px, 1 channel, "unit", with a
 gradient-boosting meta (meta.skops); OvO at 24 px, 3 channels, "tf".
@@ -21,14 +22,16 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from data_pipeline.datasets import load_dataset
 from data_pipeline.synthetic import generate_phantoms
+from ensembles import Ensemble, RunConfig, Stack
+from ensembles.assess import evaluate_bundle
 from ensembles.bundle import BundleError, StackBundle, load_bundle
 from ensembles.meta import MetaClassifier
-from experiments import ensemble_cli, evaluate, predict, stack
+from experiments import evaluate, predict, stack
 
-TINY = ["--epochs", "1", "--width", "0.25", "--batch-size", "16", "--no-progress",
-        "--dataset", "image_folder"]
-PREPROCESS = {"ova": ["--image-size", "16", "--meta", "gboost"],
-              "ovo": ["--image-size", "24", "--channels", "3", "--normalization", "tf"]}
+TINY = {"epochs": 1, "width": 0.25, "batch_size": 16, "progress": False,
+        "dataset": "image_folder"}
+PREPROCESS = {"ova": {"image_size": 16, "meta": "gboost"},
+              "ovo": {"image_size": 24, "channels": 3, "normalization": "tf"}}
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +48,9 @@ def folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, folder) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("runs")
-    return {s: ensemble_cli.run(s, [*TINY, *flags, "--data-dir", str(folder), "--cache-dir",
-                                    str(base / "tfds"), "--out", str(base / s)])
-            for s, flags in PREPROCESS.items()}
+    return {s: Ensemble(s, **TINY, **settings, data_dir=str(folder),
+                        cache_dir=str(base / "tfds")).fit(out=base / s).run_dir_
+            for s, settings in PREPROCESS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +63,15 @@ def stacked(tmp_path_factory, runs) -> Path:
 
 @pytest.fixture(scope="module")
 def dataset(runs, folder):
-    config = json.loads((runs["ova"] / "config.json").read_text())
-    return load_dataset("image_folder", data_dir=folder, cache_dir=config["cache_dir"])
+    return load_dataset("image_folder", data_dir=folder, cache_dir=_cache_dir(runs["ova"]))
 
 
-def test_ensemble_cli_saves_gboost_meta(runs):
+def _cache_dir(run: Path) -> str:
+    config = json.loads((run / "config.json").read_text())["config"]
+    return RunConfig.from_dict(config).data.cache_dir
+
+
+def test_ensemble_saves_gboost_meta(runs):
     """--meta gboost: meta.skops in the bundle, equal to a refit on the saved val outputs."""
     bundle = load_bundle(runs["ova"])
     assert json.loads((runs["ova"] / "config.json").read_text())["bundle"]["meta"] == "meta.skops"
@@ -110,7 +117,9 @@ def test_load_bundle_predicts_what_the_stack_run_wrote(stacked, dataset):
 
 def test_gboost_stack_bundle_round_trip(runs, dataset, tmp_path):
     out = tmp_path / "gboost"
-    stack.stack_runs([runs["ova"], runs["ovo"]], out, model="gradient_boosting")
+    fitted = Stack([runs["ova"], runs["ovo"]], meta="gboost").fit(out)
+    assert fitted.run_dir_ == out
+    assert fitted.metrics_ == json.loads((out / "metrics.json").read_text())
     assert json.loads((out / "config.json").read_text())["bundle"]["meta"] == "meta.skops"
     z = np.load(out / "outputs.npz")
     bundle = load_bundle(out)
@@ -128,19 +137,19 @@ def test_gboost_stack_bundle_round_trip(runs, dataset, tmp_path):
 
 def test_evaluate_cli_on_stack_run(stacked, folder, dataset, tmp_path):
     bundle = load_bundle(stacked)
-    metrics, y, proba = evaluate.evaluate_run(bundle, dataset)
+    metrics, y, proba = evaluate_bundle(bundle, dataset, np.arange(len(dataset.source)))
     z = np.load(stacked / "outputs.npz")
     assert len(y) == metrics["n_examples"] == 120
     np.testing.assert_allclose(proba[z["test_index"]], z["test_proba"], atol=1e-6)
     out = tmp_path / "eval"
-    config = json.loads((stacked / "components" / "0" / "config.json").read_text())
     assert evaluate.main(["--run", str(stacked), "--dataset", "image_folder", "--data-dir",
-                          str(folder), "--cache-dir", config["cache_dir"], "--out",
-                          str(out)]) == 0
+                          str(folder), "--cache-dir", _cache_dir(stacked / "components" / "0"),
+                          "--out", str(out)]) == 0
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["n_examples"] == 120
     assert saved["accuracy"] == pytest.approx(float(np.mean(proba.argmax(1) == y)))
-    assert saved["cross_dataset"]["model_lacks"] == [] == saved["cross_dataset"]["data_lacks"]
+    assert saved["evaluated_on"]["model_lacks"] == [] == saved["evaluated_on"]["data_lacks"]
+    assert saved["evaluated_on"]["run"] == str(stacked)
 
 
 def test_predict_cli_on_stack_run(stacked, folder, dataset, tmp_path):
@@ -183,5 +192,80 @@ def test_stack_of_incomplete_run_writes_nothing(runs, tmp_path):
     (broken / "combiner.json").unlink()
     out = tmp_path / "stack"
     with pytest.raises(BundleError, match="combiner.json is missing"):
-        stack.stack_runs([runs["ova"], broken], out)
+        Stack([runs["ova"], broken]).fit(out)
     assert not out.exists()
+    # a run whose config.json predates the typed config (flat flags) is refused by name
+    old = tmp_path / "old"
+    shutil.copytree(runs["ovo"], old)
+    doc = json.loads((old / "config.json").read_text())
+    flat = {k: v for section in doc.pop("config").values() for k, v in section.items()}
+    (old / "config.json").write_text(json.dumps({**doc, **flat}))
+    with pytest.raises(ValueError, match="holds no run config"):
+        Stack([runs["ova"], old]).fit(out)
+    assert not out.exists()
+
+
+def test_stack_cli_plans_each_backbone_with_its_family_defaults(tmp_path):
+    """Without --runs: the training flags parsed once per backbone (its family's defaults for
+    the flags not given), one config per strategy, run folders <stack-out>/<s>-<backbone>."""
+    planned, target = stack.plan_members(["ova", "cascade"], ["simple_cnn", "resnet50"],
+                                         ["--epochs", "2", "--seed", "3", "--overwrite"],
+                                         tmp_path)
+    assert [p for _, p in planned] == [tmp_path / f"{s}-{b}" for b in ("simple_cnn", "resnet50")
+                                       for s in ("ova", "cascade")]
+    assert target.overwrite and not target.resume
+    for config, run_dir in planned:
+        strategy, backbone = run_dir.name.split("-")
+        assert config.ensemble.strategy == strategy and config.model.backbone == backbone
+        assert config.training.epochs == 2 and config.training.seed == 3
+        family = {"simple_cnn": (2000, 32), "resnet50": (400, 16)}[backbone]
+        assert (config.data.count, config.training.batch_size) == family
+
+
+def test_stack_cli_refuses_bad_input_before_training(runs, stacked, tmp_path, capsys):
+    def refused(argv, message):
+        assert stack.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+
+    both = ["--runs", str(runs["ova"]), str(runs["ovo"])]
+    refused([*both, "--stack-out", str(stacked)], "already holds a stack bundle")
+    refused([*both, "--epochs", "3", "--stack-out", str(tmp_path / "a")],
+            "training flags (--epochs 3) apply only without --runs")
+    refused(["--runs", str(tmp_path / "missing"), "--stack-out", str(tmp_path / "b")],
+            "has no outputs.npz")
+    out = tmp_path / "train"
+    refused(["--strategies", "ova,stack", "--stack-out", str(out)], "not stack itself")
+    refused(["--backbone", "resnet50", "--stack-out", str(out)], "--backbones")
+    refused(["--out", str(tmp_path / "x"), "--stack-out", str(out)], "give --stack-out")
+    refused(["--strategies", "ova,bagging", "--stack-out", str(out)], "'bagging'")
+    # a run folder in the way is refused before the first run trains
+    (out / "ovo-simple_cnn").mkdir(parents=True)
+    (out / "ovo-simple_cnn" / "stray.txt").write_text("x")
+    refused(["--strategies", "ova,ovo", "--stack-out", str(out), "--epochs", "1"],
+            "ovo-simple_cnn exists and is not empty")
+    assert not (out / "ova-simple_cnn").exists()
+
+
+@pytest.mark.slow
+def test_stack_cli_trains_its_runs_then_stacks(tmp_path, capsys):
+    out = tmp_path / "stack"
+    assert stack.main(["--strategies", "ova,single", "--backbones", "simple_cnn",
+                       "--meta-model", "gboost", "--stack-out", str(out), "--image-size", "16",
+                       "--count", "120", "--epochs", "1", "--width", "0.25", "--no-progress",
+                       "--seed", "1", "--cache-dir", str(tmp_path / "tfds")]) == 0
+    members = [out / "ova-simple_cnn", out / "single-simple_cnn"]
+    for strategy, run in zip(("ova", "single"), members, strict=True):
+        config = RunConfig.from_dict(json.loads((run / "config.json").read_text())["config"])
+        assert config.ensemble.strategy == strategy and config.model.width == 0.25
+        assert (config.training.epochs, config.training.seed, config.data.count) == (1, 1, 120)
+        assert config.training.batch_size == 32      # simple_cnn's family default
+        assert (run / "metrics.json").is_file()
+    doc = json.loads((out / "config.json").read_text())
+    assert doc["runs"] == [str(r) for r in members]
+    assert doc["meta_model"] == "gradient_boosting" and doc["bundle"]["meta"] == "meta.skops"
+    metrics = json.loads((out / "metrics.json").read_text())
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"test accuracy {metrics['accuracy']:.3f}")
+    assert last.endswith(f"report: {out}/report.md")
+    assert isinstance(load_bundle(out), StackBundle)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from scipy.special import log_softmax
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
@@ -120,9 +121,7 @@ def member_metrics(logits: np.ndarray, labels: np.ndarray, table: np.ndarray
     member_label = np.asarray(table)[:, labels]                                  # [M, N]
     keep = member_label >= 0
     safe = np.where(keep, member_label, 0)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, safe[..., None], -1)[..., 0]
+    nll = -np.take_along_axis(log_softmax(logits, axis=-1), safe[..., None], -1)[..., 0]
     count = np.maximum(keep.sum(1), 1)
     pred = logits.argmax(-1)
     f1 = [f1_score(safe[m][keep[m]], pred[m][keep[m]], average="macro", zero_division=0,
@@ -143,14 +142,20 @@ def predict_logits(predict: Callable, state: Any, batches: Iterable[dict]
     for batch in batches:
         images = np.asarray(batch["image"])
         size, n = size or len(images), len(images)
-        if n < size:
-            images = np.concatenate([images, np.repeat(images[-1:], size - n, axis=0)])
-        logits.append(np.asarray(predict(state, {"image": images}))[:, :n])
+        logits.append(np.asarray(predict(state, {"image": pad_batch(images, size)}))[:, :n])
         labels.append(np.asarray(batch["label"]))
         indices.append(np.asarray(batch.get("index", np.zeros(n, np.int64))))
     if not logits:
         return np.zeros((0, 0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(logits, 1), np.concatenate(labels), np.concatenate(indices)
+
+
+def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """Pad a short last batch to `size` by repeating its last image (outputs are cut after),
+    so evaluation compiles one shape."""
+    if len(images) >= size:
+        return images
+    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
 
 
 def _with_member_axis(tree: Any, stacked: bool) -> Any:
