@@ -57,6 +57,7 @@ class Ensemble:
         else:
             self.config = resolve(config.replace(**settings) if settings else config)
         self.bundle_: bundle_lib.Bundle | None = None
+        self.data_: Dataset | None = None
         self.metrics_: dict | None = None
         self.run_dir_: Path | None = None
 
@@ -96,7 +97,9 @@ class Ensemble:
         data = build.build_data(cfg, data)
         plan = fitting.plan_run(cfg, data)
         runs.open_run_dir(out, resume=resume, overwrite=overwrite)
+        self.data_ = data.dataset
         facts = {"experiment": strategy, "dataset": data.dataset.name,
+                 "dataset_examples": len(data.dataset.source),
                  "class_names": list(data.class_names), "member_names": list(plan.tasks.names),
                  "split_sizes": {k: len(v) for k, v in data.splits.items()}}
         if not resume:
@@ -111,13 +114,15 @@ class Ensemble:
     def evaluate(self, data: Dataset | None = None, split: str = "test", *,
                  use_meta: bool = False, n_bootstrap: int | None = None) -> dict:
         """The metrics dict (as metrics.json holds) on `split` of `data` (default: the
-        configured dataset). "train"/"val"/"test" are the splits fit made (same recipe and
+        dataset fit used, or for a loaded ensemble the one its config describes). "train"/"val"/"test" are the splits fit made (same recipe and
         seed); "all" uses every image (cross-dataset evaluation). Classes are matched by
         name; examples of classes the model lacks are left out and reported."""
         bundle = self._fitted()
         if split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}")
-        dataset = data if data is not None else build.load_data(self.config)
+        dataset = data if data is not None else self.data_
+        if dataset is None:
+            dataset = build.load_data(self.config)
         indices = (np.arange(len(dataset.source)) if split == "all" else
                    build.build_data(self.config, dataset).splits[split])
         metrics, _, _ = evaluate_bundle(
@@ -171,7 +176,7 @@ class Ensemble:
         doc = runs.read_config(Path(path))
         ens = cls.__new__(cls)
         ens.config = RunConfig.from_dict(doc["config"])
-        ens.bundle_, ens.run_dir_ = bundle, Path(path)
+        ens.bundle_, ens.run_dir_, ens.data_ = bundle, Path(path), None
         metrics = Path(path) / "metrics.json"
         ens.metrics_ = json.loads(metrics.read_text()) if metrics.is_file() else None
         return ens
