@@ -149,11 +149,12 @@ def pretrained_variables(config: RunConfig, variables: dict) -> dict:
 def optim_config(config: RunConfig, steps_per_epoch: int) -> training.OptimConfig:
     """The optimiser settings of the config, the schedule sized by `steps_per_epoch`."""
     t = config.training
+    total = t.epochs * steps_per_epoch
+    # a warm-up as long as the run would leave no step to decay over: at most half of it
+    warmup = min(round(t.warmup_epochs * steps_per_epoch), total // 2)
     return training.OptimConfig(
-        optimizer=t.optimizer, learning_rate=t.lr, schedule=t.schedule,
-        warmup_steps=round(t.warmup_epochs * steps_per_epoch),
-        total_steps=t.epochs * steps_per_epoch, weight_decay=t.weight_decay,
-        clip_norm=t.clip_norm)
+        optimizer=t.optimizer, learning_rate=t.lr, schedule=t.schedule, warmup_steps=warmup,
+        total_steps=total, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
 
 
 def input_shape(config: RunConfig) -> tuple[int, int, int, int]:
@@ -205,3 +206,40 @@ def fit_config(config: RunConfig, steps_per_epoch: int) -> training.FitConfig:
     return training.FitConfig(epochs=t.epochs, steps_per_epoch=steps_per_epoch,
                               monitor=t.monitor, patience=t.early_stopping_patience,
                               keep_checkpoints=t.keep_checkpoints, progress=t.progress)
+
+
+def training_memory_bytes(config: RunConfig, num_classes: int, members: int) -> int:
+    """A rough upper estimate of one train step's memory, without compiling anything.
+
+    Parameters with their gradients and Adam's two moments (4 copies), plus every module
+    output of the forward pass kept for the backward pass and its gradient (2 copies), in
+    float32, for `members` members trained at once on one global batch."""
+    model = build_model(config, num_classes=num_classes)
+    shape = (config.training.batch_size, *input_shape(config)[1:])
+
+    def forward():
+        x = jax.numpy.zeros(shape, jax.numpy.float32)
+        variables = model.init(jax.random.PRNGKey(0), x[:1], train=False)
+        _, state = model.apply(variables, x, train=False, capture_intermediates=True,
+                               mutable=["intermediates"])
+        return variables["params"], state["intermediates"]
+
+    params, activations = jax.eval_shape(forward)
+    count = sum(x.size for x in jax.tree.leaves(params)) * 4 + sum(
+        x.size for x in jax.tree.leaves(activations)) * 2
+    return count * 4 * members
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the first device may use: the accelerator's limit, else the host's
+    MemAvailable (Linux); None when unknown."""
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

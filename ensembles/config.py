@@ -239,16 +239,38 @@ def check(config: RunConfig) -> None:
         if value is not None and value not in allowed:
             raise ValueError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
     training.parse_policy(m.freeze)
-    if m.head_epochs < 0:
-        raise ValueError("head_epochs must be >= 0")
-    if t.keep_checkpoints < 1:
-        raise ValueError("keep_checkpoints must be >= 1")
+    for name, value, ok, rule in _RANGES(config):
+        if value is not None and not ok(value):
+            raise ValueError(f"{name} must be {rule}; got {value}")
     if e.meta_folds and (e.meta == "none" or e.meta_folds < 2):
         raise ValueError("meta_folds needs a meta-classifier and K >= 2 (0 fits it on the "
                          "validation outputs)")
     if m.pretrained and m.backbone not in pretrained_lib.KERAS:
         raise ValueError(f"pretrained: {m.backbone} has no ImageNet weights; Keras publishes "
                          f"them for {', '.join(pretrained_lib.KERAS)}")
+
+
+def _RANGES(config: RunConfig) -> list[tuple[str, Any, Any, str]]:  # noqa: N802
+    """(setting, value, test, rule) for every numeric setting with a meaningful range."""
+    d, m, t, e = config.data, config.model, config.training, config.ensemble
+    return [
+        ("image_size", d.image_size, lambda v: 8 <= v <= 2048, "in [8, 2048] pixels"),
+        ("workers", d.workers, lambda v: v >= 0, ">= 0"),
+        ("width", m.width, lambda v: v > 0, "> 0"),
+        ("head_epochs", m.head_epochs, lambda v: v >= 0, ">= 0"),
+        ("lr", t.lr, lambda v: 0 < v <= 10, "in (0, 10]"),
+        ("warmup_epochs", t.warmup_epochs, lambda v: v >= 0, ">= 0"),
+        ("weight_decay", t.weight_decay, lambda v: v >= 0, ">= 0"),
+        ("label_smoothing", t.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("clip_norm", t.clip_norm, lambda v: v > 0, "> 0 (or unset)"),
+        ("early_stopping_patience", t.early_stopping_patience, lambda v: v >= 0,
+         ">= 0 (0: never stop)"),
+        ("keep_checkpoints", t.keep_checkpoints, lambda v: v >= 1, ">= 1 (resume needs one)"),
+        ("meta_folds", e.meta_folds, lambda v: v >= 0, ">= 0"),
+        ("target_sensitivity", e.target_sensitivity, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("min_per_class", e.min_per_class, lambda v: v >= 1, ">= 1"),
+        ("n_bootstrap", e.n_bootstrap, lambda v: v >= 0, ">= 0"),
+    ]
 
 
 def head_phase(config: RunConfig) -> RunConfig | None:

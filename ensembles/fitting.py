@@ -72,7 +72,26 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
     tasks, stacks = strategy_lib.plan(e.strategy, data.class_names, train_labels,
                                       healthy=e.healthy, min_per_class=e.min_per_class,
                                       class_weighted=data.class_weighted)
+    check_memory(config, stacks)
     return Plan(config, data, tasks, stacks)
+
+
+def check_memory(config: RunConfig, stacks: Sequence[members_lib.Stack]) -> None:
+    """ValueError, before anything compiles, when one train step would not fit in memory."""
+    available = build.available_memory_bytes()
+    if available is None:
+        return
+    stacked = config.training.members == "stacked"
+    need = max(build.training_memory_bytes(config, s.num_classes, s.size if stacked else 1)
+               for s in stacks)
+    if need > available:
+        t, d = config.training, config.data
+        raise ValueError(
+            f"one training step needs about {need / 2**30:.1f} GiB (parameters, optimizer "
+            f"state and activations at batch {t.batch_size}, {d.image_size} px"
+            f"{', members stacked' if stacked else ''}), more than the "
+            f"{available / 2**30:.1f} GiB available; lower the image size or batch size"
+            f"{' or train members sequentially' if stacked else ''}")
 
 
 def train_members(plan: Plan, out: Path, train_indices: np.ndarray | None = None) -> Trained:

@@ -1,0 +1,63 @@
+"""Every numeric flag is checked with its range before anything is written; a run too big for
+memory is refused before it compiles; a one-epoch run with a long warm-up still trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ensembles import build
+from experiments import ensemble_cli
+
+TINY = ["--image-size", "16", "--count", "64", "--width", "0.25", "--batch-size", "8",
+        "--n-bootstrap", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "-1"], "lr must be in (0, 10]; got -1.0"),
+    (["--label-smoothing", "2"], "label_smoothing must be in [0, 1); got 2.0"),
+    (["--clip-norm", "-1"], "clip_norm must be > 0 (or unset); got -1.0"),
+    (["--weight-decay", "-10"], "weight_decay must be >= 0; got -10.0"),
+    (["--warmup-epochs", "-5"], "warmup_epochs must be >= 0; got -5.0"),
+    (["--keep-checkpoints", "0"], "keep_checkpoints must be >= 1 (resume needs one); got 0"),
+    (["--early-stopping-patience", "-1"], "early_stopping_patience must be >= 0"),
+    (["--target-sensitivity", "1.5"], "target_sensitivity must be in (0, 1]"),
+    (["--image-size", "4096"], "image_size must be in [8, 2048] pixels; got 4096"),
+    (["--width", "0"], "width must be > 0; got 0.0"),
+    (["--epochs", "0"], "epochs must be >= 1"),
+    (["--batch-size", "100000"], "fewer than one batch of 100000"),
+    (["--members", "stacked"], "one training step needs about"),
+])
+def test_bad_values_are_refused_before_any_write(flags, message, tmp_path, cache, capsys,
+                                                 monkeypatch):
+    monkeypatch.setattr(build, "available_memory_bytes", lambda: 2**20)  # 1 MiB: too small
+    out = tmp_path / "run"
+    code = ensemble_cli.main("ova", "", [*TINY, *flags, "--out", str(out), "--cache-dir", cache])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and message in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert not out.exists()
+
+
+def test_the_memory_estimate_grows_with_batch_image_and_members():
+    from ensembles import make_config
+    base = make_config("ova", backbone="simple_cnn", image_size=32, batch_size=16)
+    one = build.training_memory_bytes(base, 2, 1)
+    assert build.training_memory_bytes(base, 2, 4) == 4 * one
+    bigger = build.training_memory_bytes(base.replace(image_size=64), 2, 1)
+    assert 2 * one < bigger < 5 * one       # activations x4, parameters the same
+    assert build.training_memory_bytes(base.replace(batch_size=32), 2, 1) > one
+
+
+def test_one_epoch_with_a_whole_epoch_of_warmup_trains(tmp_path, cache):
+    out = tmp_path / "run"
+    assert ensemble_cli.main("single", "", [*TINY, "--epochs", "1", "--warmup-epochs", "1",
+                                            "--out", str(out), "--cache-dir", cache]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
