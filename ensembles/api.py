@@ -102,11 +102,12 @@ class Ensemble:
                  "dataset_examples": len(data.dataset.source),
                  "class_names": list(data.class_names), "member_names": list(plan.tasks.names),
                  "split_sizes": {k: len(v) for k, v in data.splits.items()}}
-        if not resume:
-            runs.write_config(out, cfg, **facts)
-        trained = fitting.train_members(plan, out)
+        with runs.locked(out):
+            if not resume:
+                runs.write_config(out, cfg, **facts)
+            trained = fitting.train_members(plan, out)
+            self.metrics_ = _finish(plan, out, trained, facts)
         self.run_dir_ = out
-        self.metrics_ = _finish(plan, out, trained, facts)
         self.bundle_ = bundle_lib.load_bundle(out)
         return self
 
@@ -283,6 +284,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     section = bundle_lib.bundle_section(
         strategy=strategy, backbone=backbone, model=model, class_names=data.class_names,
         preprocess=data.preprocess, tasks=tasks, stacks=stacks, meta=meta_saved)
+    section = bundle_lib.add_manifest(out, section)     # SHA-256 of every piece's file
     title = (f"{strategy} of {backbone} on {data.dataset.name} "
              f"({', '.join(data.class_names)}): test split")
     write_report(metrics, out, y_true=y_test, proba=proba, title=title,

@@ -7,12 +7,15 @@ config.json is written atomically (temporary file, then rename).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ import jax
 from ensembles.config import RunConfig
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 
 
 def default_run_dir(experiment: str, backbone: str) -> Path:
@@ -66,6 +70,24 @@ def open_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory while a run writes into it: a second
+    writer (a concurrent --resume, or two commands given the same folder) is refused with a
+    clear message instead of mixing its state in. The lock file stays empty and is never
+    rewritten, so taking it changes no file of a run being resumed."""
+    with open(Path(out) / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out} is in use by another run (its {LOCK_FILE} is locked); "
+                             f"wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: Path, doc: Any) -> Path:

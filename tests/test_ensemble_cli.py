@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ensembles import build, fitting
+from ensembles import build, fitting, runs
 from experiments import common, ensemble_cli
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
@@ -183,6 +183,10 @@ def test_a_refused_resume_changes_no_file(tmp_path, cache, capsys):
         assert not any("Traceback" in line for line in err)
         assert _snapshot(out) == before, bad
     assert not (tmp_path / "missing").exists()
+    with runs.locked(out):   # another process is writing this run: a resume is refused
+        assert ensemble_cli.main("ova", "", [*argv, "--resume"]) == 2
+        assert "is in use by another run" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert _snapshot(out) == before
     # a resume of a finished run with its own settings retrains nothing and changes no result
     assert ensemble_cli.main("ova", "", [*argv, "--resume"]) == 0
     after = _snapshot(out)
