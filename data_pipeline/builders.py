@@ -37,8 +37,11 @@ INDEX_FIELDS = ("label", "patient_id", "path", "source_split")
 class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared features and skip bookkeeping; subclasses yield decoded examples via `_examples`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release.",
+        "1.1.0": "Every odd entry (hidden, symlink loop, FIFO, ...) is a counted skip; a "
+                 "pixel budget; images over decode.MAX_SIDE are downscaled while decoding."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -127,18 +130,22 @@ class SyntheticCxr(CxrBuilder, skip_registration=True):
 
 
 class _FolderBuilder(CxrBuilder, skip_registration=True):
-    """Decodes the records of a layout scan; unreadable files become counted skips."""
+    """Decodes the records of a layout scan; unreadable files (and files over the pixel
+    budget, or gone since the scan) become counted skips."""
 
-    def __init__(self, *, root: Path, records: Sequence[layouts.Record], **kwargs):
+    def __init__(self, *, root: Path, records: Sequence[layouts.Record],
+                 max_pixels: int | None = None, **kwargs):
         self._root = root
         self._records = list(records)
+        self._max_pixels = max_pixels
         super().__init__(**kwargs)
 
     def _examples(self):
         label_of = {name: k for k, name in enumerate(self._class_names)}
         for r in self._records:
             try:
-                image, png = decode_for_storage(self._root / r.path)
+                image, png = decode_for_storage(self._root / r.path,
+                                                max_pixels=self._max_pixels)
                 example = {"image": png, "label": label_of[r.label], "patient_id": r.patient_id,
                            "path": r.path, "source_split": r.source_split}
                 if self._has_masks:

@@ -22,15 +22,16 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import builders, layouts
 from data_pipeline import classes as C
+from data_pipeline.decode import pixel_budget
 
 DATASETS: tuple[str, ...] = (
     "synthetic_cxr", "covid19_radiography", "chest_xray_pneumonia", "image_folder")
 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "synthetic_cxr": {"count": 1000, "image_size": 128, "seed": 0},
-    "covid19_radiography": {},
-    "chest_xray_pneumonia": {"num_classes": 3},
-    "image_folder": {},
+    "covid19_radiography": {"max_pixels": None},
+    "chest_xray_pneumonia": {"num_classes": 3, "max_pixels": None},
+    "image_folder": {"max_pixels": None},
 }
 _SCANS = {
     "covid19_radiography": (layouts.scan_covid19_radiography, builders.Covid19Radiography),
@@ -119,14 +120,29 @@ def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def _listing(root: Path, skip: Path | None = None) -> list[tuple[str, int, int]]:
     """(relative path, size, mtime_ns) of every file under root, sorted, outside `skip`
-    (a cache kept inside the data folder must not change the key it is stored under)."""
+    (a cache kept inside the data folder must not change the key it is stored under).
+    An entry that cannot be stat'ed (a dangling symlink, a loop) is keyed by its link."""
     rows = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if skip is None or Path(folder, d).resolve() != skip)
+        dirs[:] = sorted(d for d in dirs if skip is None or _resolved(Path(folder, d)) != skip)
         for f in sorted(files):
-            st = (Path(folder) / f).stat()
-            rows.append((os.path.relpath(Path(folder) / f, root), st.st_size, st.st_mtime_ns))
+            path = Path(folder) / f
+            try:
+                st = path.stat()
+            except OSError:
+                try:
+                    st = path.lstat()
+                except OSError:
+                    continue
+            rows.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
     return rows
+
+
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
 
 
 def cache_key(name: str, root: Path | None, options: dict[str, Any],
@@ -147,7 +163,10 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
                                      **opts)
     scan_fn, builder_cls = _SCANS[name]
     root = layouts.check_root(data_dir, name)
-    scan = scan_fn(root, **opts)
+    opts = {**opts, "max_pixels": pixel_budget(opts["max_pixels"])}
+    scan_opts = {k: v for k, v in opts.items() if k != "max_pixels"}
+    ignore = frozenset(p for p in (_resolved(build_root),) if p is not None)
+    scan = scan_fn(root, ignore=ignore, **scan_opts)
     if not scan.records:
         raise ValueError(f"no images found under {root}")
     class_names = C.select_classes(scan.classes, classes)
@@ -155,7 +174,8 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
     has_masks = set(class_names) <= scan.classes_with_masks
     key = cache_key(name, root, {**opts, "classes": class_names}, build_root)
     return builder_cls(root=root, records=records, issues=scan.issues, class_names=class_names,
-                       has_masks=has_masks, data_dir=build_root / f"{name}-{key}")
+                       has_masks=has_masks, max_pixels=opts["max_pixels"],
+                       data_dir=build_root / f"{name}-{key}")
 
 
 def load_dataset(name: str, *, data_dir: str | Path | None = None,
@@ -164,10 +184,15 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     """Build (once, cached) and open a dataset by name; see docs/interfaces.md.
 
     Options: synthetic_cxr count=1000, image_size=128, seed=0; chest_xray_pneumonia
-    num_classes=3 (normal/viral/bacterial) or 2 (normal/pneumonia). `classes` keeps a subset
+    num_classes=3 (normal/viral/bacterial) or 2 (normal/pneumonia); every folder source
+    max_pixels (default `$CXR_ENSEMBLES_MAX_PIXELS`, else 50 MP): images with more pixels are
+    counted skips, checked from the header before decoding. `classes` keeps a subset
     of canonical classes in the given order. Raises ValueError / FileNotFoundError with a
     one-line message for unknown names or options and missing, empty or class-less roots.
     `classes` may also be one comma-separated string.
+
+    Every entry under a folder source is either an example or in `Dataset.skipped` with its
+    reason (see `data_pipeline.layouts`); one bad file never aborts the build.
     """
     opts = _options(name, options)
     if isinstance(classes, str):

@@ -3,11 +3,20 @@
 Sources mix 8- and 16-bit PNGs, RGB(A) JPEGs, palette images and the odd corrupt or
 non-image file. A build must never die on one bad file: `decode_image` raises `DecodeError`
 with a short reason, which the builders record as a counted skip.
+
+Memory stays bounded whatever a file claims: the pixel count is checked from the header
+before anything is decoded (`pixel_budget`, default 50 MP, `$CXR_ENSEMBLES_MAX_PIXELS`), and
+images with a side over `MAX_SIDE` are downscaled by an integer factor while decoding (JPEG
+through Pillow's `draft`, DCT scaling; others by `Image.reduce`, a box filter) before any
+conversion, so no full-size float copy is ever made. Build and predict decode alike.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -17,9 +26,34 @@ from PIL import Image, UnidentifiedImageError
 # Extensions considered image files; anything else in a class folder is skipped unread.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_PIXELS_ENV = "CXR_ENSEMBLES_MAX_PIXELS"
+# Longest side kept at decode time; larger images shrink by the smallest integer factor that
+# brings them to or under it. Real chest X-rays are at most ~4,300 px a side, and every model
+# sees a few hundred pixels.
+MAX_SIDE = 4096
+_REDUCIBLE = frozenset({"L", "LA", "I", "F", "RGB", "RGBA", "CMYK", "YCbCr"})
+
 
 class DecodeError(ValueError):
     """A file that cannot become an image; the message is the reason recorded for the skip."""
+
+
+def pixel_budget(max_pixels: int | None = None) -> int:
+    """The largest width x height decoded: `max_pixels`, else `$CXR_ENSEMBLES_MAX_PIXELS`,
+    else 50 MP. ValueError for a value that is not a positive integer."""
+    if max_pixels is None:
+        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not text:
+            return DEFAULT_MAX_PIXELS
+        try:
+            max_pixels = int(text)
+        except ValueError:
+            raise ValueError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}"
+                             ) from None
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    return max_pixels
 
 
 def to_grayscale(img: Image.Image) -> np.ndarray:
@@ -32,8 +66,13 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(img, dtype=np.float64)
         lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        gray = np.rint(scaled).astype(np.uint8)
+        if hi > lo:  # in place: one float copy of the image at a time
+            values -= lo
+            values *= 255.0 / (hi - lo)
+            np.rint(values, out=values)
+        else:
+            values[:] = 0
+        gray = values.astype(np.uint8)
     else:
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA").convert("RGB")  # drop alpha, keep the colour values
@@ -41,45 +80,100 @@ def to_grayscale(img: Image.Image) -> np.ndarray:
     return gray[..., None]
 
 
-def _decode(data: bytes) -> tuple[np.ndarray, bool]:
-    """Decoded uint8 HxWx1 and whether `data` already is an 8-bit grayscale PNG."""
+def _shrink(img: Image.Image, factor: int) -> Image.Image:
+    """`img` reduced by `factor` (box filter) in a mode `to_grayscale` reads alike."""
+    if img.mode not in _REDUCIBLE:
+        if img.mode.startswith("I;16"):
+            img = img.convert("I")
+        elif img.mode in ("PA", "P") and (img.mode == "PA" or "transparency" in img.info):
+            img = img.convert("RGBA")
+        else:
+            img = img.convert("L")
+    return img.reduce(factor)
+
+
+def _decode(data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
+    """Decoded uint8 HxWx1 and whether `data` already is that image as an 8-bit gray PNG."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    budget = pixel_budget(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                w, h = img.size
+                if w * h > budget:
+                    raise DecodeError(
+                        f"too large: {w}x{h} = {w * h / 1e6:.1f} MP exceeds the pixel budget "
+                        f"of {budget / 1e6:g} MP (${MAX_PIXELS_ENV})")
+                factor = math.ceil(max(w, h) / MAX_SIDE)
+                if factor > 1 and img.format == "JPEG":
+                    img.draft(None, (math.ceil(w / factor), math.ceil(h / factor)))
                 img.load()
-                return to_grayscale(img), (img.format == "PNG" and img.mode == "L")
+                factor = math.ceil(max(img.size) / MAX_SIDE)
+                shrunk = _shrink(img, factor) if factor > 1 else img
+                as_is = (img.format == "PNG" and img.mode == "L" and img.size == (w, h)
+                         and shrunk is img)
+                return to_grayscale(shrunk), as_is
+    except DecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"decompression bomb: {e}") from None
     except UnidentifiedImageError:
         raise DecodeError("not an image (Pillow cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    except MemoryError:
+        raise DecodeError("out of memory while decoding") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
         raise DecodeError(f"corrupt image: {e}") from None
 
 
 def _read(source: str | Path | bytes) -> bytes:
-    return Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+    """The bytes of a path (a regular file: a FIFO or device is never opened) or `source`."""
+    if not isinstance(source, (str, Path)):
+        return source
+    path = Path(source)
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise DecodeError(f"not a regular file ({file_kind(mode)})")
+        return path.read_bytes()
+    except OSError as e:
+        raise DecodeError(f"cannot read: {e.strerror or e}") from None
 
 
-def decode_image(source: str | Path | bytes) -> np.ndarray:
+def file_kind(mode: int) -> str:
+    """'folder', 'FIFO', 'socket', 'device' or 'file' for an `os.stat` mode."""
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "file"
+
+
+def decode_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> np.ndarray:
     """Read a file path or encoded bytes into grayscale uint8 HxWx1.
 
-    Raises DecodeError for zero-byte, non-image, corrupt or truncated files and for
-    decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels).
+    Raises DecodeError for unreadable, non-regular, zero-byte, non-image, corrupt or truncated
+    files, for images over the pixel budget (`pixel_budget(max_pixels)`, checked from the
+    header) and for decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels).
+    Images with a side over `MAX_SIDE` come back downscaled by an integer factor.
     """
-    return _decode(_read(source))[0]
+    return _decode(_read(source), max_pixels)[0]
 
 
-def decode_for_storage(source: str | Path | bytes) -> tuple[np.ndarray, bytes]:
+def decode_for_storage(source: str | Path | bytes, *, max_pixels: int | None = None
+                       ) -> tuple[np.ndarray, bytes]:
     """Like `decode_image`, plus PNG bytes of the result to store.
 
-    An 8-bit grayscale PNG is stored as is (re-encoding would cost most of the build time
-    and change nothing); anything else is re-encoded.
+    An 8-bit grayscale PNG kept at full size is stored as is (re-encoding would cost most of
+    the build time and change nothing); anything else is re-encoded.
     """
     data = _read(source)
-    image, is_gray_png = _decode(data)
+    image, is_gray_png = _decode(data, max_pixels)
     return image, (data if is_gray_png else encode_png(image))
 
 

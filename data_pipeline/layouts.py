@@ -3,19 +3,29 @@
 Scanning only lists and parses names; it decodes nothing, so a missing or empty root or an
 unknown class folder fails (or is reported) before a single file is written. The builders
 then decode each record, counting the files that turn out to be unreadable.
+
+Every entry under the root is either a record or reported (path + reason) in `Scan.issues`:
+hidden entries, symlink loops, dangling symlinks, names that are not UTF-8, FIFOs, sockets,
+devices, folders where files belong, files where folders belong, unused `masks/`, masks
+without an image and manifest rows that match no file. Nothing is opened to find that out:
+entries are classified by `os.stat`, so a FIFO never blocks a scan.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import io
+import os
 import re
+import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline import classes as C
-from data_pipeline.decode import IMAGE_EXTENSIONS
+from data_pipeline.decode import IMAGE_EXTENSIONS, file_kind
 
 MANIFEST = "manifest.csv"
 KERMANY_SPLITS = ("train", "test", "val")
@@ -40,6 +50,7 @@ class Scan:
     records: list[Record] = field(default_factory=list)
     issues: list[dict[str, str]] = field(default_factory=list)
     classes_with_masks: set[str] = field(default_factory=set)
+    ignore: frozenset[Path] = frozenset()  # resolved folders left out unreported (a cache)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -47,7 +58,7 @@ class Scan:
         return ordered({r.label for r in self.records})
 
     def report(self, path: Path | str, reason: str) -> None:
-        self.issues.append({"path": self.rel(path), "reason": reason})
+        self.issues.append({"path": printable(self.rel(path)), "reason": reason})
 
     def rel(self, path: Path | str) -> str:
         """POSIX path relative to the root."""
@@ -74,52 +85,214 @@ def check_root(data_dir: str | Path | None, dataset: str) -> Path:
     return root.resolve()
 
 
-def _children(folder: Path) -> tuple[list[Path], list[Path]]:
-    """Visible sub-folders and files of `folder`, sorted by name (hidden entries are ignored)."""
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    return [p for p in entries if p.is_dir()], [p for p in entries if p.is_file()]
+def printable(text: str) -> str:
+    """`text` safe to print on one line and to store as UTF-8: bytes of a non-UTF-8 name as
+    \\xNN, control characters escaped."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name (as os.fsdecode gives it) is valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def classify(path: Path, *, hidden: bool = True) -> tuple[str, str]:
+    """("dir", "") or ("file", "") for a folder or regular file (symlinks followed), else
+    ("skip", reason): a hidden entry (with `hidden`), a name that is not UTF-8, a symlink
+    loop, a dangling symlink, a FIFO, socket or device, or an entry that cannot be looked
+    at. Opens nothing."""
+    if not is_utf8(path.name):
+        return "skip", "name is not valid UTF-8 (rename it)"
+    if hidden and path.name.startswith("."):
+        try:
+            folder = stat.S_ISDIR(path.lstat().st_mode)
+        except OSError:
+            folder = False
+        return "skip", "hidden folder (not read)" if folder else "hidden file"
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "skip", "symlink loop"
+        if path.is_symlink():
+            try:
+                target = printable(os.readlink(path))
+            except OSError:
+                target = "?"
+            return "skip", f"dangling symlink (target {target} is missing)"
+        return "skip", f"cannot read: {e.strerror or e}"
+    if stat.S_ISDIR(mode):
+        return "dir", ""
+    if stat.S_ISREG(mode):
+        return "file", ""
+    return "skip", f"not a regular file ({file_kind(mode)})"
+
+
+def count_files(folder: Path) -> int:
+    """Entries below `folder`, symlinks not followed (what a skipped folder leaves unread)."""
+    n = 0
+    for _, dirs, files in os.walk(folder):
+        n += len(dirs) + len(files)
+    return n
+
+
+def _children(scan: Scan, folder: Path) -> tuple[list[Path], list[Path]]:
+    """Sub-folders and regular files of `folder`, sorted by name; every other entry is
+    reported with its reason (see `classify`)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as e:
+        scan.report(folder, f"cannot list folder: {e.strerror or e}")
+        return [], []
+    dirs, files = [], []
+    for entry in entries:
+        if scan.ignore and _resolved(entry) in scan.ignore:
+            continue
+        kind, reason = classify(entry)
+        if kind == "dir":
+            dirs.append(entry)
+        elif kind == "file":
+            files.append(entry)
+        else:
+            scan.report(entry, reason)
+    return dirs, files
+
+
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+
+
+def _report_folder(scan: Scan, folder: Path, why: str) -> None:
+    if folder.is_symlink():  # not walked: it may point anywhere, an ancestor included
+        target = printable(os.readlink(folder))
+        scan.report(folder, f"folder not read: {why} (a symlink to {target})")
+        return
+    n = count_files(folder)
+    scan.report(folder, f"folder not read: {why} ({n} entr{'y' if n == 1 else 'ies'} inside)")
 
 
 def read_manifest(root: Path) -> dict[str, str]:
     """Map file (POSIX path relative to root, or bare file name) -> patient_id from manifest.csv.
 
-    Returns {} when there is no manifest. Raises ValueError when its header lacks `file` or
-    `patient_id`. The `label` column is informative only: folders decide labels.
+    Returns {} when there is no manifest. Raises a one-line ValueError naming the file (and
+    line) when it is not UTF-8 text or not CSV, its header lacks `file` or `patient_id`, a row
+    has fewer or more fields than the header, or one file is listed with two patient ids.
+    A UTF-8 byte-order mark is accepted. The `label` column is informative only: folders
+    decide labels.
     """
     path = root / MANIFEST
     if not path.is_file():
         return {}
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
+                         ) from None
+    out: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         missing = {"file", "patient_id"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        return {row["file"].strip().replace("\\", "/"): row["patient_id"].strip()
-                for row in reader}
+        width = len(reader.fieldnames)
+        for row in reader:
+            line = reader.line_num
+            if None in row:
+                raise ValueError(f"{path} line {line}: more fields than the {width} of the "
+                                 f"header")
+            if any(v is None for v in row.values()):
+                n = sum(v is not None for v in row.values())
+                raise ValueError(f"{path} line {line}: {n} field(s), the header has {width}")
+            name = row["file"].strip().replace("\\", "/")
+            pid = row["patient_id"].strip()
+            if not name:
+                raise ValueError(f"{path} line {line}: empty `file`")
+            if name in out and out[name] != pid:
+                raise ValueError(f"{path} line {line}: {name} has patient id {pid!r}, but "
+                                 f"line {first_line[name]} gives {out[name]!r}")
+            out.setdefault(name, pid)
+            first_line.setdefault(name, line)
+    except csv.Error as e:
+        raise ValueError(f"{path}: not valid CSV: {e}") from None
+    return out
 
 
 def _patient(manifest: dict[str, str], rel: str) -> str | None:
     return manifest.get(rel, manifest.get(rel.rsplit("/", 1)[-1]))
 
 
+def _report_unmatched(scan: Scan, manifest: dict[str, str]) -> None:
+    """Warn about (and report) manifest rows that name no file the scan saw."""
+    if not manifest:
+        return
+    seen = {r.path for r in scan.records} | {i["path"] for i in scan.issues}
+    names = {p.rsplit("/", 1)[-1] for p in seen}
+    unmatched = [k for k in manifest if k not in seen and ("/" in k or k not in names)]
+    if unmatched:
+        reason = (f"{len(unmatched)} of {len(manifest)} row(s) match no file under the root "
+                  f"(first: {printable(unmatched[0])}); their patient ids are unused")
+        warnings.warn(f"{scan.root / MANIFEST}: {reason}", stacklevel=3)
+        scan.report(MANIFEST, reason)
+
+
 def _scan_class_folder(scan: Scan, folder: Path, label: str, *,
                        use_masks: bool = False) -> list[tuple[Path, Path | None]]:
     """List (image, mask) pairs of one class folder, flat or with `images/` (+ `masks/`).
 
-    Files without an image extension are reported; an empty folder warns and is reported.
+    Everything else in it is reported: files without an image extension, sub-folders (a
+    folder named `x.png` included), files beside `images/`, an unused `masks/`, masks that
+    match no image. An empty folder warns and is reported.
     """
-    image_dir = folder / "images" if (folder / "images").is_dir() else folder
-    mask_dir = folder / "masks" if use_masks and (folder / "masks").is_dir() else None
+    dirs, files = _children(scan, folder)
+    by_name = {d.name: d for d in dirs}
+    image_dir = by_name.get("images")
+    mask_dir = by_name.get("masks") if use_masks else None
     if mask_dir is not None:
         scan.classes_with_masks.add(label)
-    _, files = _children(image_dir)
+    for d in dirs:
+        if d is image_dir or d is mask_dir:
+            continue
+        why = ("this layout uses no masks" if d.name == "masks" else
+               "a folder inside a class folder, named like an image" if
+               d.suffix.lower() in IMAGE_EXTENSIONS else "a folder inside a class folder")
+        _report_folder(scan, d, why)
+    if image_dir is not None:
+        for file in files:
+            scan.report(file, "beside images/ (this class keeps its images in images/)")
+        sub_dirs, files = _children(scan, image_dir)
+        for d in sub_dirs:
+            _report_folder(scan, d, "a folder inside images/")
+    masks: dict[str, Path] = {}
+    if mask_dir is not None:
+        mask_sub_dirs, mask_files = _children(scan, mask_dir)
+        for d in mask_sub_dirs:
+            _report_folder(scan, d, "a folder inside masks/")
+        masks = {m.name: m for m in mask_files}
     images = []
     for file in files:
         if file.suffix.lower() not in IMAGE_EXTENSIONS:
             scan.report(file, f"not an image file type ({file.suffix or 'no extension'})")
             continue
-        mask = mask_dir / file.name if mask_dir is not None else None
-        images.append((file, mask if mask is not None and mask.is_file() else None))
+        images.append((file, masks.get(file.name)))
+    image_names = {f.name for f in files}
+    for name, mask in masks.items():
+        if name not in image_names:
+            scan.report(mask, "mask with no image of this name")
     if not images:
         warnings.warn(f"class folder {folder} has no images", stacklevel=3)
         scan.report(folder, "empty class folder")
@@ -127,22 +300,28 @@ def _scan_class_folder(scan: Scan, folder: Path, label: str, *,
 
 
 def _class_folders(root: Path, scan: Scan, *, strict: bool) -> list[tuple[Path, str]]:
-    """Sub-folders of root with their canonical class; unknown ones raise (strict) or are reported."""
+    """Sub-folders of root with their canonical class; unknown ones raise (strict) or are
+    reported; files there (but the manifest) are reported."""
+    dirs, files = _children(scan, root)
+    for file in files:
+        if not (file.name == MANIFEST and file.parent == scan.root):
+            scan.report(file, "not in a class folder")
     folders = []
-    for folder in _children(root)[0]:
+    for folder in dirs:
         try:
             folders.append((folder, C.canonical_name(folder.name)))
         except ValueError as e:
             if strict:
-                raise ValueError(f"class folder {folder}: {e}") from None
+                raise ValueError(f"class folder {printable(str(folder))}: {e}") from None
             scan.report(folder, "ignored: not a known class folder")
     if not folders:
         raise ValueError(f"no class folders found in {root}; known classes: {', '.join(C.CANONICAL)}")
     return folders
 
 
-def _scan_class_root(root: Path, *, strict: bool, use_masks: bool) -> Scan:
-    scan = Scan(root)
+def _scan_class_root(root: Path, *, strict: bool, use_masks: bool,
+                     ignore: frozenset[Path]) -> Scan:
+    scan = Scan(root, ignore=ignore)
     manifest = read_manifest(root)
     for folder, label in _class_folders(root, scan, strict=strict):
         for image, mask in _scan_class_folder(scan, folder, label, use_masks=use_masks):
@@ -150,20 +329,22 @@ def _scan_class_root(root: Path, *, strict: bool, use_masks: bool) -> Scan:
             scan.records.append(Record(
                 rel, label, _patient(manifest, rel) or "",
                 mask_path=scan.rel(mask) if mask is not None else None))
+    _report_unmatched(scan, manifest)
     return scan
 
 
-def scan_covid19_radiography(root: Path) -> Scan:
+def scan_covid19_radiography(root: Path, *, ignore: frozenset[Path] = frozenset()) -> Scan:
     """Kaggle "COVID-19 Radiography Database": v4 `<Class>/images/` (+ `masks/`) or v1 flat `<Class>/`.
 
     Folders that name no known class (e.g. a stray `backup/`) are ignored and reported.
+    `ignore`: resolved folders to pass over without a report (a cache inside the root).
     """
-    return _scan_class_root(root, strict=False, use_masks=True)
+    return _scan_class_root(root, strict=False, use_masks=True, ignore=frozenset(ignore))
 
 
-def scan_image_folder(root: Path) -> Scan:
+def scan_image_folder(root: Path, *, ignore: frozenset[Path] = frozenset()) -> Scan:
     """Any `root/<class>/[images/]*`; a folder name that is no known class is an error."""
-    return _scan_class_root(root, strict=True, use_masks=False)
+    return _scan_class_root(root, strict=True, use_masks=False, ignore=frozenset(ignore))
 
 
 _PERSON = re.compile(r"^person(\d+)_", re.IGNORECASE)
@@ -195,18 +376,29 @@ def kermany_root(root: Path) -> Path:
     raise ValueError(f"no {'/'.join(KERMANY_SPLITS)} folders in {root} or {root / 'chest_xray'}")
 
 
-def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3) -> Scan:
+def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3, *,
+                              ignore: frozenset[Path] = frozenset()) -> Scan:
     """Kermany `{train,test,val}/{NORMAL,PNEUMONIA}/`; 3 classes split PNEUMONIA by file name.
 
     With num_classes=3, pneumonia files named neither `_bacteria_` nor `_virus_` are reported.
-    Unknown folders at the split or class level are ignored and reported.
+    Unknown folders at the split or class level, and whatever lies beside `chest_xray/` when
+    the root holds it, are ignored and reported.
     """
     if num_classes not in (2, 3):
         raise ValueError(f"chest_xray_pneumonia: num_classes must be 2 or 3, got {num_classes!r}")
-    scan = Scan(root)
+    scan = Scan(root, ignore=frozenset(ignore))
     base = kermany_root(root)
     manifest = read_manifest(root)
-    for split_dir in _children(base)[0]:
+    if base != root:
+        dirs, files = _children(scan, root)
+        for entry in dirs + files:
+            if entry != base and not (entry.name == MANIFEST and entry in files):
+                scan.report(entry, f"ignored: beside {base.name}/, which holds the splits")
+    split_dirs, files = _children(scan, base)
+    for file in files:
+        if not (file.name == MANIFEST and base == root):
+            scan.report(file, "not in a train/test/val folder")
+    for split_dir in split_dirs:
         split = split_dir.name.lower()
         if split not in KERMANY_SPLITS:
             scan.report(split_dir, "ignored: not a train/test/val folder")
@@ -228,4 +420,5 @@ def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3) -> Scan:
                     label_k = label
                 pid = _patient(manifest, rel) or kermany_patient_id(image.name)
                 scan.records.append(Record(rel, label_k, pid, source_split=split))
+    _report_unmatched(scan, manifest)
     return scan

@@ -1,63 +1,131 @@
-"""`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDER... [--csv OUT]`: class
+"""`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDERS... [--csv OUT]`: class
 probabilities per image from a saved ensemble, stack or single-model run.
 
-Folders are searched recursively for .png/.jpg/.jpeg/.bmp/.tif files. Files that cannot be
-decoded are reported on stderr, counted and skipped; the rest are preprocessed exactly as in
-training (the bundle's PreprocessConfig; each component's own for a stack run, which decides
-by its meta-classifier).
+Folders are searched recursively (symlinked folders followed, each folder once) for
+.png/.jpg/.jpeg/.bmp/.tif/.tiff files; files named directly are decoded whatever their
+extension. Every other entry met (another file type, a hidden entry, a symlink loop, a
+dangling symlink, a name that is not UTF-8, a FIFO) and every file that cannot be decoded or
+is over the pixel budget (--max-pixels) is reported on stderr with its reason and counted.
+The rest are preprocessed exactly as in training (the bundle's PreprocessConfig; each
+component's own for a stack run, which decides by its meta-classifier).
+
+The CSV is written whole or not at all (a temporary file renamed over --csv). Exit code 2
+with `error: ...` when no input could be predicted or the run cannot be loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.decode import DecodeError, decode_image
+from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
+from data_pipeline.layouts import classify, is_utf8, printable
 from ensembles.bundle import Bundle, Predictions, StackBundle, load_bundle
 from experiments import common
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-CHUNK = 256  # decoded full-size images held at once (the models see them preprocessed)
+SUFFIXES = IMAGE_EXTENSIONS
+CHUNK = 256  # decoded images held at once (the models see them preprocessed) ...
+CHUNK_PIXELS = 1 << 26  # ... or fewer, once they hold this many pixels (64 MB of uint8)
 
 
-def find_images(paths: Sequence[str | Path]) -> list[Path]:
-    """Files named directly plus image files under named folders (sorted); missing -> error."""
-    found = []
+def _skip(path: Path, reason: str) -> dict[str, str]:
+    return {"path": printable(str(path)), "reason": reason}
+
+
+def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """(files to decode, skipped [{"path", "reason"}]): files named directly plus the image
+    files under named folders (sorted); every other entry under them is a skip with its
+    reason. A named path that does not exist at all raises FileNotFoundError."""
+    found: list[Path] = []
+    skipped: list[dict[str, str]] = []
+    seen: set[tuple[int, int]] = set()
     for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
-        elif p.is_file():
+        if not os.path.lexists(p):
+            raise FileNotFoundError(f"no such file or folder: {printable(str(p))}")
+        kind, reason = classify(p, hidden=False)
+        if kind == "file":
             found.append(p)
+        elif kind == "dir":
+            found += _walk(p, skipped, seen)
         else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return found
+            skipped.append(_skip(p, reason))
+    return found, skipped
+
+
+def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) -> list[Path]:
+    """Image files under `top`, sorted; symlinked folders are followed, each folder once."""
+    found, stack = [], [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            entries = sorted(folder.iterdir())
+        except OSError as e:
+            skipped.append(_skip(folder, f"cannot list folder: {e.strerror or e}"))
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append(_skip(folder, "folder already read (a symlink loop or a second "
+                                         "link to it)"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            kind, reason = classify(entry)
+            if kind == "dir":
+                stack.append(entry)
+            elif kind == "skip":
+                skipped.append(_skip(entry, reason))
+            elif entry.suffix.lower() in SUFFIXES:
+                found.append(entry)
+            else:
+                skipped.append(_skip(entry, f"not an image file type "
+                                            f"({entry.suffix or 'no extension'})"))
+    return sorted(found)
 
 
 def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
-                  use_meta: bool = False) -> tuple[list[Path], Predictions, list[dict]]:
+                  use_meta: bool = False, max_pixels: int | None = None
+                  ) -> tuple[list[Path], Predictions, list[dict]]:
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
 
     The predictions' rows follow the decoded files (`indices` index them; there are no
     labels: -1); probability columns and decisions index `class_names`, the model's classes.
     Decisions follow the combiner's rule (a cascade's stages, OvO votes), or the meta-
-    classifier's argmax with `use_meta` or for a stack run."""
+    classifier's argmax with `use_meta` or for a stack run. At most CHUNK decoded images
+    (and about CHUNK_PIXELS pixels) are held at once."""
     kept, skipped, chunks = [], [], []
-    for start in range(0, len(files), CHUNK):
-        source = []
-        for f in files[start:start + CHUNK]:
-            try:
-                source.append({"image": decode_image(f), "label": 0})
-                kept.append(f)
-            except DecodeError as error:
-                skipped.append({"path": str(f), "reason": str(error)})
+    source: list[dict] = []
+    pixels = 0
+
+    def flush():
+        nonlocal source, pixels
         if source:
             chunks.append(bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
                                          use_meta=use_meta))
+        source, pixels = [], 0
+
+    for f in files:
+        if not is_utf8(str(f)):
+            skipped.append(_skip(f, "name is not valid UTF-8 (rename it)"))
+            continue
+        try:
+            image = decode_image(f, max_pixels=max_pixels)
+        except DecodeError as error:
+            skipped.append(_skip(f, str(error)))
+            continue
+        source.append({"image": image, "label": 0})
+        kept.append(f)
+        pixels += image.size
+        if len(source) >= CHUNK or pixels >= CHUNK_PIXELS:
+            flush()
+    flush()
     k = len(bundle.class_names)
     class_names = chunks[0].class_names if chunks else tuple(bundle.class_names)
     proba = np.concatenate([c.proba for c in chunks]) if chunks else np.zeros((0, k))
@@ -76,6 +144,28 @@ def rows(files: Sequence[Path], p: Predictions) -> list[list[str]]:
               for f, row, d in zip(files, p.proba, p.decisions, strict=True))]
 
 
+def write_csv_atomic(path: Path, table: Sequence[Sequence[str]]) -> None:
+    """Write `table` to `path` through a temporary file in its folder renamed over it: the
+    file is either the whole table or what it was before, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows(table)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_csv_target(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"--csv {path} is a folder")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--csv: folder {path.parent} does not exist")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,27 +174,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--csv", default=None, help="write path,class probabilities,prediction")
     parser.add_argument("--meta", action="store_true", help="use the saved meta-classifier")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="skip images with more pixels, read from the header before "
+                             "decoding (default: $CXR_ENSEMBLES_MAX_PIXELS, else 50000000)")
     args = parser.parse_args(argv)
+    out = Path(args.csv) if args.csv else None
     try:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        max_pixels = pixel_budget(args.max_pixels)
+        if out is not None:
+            _check_csv_target(out)
         bundle = load_bundle(args.run)
-        files = find_images(args.inputs)
-        kept, predictions, skipped = predict_files(bundle, files, batch_size=args.batch_size,
-                                                   use_meta=args.meta)
-    except common.CLI_ERRORS as error:
+        files, skipped = find_images(args.inputs)
+        kept, predictions, unread = predict_files(bundle, files, batch_size=args.batch_size,
+                                                  use_meta=args.meta, max_pixels=max_pixels)
+        skipped += unread
+        for s in skipped:
+            print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
+        if not kept:
+            raise ValueError(f"nothing to predict: no readable image among the inputs "
+                             f"({len(skipped)} skipped)")
+        table = rows(kept, predictions)
+        if out is not None:
+            write_csv_atomic(out, table)
+        else:
+            buffer = io.StringIO()
+            csv.writer(buffer).writerows(table)
+            sys.stdout.write(buffer.getvalue())
+    except (*common.CLI_ERRORS, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for s in skipped:
-        print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
-    table = rows(kept, predictions)
-    if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            csv.writer(fh).writerows(table)
-    else:
-        csv.writer(sys.stdout).writerows(table)
-    print(f"predicted {len(kept)} image(s), skipped {len(skipped)} unreadable"
-          + (f"; csv: {args.csv}" if args.csv else ""), file=sys.stderr)
+    n = len(skipped)
+    print(f"predicted {len(kept)} image(s), skipped {n} unreadable or non-image "
+          f"entr{'y' if n == 1 else 'ies'}" + (f"; csv: {out}" if out else ""), file=sys.stderr)
     return 0
 
 

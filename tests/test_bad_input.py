@@ -103,7 +103,7 @@ def _folder_with_bad_files(root: Path) -> Path:
     good = (root / "Normal" / "img0.png").read_bytes()
     (root / "Normal" / "cut.png").write_bytes(good[: len(good) // 2])
     (root / "Normal" / "notes.txt").write_text("scan notes")
-    (root / "Normal" / ".DS_Store").write_bytes(b"\0")  # hidden: ignored, not reported
+    (root / "Normal" / ".DS_Store").write_bytes(b"\0")  # hidden: not read, but reported
     Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16) * 16).save(
         root / "Normal" / "deep.png")  # 16-bit: decodes fine
     return root
@@ -115,8 +115,9 @@ def test_bad_files_are_counted_skips_and_survive_the_cache(tmp_path, monkeypatch
     assert len(ds) == 6 and int((ds.labels == 1).sum()) == 3
     reasons = {s["path"]: s["reason"] for s in ds.skipped}
     assert set(reasons) == {"COVID/zero.png", "COVID/text.png", "Normal/cut.png",
-                            "Normal/notes.txt"}
+                            "Normal/notes.txt", "Normal/.DS_Store"}
     assert reasons["COVID/zero.png"].startswith("empty file")
+    assert reasons["Normal/.DS_Store"] == "hidden file"
     assert reasons["Normal/notes.txt"] == "not an image file type (.txt)"
 
     monkeypatch.setattr(builders.ImageFolder, "_examples", lambda self: 1 / 0)  # no rebuild

@@ -179,11 +179,11 @@ def test_interrupted_build_is_not_reused(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_decode = builders.decode_for_storage
 
-    def crash_on_fourth(path):
+    def crash_on_fourth(path, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # like Ctrl-C half-way through the build
-        return real_decode(path)
+        return real_decode(path, **kwargs)
 
     monkeypatch.setattr(builders, "decode_for_storage", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
