@@ -180,7 +180,9 @@ class MetaClassifier(ClassifierMixin, BaseEstimator):
         """Rebuild a saved meta-classifier (JSON or skops file); predictions are identical.
 
         A skops file holding any type outside the allowlist, or anything but a gradient-
-        boosting meta-classifier, raises ValueError before an object is built from it."""
+        boosting meta-classifier, raises ValueError before an object is built from it. Every
+        malformed document (a missing or unknown key, an unknown parameter, arrays of the
+        wrong shape) raises a one-line ValueError naming the file."""
         path = Path(path)
         if zipfile.is_zipfile(path):
             return cls._load_skops(path)
@@ -192,39 +194,123 @@ class MetaClassifier(ClassifierMixin, BaseEstimator):
             found = doc.get("format") if isinstance(doc, dict) else None
             raise ValueError(f"{path}: not a saved meta-classifier (format {found!r}, "
                              f"expected {FORMAT!r})")
-        meta = cls(**doc["params"])
+        _check_keys(path, doc, ("format", "params", "classes", "coef", "intercept",
+                                "n_features", "layout"))
+        meta = cls._from_params(path, doc, "logistic")
         est = meta._new_estimator()
-        est.classes_ = np.asarray(doc["classes"])
-        est.coef_ = np.asarray(doc["coef"], dtype=np.float64)
-        est.intercept_ = np.asarray(doc["intercept"], dtype=np.float64)
-        est.n_features_in_ = int(doc["n_features"])
-        if est.coef_.shape[1] != est.n_features_in_:
-            raise ValueError(f"{path}: coef has {est.coef_.shape[1]} columns, n_features "
-                             f"{est.n_features_in_}")
+        try:
+            est.classes_ = np.asarray(doc["classes"])
+            est.coef_ = np.asarray(doc["coef"], dtype=np.float64)
+            est.intercept_ = np.asarray(doc["intercept"], dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: classes, coef and intercept must be numeric arrays "
+                             f"({str(error).splitlines()[0]})") from None
+        est.n_features_in_ = doc["n_features"]
+        rows = 1 if len(est.classes_) == 2 else len(est.classes_)
+        if (est.classes_.ndim != 1 or len(est.classes_) < 2
+                or not np.issubdtype(est.classes_.dtype, np.integer)
+                or est.coef_.shape != (rows, est.n_features_in_)
+                or est.intercept_.shape != (rows,)):
+            raise ValueError(f"{path}: coef {list(est.coef_.shape)} and intercept "
+                             f"{list(est.intercept_.shape)} do not fit {len(est.classes_)} "
+                             f"classes and {est.n_features_in_} features")
         meta.estimator_, meta.classes_ = est, est.classes_
         meta.n_features_in_, meta.layout_ = est.n_features_in_, doc["layout"]
         return meta
 
     @classmethod
+    def _from_params(cls, path: Path, doc: dict, model: str) -> MetaClassifier:
+        """A MetaClassifier of the saved params: each known, of its type, for `model`; and
+        a layout that describes the saved n_features."""
+        params = doc["params"]
+        if not isinstance(params, dict):
+            raise ValueError(f"{path}: the saved meta-classifier's params must be a mapping")
+        known = cls().get_params()
+        unknown = sorted(set(params) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"{path}: unknown meta-classifier parameter(s) "
+                             f"{', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+        if params.get("model") != model:
+            raise ValueError(f"{path}: params.model is {params.get('model')!r}, expected "
+                             f"{model!r}")
+        for name, ok in (("C", _is_number), ("max_iter", _is_int),
+                         ("random_state", lambda v: v is None or _is_int(v))):
+            if name in params and not ok(params[name]):
+                raise ValueError(f"{path}: params.{name} is {params[name]!r}, not a valid value")
+        n = doc["n_features"]
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"{path}: n_features must be a positive integer, found {n!r}")
+        layout = doc["layout"]
+        if layout is not None:
+            entry = {"block": str, "member": int, "columns": int}
+            if (not isinstance(layout, list) or not all(
+                    isinstance(b, dict) and set(b) == set(entry)
+                    and all(isinstance(b[k], t) and not isinstance(b[k], bool)
+                            for k, t in entry.items()) for b in layout)
+                    or sum(b["columns"] for b in layout) != n):
+                raise ValueError(f"{path}: layout must list {{block, member, columns}} entries "
+                                 f"whose columns add up to n_features ({n})")
+        return cls(**params)
+
+    @classmethod
     def _load_skops(cls, path: Path) -> MetaClassifier:
-        untrusted = sio.get_untrusted_types(file=path)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                has_schema = "schema.json" in archive.namelist()
+        except (OSError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{path}: not a readable skops file ({error})") from None
+        if not has_schema:
+            raise ValueError(f"{path}: not a skops file: its schema.json is missing")
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+        except Exception as error:  # noqa: BLE001 - skops parsing an untrusted file
+            raise ValueError(f"{path}: not a readable skops file "
+                             f"({type(error).__name__}: {_first_line(error)})") from None
         unexpected = sorted(set(untrusted) - set(GBOOST_TRUSTED_TYPES))
         if unexpected:
             raise ValueError(f"{path}: refusing to load types outside the gradient-boosting "
                              f"meta-classifier allowlist: {', '.join(unexpected)}")
-        doc = sio.load(path, trusted=untrusted)
+        try:
+            doc = sio.load(path, trusted=untrusted)
+        except Exception as error:  # noqa: BLE001 - skops building allowlisted types only
+            raise ValueError(f"{path}: not a readable skops file "
+                             f"({type(error).__name__}: {_first_line(error)})") from None
         if not isinstance(doc, dict) or doc.get("format") != GBOOST_FORMAT:
             raise ValueError(f"{path}: not a saved gradient-boosting meta-classifier (expected "
                              f"a {GBOOST_FORMAT!r} document)")
+        _check_keys(path, doc, ("format", "params", "n_features", "layout", "estimator"))
         est = doc["estimator"]
-        if (not isinstance(est, HistGradientBoostingClassifier)
-                or doc["params"].get("model") != "gradient_boosting"):
+        if not isinstance(est, HistGradientBoostingClassifier):
             raise ValueError(f"{path}: holds a {type(est).__name__}, expected a "
                              f"HistGradientBoostingClassifier")
-        if est.n_features_in_ != doc["n_features"]:
-            raise ValueError(f"{path}: estimator has {est.n_features_in_} features, n_features "
-                             f"{doc['n_features']}")
-        meta = cls(**doc["params"])
+        meta = cls._from_params(path, doc, "gradient_boosting")
+        if getattr(est, "n_features_in_", None) != doc["n_features"]:
+            raise ValueError(f"{path}: estimator has {getattr(est, 'n_features_in_', None)} "
+                             f"features, n_features {doc['n_features']}")
         meta.estimator_, meta.classes_ = est, est.classes_
         meta.n_features_in_, meta.layout_ = est.n_features_in_, doc["layout"]
         return meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return _is_int(v) or isinstance(v, float | np.floating)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _check_keys(path: Path, doc: dict, keys: Sequence[str]) -> None:
+    """The saved document has exactly `keys`; ValueError naming the first missing or extra."""
+    missing = [k for k in keys if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: the saved meta-classifier has no {missing[0]!r}")
+    extra = sorted(set(doc) - set(keys), key=str)
+    if extra:
+        raise ValueError(f"{path}: the saved meta-classifier has an unknown entry "
+                         f"{extra[0]!r}")

@@ -6,23 +6,30 @@ indices, and evaluated on the shared test split. All runs must share the dataset
 data, --seed and --split-recipe): the example indices are checked and others refused.
 
 The output folder is a self-contained stack bundle (ensembles/bundle.py): every stacked run's
-bundle pieces are hard-linked (else copied) into components/<i>/, the meta-classifier is saved
-beside them (meta.json, or meta.skops for gradient boosting), and `experiments.evaluate` /
+bundle pieces are checked (schema, paths, SHA-256 digests) and hard-linked (else copied) into
+components/<i>/, where each copy is checked again; the meta-classifier is saved beside them
+(meta.json, or meta.skops for gradient boosting); config.json, written last, holds the SHA-256
+manifest of the meta file and of every file under components/; and `experiments.evaluate` /
 `experiments.predict --run OUT` rebuild each component's member outputs with its own
 preprocessing before applying the meta-classifier.
 """
 
 from __future__ import annotations
 
-import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ensembles import bundle as bundle_lib
-from ensembles.meta import MetaClassifier, make_features
 from ensembles.evaluation import evaluate_predictions, write_report
+from ensembles.meta import MetaClassifier, make_features
+from ensembles.runs import read_config, write_json_atomic
+
+
+OUTPUT_KEYS = ("class_names", "train_indices", "val_index", "val_label", "test_index",
+               "test_label")
 
 
 def load_outputs(run: Path) -> dict:
@@ -31,17 +38,30 @@ def load_outputs(run: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"{run} has no outputs.npz: not an ensemble run of this project, or "
                          f"incomplete")
-    config = json.loads((Path(run) / "config.json").read_text())
-    z = dict(np.load(path))
+    config = read_config(Path(run))
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            z = {k: saved[k] for k in saved.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable outputs file ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{run}/config.json must hold a JSON object")
     members = sorted(int(k.split("_")[-1]) for k in z if k.startswith("val_member_"))
     if not members:
         raise ValueError(f"{run} saved no member outputs (a stack run?): stack ensemble runs")
     if "config" not in config:
         raise ValueError(f"{run}/config.json holds no run config (a run of an older version "
                          f"of this project): retrain it to stack it")
-    settings = config["config"]
-    return {"name": f"{settings['ensemble']['strategy']}/{settings['model']['backbone']}",
-            "backbone": settings["model"]["backbone"], **z,
+    missing = sorted(set(OUTPUT_KEYS) - set(z))
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not an ensemble run's outputs")
+    try:
+        strategy = str(config["config"]["ensemble"]["strategy"])
+        backbone = str(config["config"]["model"]["backbone"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{run}/config.json: its run config names no ensemble.strategy and "
+                         f"model.backbone") from None
+    return {"name": f"{strategy}/{backbone}", "backbone": backbone, **z,
             "val": [z[f"val_member_{m}"] for m in members],
             "test": [z[f"test_member_{m}"] for m in members]}
 
@@ -90,13 +110,15 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
              val_index=first["val_index"], val_label=first["val_label"],
              test_index=first["test_index"], test_label=y, test_proba=proba,
              test_pred=proba.argmax(1), **({} if ids is None else {"test_patient_id": ids}))
-    (out / "config.json").write_text(json.dumps(
-        {"experiment": "stack", "strategy": "stack", "backbone": "+".join(sorted(
-            {o["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
-         "meta_model": model, "class_names": class_names, "argv": sys.argv,
-         "bundle": bundle_lib.stack_section(class_names=class_names, names=names,
-                                            meta=meta_file)}, indent=2) + "\n")
     write_report(metrics, out, y_true=y, proba=proba, title="stacked meta-classifier",
                  extra_sections={"Stacked runs": "\n".join(f"- {n}: `{r}`" for n, r in
                                                            zip(names, runs, strict=True))})
+    section = bundle_lib.stack_section(class_names=class_names, names=names, meta=meta_file)
+    # the manifest covers the meta file and every file of the components (their config.json
+    # too); config.json, written last and atomically, holds it
+    write_json_atomic(out / bundle_lib.CONFIG_FILE, {
+        "experiment": "stack", "strategy": "stack", "backbone": "+".join(sorted(
+            {o["backbone"] for o in outputs})), "runs": [str(r) for r in runs],
+        "meta_model": model, "class_names": class_names, "argv": sys.argv,
+        "bundle": bundle_lib.add_manifest(out, section)})
     return metrics

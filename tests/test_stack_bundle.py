@@ -24,7 +24,7 @@ from data_pipeline.datasets import load_dataset
 from data_pipeline.synthetic import generate_phantoms
 from ensembles import Ensemble, RunConfig, Stack
 from ensembles.assess import evaluate_bundle
-from ensembles.bundle import BundleError, StackBundle, load_bundle
+from ensembles.bundle import BundleError, StackBundle, add_manifest, load_bundle
 from ensembles.meta import MetaClassifier
 from experiments import evaluate, predict, stack
 
@@ -131,6 +131,11 @@ def test_gboost_stack_bundle_round_trip(runs, dataset, tmp_path):
               "estimator": KNeighborsClassifier(1, algorithm="kd_tree").fit(
                   np.eye(20), np.arange(20) % 4)},
              out / "meta.skops")
+    with pytest.raises(BundleError, match="meta.skops does not match its SHA-256 digest"):
+        load_bundle(out)
+    config = json.loads((out / "config.json").read_text())   # re-recorded by a forger
+    config["bundle"] = add_manifest(out, config["bundle"])
+    (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="refusing to load types .*KDTree"):
         load_bundle(out)
 
