@@ -29,7 +29,7 @@ from data_pipeline.datasets import Dataset
 from ensembles import build, fitting, runs
 from ensembles import bundle as bundle_lib
 from ensembles import strategy as strategy_lib
-from ensembles.assess import evaluate_bundle
+from ensembles.assess import evaluate_bundle, skipped_section
 from ensembles.calibration import TemperatureScaling
 from ensembles.config import META_MODELS, RunConfig, make_config, resolve
 from ensembles.evaluation import evaluate_predictions, write_report
@@ -287,8 +287,11 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     section = bundle_lib.add_manifest(out, section)     # SHA-256 of every piece's file
     title = (f"{strategy} of {backbone} on {data.dataset.name} "
              f"({', '.join(data.class_names)}): test split")
+    skipped = list(data.dataset.skipped)
+    metrics["skipped_files"] = {"count": len(skipped), "files": skipped}
     write_report(metrics, out, y_true=y_test, proba=proba, title=title,
-                 extra_sections=_sections(cfg, tasks, variants, calib))
+                 extra_sections={**_sections(cfg, tasks, variants, calib),
+                                 "Skipped files": skipped_section(skipped)})
     runs.write_config(out, cfg, **facts, bundle=section)
     return metrics
 

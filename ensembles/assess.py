@@ -59,7 +59,8 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
                                "model_lacks": match["model_lacks"],
                                "data_lacks": match["data_lacks"],
                                "excluded_examples": unknown,
-                               "skipped_files": len(dataset.skipped)}
+                               "skipped_files": len(dataset.skipped),
+                               "skipped": list(dataset.skipped)}
     return metrics, y, p.proba[known]
 
 
@@ -84,3 +85,14 @@ def summary_line(metrics: dict, report: str | Path) -> str:
     verdict = " AT CHANCE: the macro-F1 CI includes chance;" if includes_chance(metrics) else ""
     return (f"test accuracy {value('accuracy')}, macro-F1 {value('macro_f1')} (95% CI); "
             f"chance {chance_level(k):.3f} for {k} classes;{verdict} report: {report}")
+
+
+def skipped_section(skipped: list[dict], shown: int = 50) -> str:
+    """Markdown listing the entries under the data root that were not read, with reasons."""
+    if not skipped:
+        return "None: every file under the data root was read."
+    lines = [f"{len(skipped)} entries under the data root were not read:"]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"- ... and {len(skipped) - shown} more (metrics.json lists all)")
+    return "\n".join(lines)

@@ -23,9 +23,10 @@ from ensembles.config import (
 from ensembles.members import MEMBER_MODES
 
 # What a CLI reports as `error: ...` with exit code 2 instead of a traceback: bad input
-# refused before training, a diverged run, a refused non-finite checkpoint, a bad bundle.
+# refused before training, a diverged run, a refused non-finite checkpoint, a bad bundle,
+# a folder that cannot be written (disk full, permissions).
 CLI_ERRORS: tuple[type[Exception], ...] = (
-    ValueError, FileNotFoundError, training.TrainingDiverged, training.NonFiniteError,
+    ValueError, OSError, training.TrainingDiverged, training.NonFiniteError,
     bundle_lib.BundleError)
 
 

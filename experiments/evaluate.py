@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, load_dataset
-from ensembles.assess import evaluate_bundle, summary_line
+from ensembles.assess import evaluate_bundle, skipped_section, summary_line
 from ensembles.bundle import load_bundle
 from ensembles.evaluation import write_report
 from experiments import common
@@ -31,11 +31,12 @@ def _section(on: dict) -> str:
              f"{', '.join(on['model_lacks']) or 'none'}",
              f"- classes the data lacks (no recall / ROC-AUC): "
              f"{', '.join(on['data_lacks']) or 'none'}",
-             f"- unreadable files skipped while building the dataset: {on['skipped_files']}"]
+             f"- entries skipped while building the dataset: {on['skipped_files']} (listed "
+             f"below and in metrics.json, with reasons)"]
     for name, e in on["excluded_examples"].items():
         lines.append(f"- {e['count']} `{name}` images predicted as: "
                      + ", ".join(f"{k} {v}" for k, v in e["predicted_as"].items()))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", skipped_section(on["skipped"], shown=20)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

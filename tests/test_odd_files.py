@@ -498,12 +498,20 @@ def test_train_and_evaluate_on_the_corpus(run, corpus, tmp_path, capsys):
     out, cache = run
     config = json.loads((out / "config.json").read_text())
     assert config["dataset_examples"] == 48
+    trained = json.loads((out / "metrics.json").read_text())["skipped_files"]
+    assert trained["count"] == len(_expected()) == len(trained["files"])
+    report = (out / "report.md").read_text()
+    assert f"{len(_expected())} entries under the data root were not read:" in report
+    assert all(f"`{s['path']}`: {s['reason']}" in report for s in trained["files"][:50])
     rc = evaluate_cli.main(["--run", str(out), "--dataset", "image_folder", "--data-dir",
                             str(corpus), "--cache-dir", str(cache), "--n-bootstrap", "0",
                             "--out", str(tmp_path / "eval")])
     assert rc == 0 and "Traceback" not in capsys.readouterr().err
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["evaluated_on"]["skipped_files"] == len(_expected())
+    assert metrics["evaluated_on"]["skipped"] == trained["files"]
+    assert "entries under the data root were not read" in (tmp_path / "eval" /
+                                                            "report.md").read_text()
 
 
 # -- predict -----------------------------------------------------------------------------------
