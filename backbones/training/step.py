@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -52,6 +53,9 @@ def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
         raise ValueError("freeze policy last:N needs `trainable` (see freeze.trainable_modules)")
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        chex.assert_rank(batch["image"], 4)                       # checked once, at trace
+        chex.assert_shape([batch["label"], batch["weight"]], (batch["image"].shape[0],))
+        chex.assert_type([batch["label"], batch["weight"]], [int, float])
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                  lax.axis_index(axis_name))
         augment_key, dropout_key = jax.random.split(key)
@@ -94,6 +98,7 @@ def make_eval_step() -> Callable[[TrainState, Batch], jax.Array]:
     """Build `eval_step(state, batch) -> float32 logits [B, C]` (inference mode)."""
 
     def eval_step(state: TrainState, batch: Batch) -> jax.Array:
+        chex.assert_rank(batch["image"], 4)
         return state.apply_fn(_variables(state, state.params), batch["image"], train=False)
 
     return eval_step
