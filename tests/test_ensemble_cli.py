@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipeline.splits import kfold_indices
 from ensembles import build, fitting, runs
 from experiments import common, ensemble_cli
 
@@ -86,8 +87,30 @@ def test_main_prints_one_line_error(tmp_path, cache, capsys):
 
 
 @pytest.mark.slow
-def test_meta_on_out_of_fold_outputs(tmp_path, cache):
+def test_meta_on_out_of_fold_outputs(tmp_path, cache, monkeypatch):
+    calls = []   # (folder, training ids) of every member training
+    train_members = fitting.train_members
+
+    def spy(plan, out, train_indices=None):
+        calls.append((out, plan.data.train_indices if train_indices is None
+                      else np.asarray(train_indices)))
+        return train_members(plan, out, train_indices)
+
+    monkeypatch.setattr(fitting, "train_members", spy)
     out = _run("ova", tmp_path, cache, "--meta", "logreg", "--meta-folds", "2")
+    # each fold's members never trained on the ids they predict for the meta-classifier
+    config = common.parse("ova", [*TINY, "--meta", "logreg", "--meta-folds", "2",
+                                  "--cache-dir", str(cache)])[0]
+    data = build.build_data(config)
+    train = np.unique(data.train_indices)
+    folds = kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train], k=2,
+                          seed=0)
+    fold_calls = {c[0].name: c[1] for c in calls if c[0].parent.name == "oof"}
+    assert sorted(fold_calls) == ["fold-0", "fold-1"]
+    for f, (fit, held) in enumerate(folds):
+        trained_on = fold_calls[f"fold-{f}"]
+        assert not np.isin(trained_on, train[held]).any(), f
+        np.testing.assert_array_equal(np.sort(trained_on), np.sort(train[fit]))
     metrics = json.loads((out / "metrics.json").read_text())
     meta = [v for v in metrics["variants"] if v["name"].startswith("meta logreg")]
     assert [v["name"] for v in meta] == ["meta logreg (fit on 2-fold out-of-fold member outputs)"]
