@@ -228,34 +228,11 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     metrics = evaluate_predictions(y_test, proba, data.class_names, patient_ids=ids,
                                    seed=cfg.training.seed, y_pred=pred,
                                    n_bootstrap=e.n_bootstrap)
-    variants = [_variant(f"{strategy} rule", y_test, proba, pred, data.class_names)]
-    if strategy == "ovo":
-        other = "coupling" if e.ovo_decision == "votes" else "votes"
-        alt = strategy_lib.rule_combiner(tasks, ovo_decision=other)
-        variants.append(_variant(f"ovo {other}", y_test, proba, alt.predict(test_p),
-                                 data.class_names))
-    if strategy == "cascade":
-        tuned = strategy_lib.rule_combiner(tasks, target_sensitivity=e.target_sensitivity)
-        tuned.fit(val_p, y_val)
-        variants.append(_variant(
-            f"cascade thresholded (stage-1 sensitivity >= {e.target_sensitivity} on val, "
-            f"t={tuned.threshold_:.3f})", y_test, tuned.predict_proba(test_p),
-            tuned.predict(test_p), data.class_names))
+    variants = [_variant(f"{strategy} rule", y_test, proba, pred, data.class_names),
+                *_rule_variants(plan, val_p, y_val, test_p, y_test, proba)]
     meta_saved = None
     if e.meta != "none":
-        meta = MetaClassifier(model=META_MODELS[e.meta], random_state=cfg.training.seed)
-        if e.meta_folds:
-            oof = fitting.out_of_fold_outputs(plan, out, lambda t, loader: _member_outputs(
-                bundle, t, loader))
-            fit_p, y_fit, i_fit, fold, fold_train = (oof.members, oof.labels, oof.indices,
-                                                     oof.fold, oof.fold_train)
-            source = f"{e.meta_folds}-fold out-of-fold member outputs"
-        else:
-            fit_p, y_fit, i_fit, fold, fold_train = val_p, y_val, i_val, None, data.train_indices
-            source = "validation member outputs"
-        x_fit, layout = make_features({strategy: fit_p})
-        meta.fit(x_fit, y_fit, example_indices=i_fit, train_indices=fold_train, fold=fold,
-                 layout=layout, n_classes=len(data.class_names))
+        meta, source = _fit_meta(plan, out, bundle, val_p, y_val, i_val)
         mp = meta.predict_proba(meta.features({strategy: test_p}))
         variants.append(_variant(f"meta {e.meta} (fit on {source})", y_test, mp, mp.argmax(1),
                                  data.class_names))
@@ -294,6 +271,45 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
                                  "Skipped files": skipped_section(skipped)})
     runs.write_config(out, cfg, **facts, bundle=section)
     return metrics
+
+
+def _rule_variants(plan: fitting.Plan, val_p, y_val, test_p, y_test, proba) -> list[dict]:
+    """The strategy's other decision rules on test: OvO's other vote rule, the cascade
+    with its stage-1 threshold tuned on validation to the target sensitivity."""
+    e, tasks, names = plan.config.ensemble, plan.tasks, plan.data.class_names
+    if e.strategy == "ovo":
+        other = "coupling" if e.ovo_decision == "votes" else "votes"
+        alt = strategy_lib.rule_combiner(tasks, ovo_decision=other)
+        return [_variant(f"ovo {other}", y_test, proba, alt.predict(test_p), names)]
+    if e.strategy == "cascade":
+        tuned = strategy_lib.rule_combiner(tasks, target_sensitivity=e.target_sensitivity)
+        tuned.fit(val_p, y_val)
+        return [_variant(f"cascade thresholded (stage-1 sensitivity >= {e.target_sensitivity} "
+                         f"on val, t={tuned.threshold_:.3f})", y_test,
+                         tuned.predict_proba(test_p), tuned.predict(test_p), names)]
+    return []
+
+
+def _fit_meta(plan: fitting.Plan, out: Path, bundle: bundle_lib.Bundle, val_p, y_val, i_val
+              ) -> tuple[MetaClassifier, str]:
+    """The meta-classifier fitted on validation member outputs, or with meta_folds on
+    out-of-fold outputs of members that never saw the rows (checked by MetaClassifier.fit)."""
+    cfg, data = plan.config, plan.data
+    e = cfg.ensemble
+    meta = MetaClassifier(model=META_MODELS[e.meta], random_state=cfg.training.seed)
+    if e.meta_folds:
+        oof = fitting.out_of_fold_outputs(plan, out, lambda t, loader: _member_outputs(
+            bundle, t, loader))
+        rows = (oof.members, oof.labels, oof.indices, oof.fold, oof.fold_train)
+        source = f"{e.meta_folds}-fold out-of-fold member outputs"
+    else:
+        rows = (val_p, y_val, i_val, None, data.train_indices)
+        source = "validation member outputs"
+    fit_p, y_fit, i_fit, fold, fold_train = rows
+    x_fit, layout = make_features({e.strategy: fit_p})
+    meta.fit(x_fit, y_fit, example_indices=i_fit, train_indices=fold_train, fold=fold,
+             layout=layout, n_classes=len(data.class_names))
+    return meta, source
 
 
 def _member_outputs(bundle: bundle_lib.Bundle, trained: list, loader):
