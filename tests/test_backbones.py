@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -206,7 +207,7 @@ def test_dropout_only_in_train_mode():
     a, b = (model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(k, impl="rbg")})
             for k in (3, 4))
     assert not np.allclose(a, b) and not np.allclose(a, evals[0])
-    with pytest.raises(Exception, match="dropout"):
+    with pytest.raises(flax.errors.InvalidRngError, match='needs PRNG for "dropout"'):
         model.apply(variables, x, train=True)
     plain = backbones.create("simple_cnn", num_classes=3, head="linear", width=WIDTH)
     plain_vars = plain.init(RNGS, x, train=False)
@@ -366,12 +367,15 @@ def test_summary_gflops_match_the_convolution_arithmetic():
     assert features["output_shape"] == [1, 64]
 
 
-def test_cli_list_and_errors():
+def test_cli_list_and_errors(capsys):
     listed = subprocess.run([sys.executable, "-m", "backbones", "list"], capture_output=True,
                             text=True, check=True).stdout.split()
     assert listed == backbones.names()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["summary", "nope"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert re.search(r"error: unknown backbone 'nope'; known backbones: .*\bsimple_cnn\b", error)
 
 
 def test_auto_head_is_the_published_top_for_custom_cnns_and_linear_otherwise():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,15 @@ TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.2
 
 def _config(run_dir) -> RunConfig:
     return RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+
+
+def _mcnemar_p(b: int, c: int) -> float:
+    """McNemar by hand: exact two-sided binomial below 25 discordant pairs, else chi-square
+    with continuity correction (1 degree of freedom: sf(x) = erfc(sqrt(x / 2)))."""
+    n = b + c
+    if n < 25:
+        return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n)
+    return math.erfc(math.sqrt(max(abs(b - c) - 1, 0) ** 2 / n / 2))
 
 
 @pytest.mark.slow
@@ -37,12 +47,22 @@ def test_compare_tiny(tmp_path, capsys):
                 config.data.image_size, config.model.width) == (s, "simple_cnn", 0, 16, 0.25)
     assert json.loads((out / "stack-simple_cnn-seed0" / "config.json").read_text())["runs"] == [
         str(out / "ova-simple_cnn-seed0")]
-    for r in rows:
-        assert 0.0 <= float(r["macro_f1"]) <= 1.0
+    metrics = {s: json.loads((out / f"{s}-simple_cnn-seed0" / "metrics.json").read_text())
+               for s in ("single", "ova", "stack")}
+    for r in rows:  # the table reports each run's own metrics
+        assert float(r["macro_f1"]) == pytest.approx(metrics[r["strategy"]]["macro_f1"])
+        assert float(r["accuracy"]) == pytest.approx(metrics[r["strategy"]]["accuracy"])
     doc = json.loads((out / "compare.json").read_text())
     assert {t["strategy"] for t in doc["paired"]} == {"ova", "stack"}
+    base = np.load(out / "single-simple_cnn-seed0" / "outputs.npz")
     for t in doc["paired"]:
-        assert 0.0 < t["mcnemar_p"] <= 1.0
+        z = np.load(out / f"{t['strategy']}-simple_cnn-seed0" / "outputs.npz")
+        np.testing.assert_array_equal(z["test_label"], base["test_label"])  # same examples
+        right, right_base = z["test_pred"] == z["test_label"], base["test_pred"] == z["test_label"]
+        assert t["mcnemar_p"] == pytest.approx(
+            _mcnemar_p(int(np.sum(right & ~right_base)), int(np.sum(~right & right_base))))
+        assert t["macro_f1_diff"] == pytest.approx(
+            metrics[t["strategy"]]["macro_f1"] - metrics["single"]["macro_f1"], abs=1e-9)
         assert t["diff_ci95"][0] <= t["macro_f1_diff"] <= t["diff_ci95"][1]
     assert (out / "compare.png").stat().st_size > 1000
     assert "± " in (out / "compare.md").read_text()

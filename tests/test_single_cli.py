@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from ensembles import Ensemble
@@ -51,7 +52,17 @@ def test_single_writes_every_file(tmp_path, cache, capsys):
                                      "bacterial_pneumonia"]
     n_test = config["split_sizes"]["test"]
     assert sum(map(sum, metrics["confusion_matrix"])) == n_test
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    # The metrics are those of the saved test predictions, recomputed here by hand.
+    saved = np.load(out / "outputs.npz")
+    y, pred = saved["test_label"], saved["test_pred"]
+    cm = np.zeros((4, 4), int)
+    np.add.at(cm, (y, pred), 1)
+    assert metrics["confusion_matrix"] == cm.tolist()
+    assert metrics["accuracy"] == pytest.approx(np.trace(cm) / n_test, abs=1e-12)
+    present = cm.sum(1) > 0
+    f1 = 2 * np.diag(cm) / (cm.sum(0) + cm.sum(1)).clip(min=1)
+    assert metrics["macro_f1"] == pytest.approx(f1[present].mean(), abs=1e-12)
+    assert [r["f1"] for r in metrics["per_class"].values()] == pytest.approx(f1, abs=1e-12)
     assert set(metrics["per_class"]) == set(config["class_names"])
     for row in metrics["per_class"].values():
         assert {"precision", "recall", "specificity", "f1", "support"} <= set(row)
