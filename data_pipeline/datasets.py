@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -156,6 +157,9 @@ def _listing(root: Path, skip: Path | None = None,
                     st = path.lstat()
                 except OSError:
                     continue
+                rows.append((rel, st.st_size, None))
+                continue
+            if not stat.S_ISREG(st.st_mode):   # a FIFO or socket: opening one would block
                 rows.append((rel, st.st_size, None))
                 continue
             stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
