@@ -4,7 +4,8 @@
     model = backbones.create("resnet50", num_classes=4, head="linear")
     variables = model.init({"params": key, "dropout": key}, x, train=False)
 
-Importing the package imports every model module, which registers its names.
+Importing the package imports every model module, which registers its names. ImageNet
+weights: `load_pretrained` reads a Keras file, `weights.fetch` downloads a missing one.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from backbones import (  # noqa: F401 - importing registers the models
     vgg,
     xception,
 )
+from backbones import weights
 from backbones.heads import HEADS, Head
 from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
 from backbones.registry import create, get, is_custom_cnn, names, register, resolve_head
+from backbones.weights import WeightsDownloadError
 
-__all__ = ["HEADS", "Head", "create", "default_weights_path", "get", "is_custom_cnn",
-           "load_pretrained", "merge_pretrained", "names", "register", "resolve_head"]
+__all__ = ["HEADS", "Head", "WeightsDownloadError", "create", "default_weights_path", "get",
+           "is_custom_cnn", "load_pretrained", "merge_pretrained", "names", "register",
+           "resolve_head", "weights"]

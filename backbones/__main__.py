@@ -1,7 +1,10 @@
-"""Command line: list the backbones, or summarise one without building its weights.
+"""Command line: list the backbones, summarise one without building its weights, or manage the
+cache of Keras ImageNet weight files.
 
     python -m backbones list
     python -m backbones summary resnet50 --head imagenet --num-classes 1000 --image-size 224
+    python -m backbones weights list                      # cached files, size, MD5 official?
+    python -m backbones weights download densenet121 vgg16 [--include-top] | --all
 
 `summary` prints the parameter counts (trainable = the "params" collection; total adds
 BatchNorm moving statistics, as Keras's total does) and the forward GFLOPs for batch 1 from
@@ -22,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import backbones
+from backbones import pretrained
 from data_pipeline.classes import DEFAULT_CLASSES
 
 
@@ -64,7 +68,38 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("--image-size", type=int, default=224)
     summary.add_argument("--channels", type=int, default=3)
     summary.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    weights = commands.add_parser("weights", help="the Keras ImageNet weight file cache")
+    actions = weights.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="cached files, their size and whether the MD5 is official")
+    download = actions.add_parser("download", help="fetch and verify missing files")
+    download.add_argument("names", nargs="*", help=f"of {', '.join(pretrained.KERAS)}")
+    download.add_argument("--all", action="store_true", help="every backbone with weights")
+    download.add_argument("--include-top", action="store_true",
+                          help="the file with the ImageNet classifier instead of the notop one")
+    download.add_argument("--no-progress", dest="progress", action="store_false",
+                          help="no progress bar")
     return parser
+
+
+def weights_command(args: argparse.Namespace) -> int:
+    """`weights list` / `weights download`; errors are one `error: ...` line and exit 2."""
+    try:
+        if args.action == "list":
+            cached = backbones.weights.list_cached()
+            print(f"{pretrained.weights_folder()}: {len(cached) or 'no'} weight "
+                  f"file{'s' * (len(cached) != 1)}")
+            for entry in cached:
+                md5 = "official MD5" if entry.verified else "MD5 NOT official"
+                print(f"{entry.path.name:<60} {entry.size / 2**20:>8.1f} MiB  {md5}")
+            return 0
+        if args.all == bool(args.names):
+            raise ValueError("name the backbones to download, or give --all")
+        for name in pretrained.KERAS if args.all else args.names:
+            print(backbones.weights.fetch(name, args.include_top, progress=args.progress))
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         print("\n".join(backbones.names()))
         return 0
+    if args.command == "weights":
+        return weights_command(args)
     num_classes = args.num_classes
     if num_classes is None and args.head != "features":
         num_classes = len(DEFAULT_CLASSES)

@@ -10,8 +10,9 @@ leaves unnamed (`conv2d_7`, `batch_normalization_7`: Xception's shortcuts, all o
 InceptionV3) are renumbered in creation order, whatever counter offset the file was saved
 with. Kernels already share Flax's layout (kh, kw, in, out); only separable convs' depthwise
 kernels are reshaped. Files are the legacy Keras HDF5 format (root attribute `layer_names`,
-per-layer `weight_names`) of Keras 2 (`kernel:0`) and Keras 3 (`kernel`); nothing is
-downloaded at run time.
+per-layer `weight_names`) of Keras 2 (`kernel:0`) and Keras 3 (`kernel`). This module only
+reads files; `backbones.weights` downloads and verifies missing ones into the cache folder
+(`python -m backbones weights download NAME`).
 """
 
 from __future__ import annotations
@@ -82,15 +83,19 @@ _LEAVES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def keras_file_name(name: str, include_top: bool) -> str:
     """The Keras release's file name, e.g. densenet121_weights_tf_dim_ordering_tf_kernels.h5."""
-    _spec(name)
+    keras_spec(name)
     return f"{name}_weights_tf_dim_ordering_tf_kernels{'' if include_top else '_notop'}.h5"
 
 
+def weights_folder() -> Path:
+    """The weights cache: ~/.cache/cxr-ensembles/weights, or $CXR_ENSEMBLES_WEIGHTS."""
+    return Path(os.environ.get("CXR_ENSEMBLES_WEIGHTS") or Path.home() / ".cache" /
+                "cxr-ensembles" / "weights")
+
+
 def default_weights_path(name: str, include_top: bool) -> Path:
-    """~/.cache/cxr-ensembles/weights/<Keras file name>; $CXR_ENSEMBLES_WEIGHTS overrides the folder."""
-    folder = os.environ.get("CXR_ENSEMBLES_WEIGHTS") or Path.home() / ".cache" / \
-        "cxr-ensembles" / "weights"
-    return Path(folder) / keras_file_name(name, include_top)
+    """<weights_folder()>/<Keras file name>."""
+    return weights_folder() / keras_file_name(name, include_top)
 
 
 def load_pretrained(name: str, path: str | os.PathLike | None = None, *, include_top: bool,
@@ -106,16 +111,18 @@ def load_pretrained(name: str, path: str | os.PathLike | None = None, *, include
     image_size (default Keras's 224 / 299) only matters for VGG's top, whose fc1 width
     depends on it. A file whose MD5 is not an official Keras hash loads with a warning.
     """
-    spec = _spec(name)
+    spec = keras_spec(name)
     if grayscale not in ("repeat", "sum"):
         raise ValueError(f"grayscale must be 'repeat' or 'sum', got {grayscale!r}")
     path = Path(path) if path is not None else default_weights_path(name, include_top)
     if not path.is_file():
+        top = " --include-top" if include_top else ""
         raise FileNotFoundError(
             f"{path} not found: download {keras_file_name(name, include_top)} from the official "
-            f"Keras release {RELEASE}/{spec.folder}/ into {path.parent} (or set "
-            f"CXR_ENSEMBLES_WEIGHTS); nothing is downloaded at run time")
-    digest = _md5(path)
+            f"Keras release {RELEASE}/{spec.folder}/ into {path.parent}, or fetch it into the "
+            f"cache folder (CXR_ENSEMBLES_WEIGHTS) with `python -m backbones weights download "
+            f"{name}{top}`")
+    digest = file_md5(path)
     if digest not in spec.md5:
         warnings.warn(f"{path.name}: MD5 {digest} is not an official Keras {name} weight file "
                       f"({' / '.join(spec.md5)}); loading it anyway", stacklevel=2)
@@ -175,7 +182,7 @@ def merge_pretrained(variables: Variables, loaded: Variables) -> Variables:
     return traverse_util.unflatten_dict(flat)
 
 
-def _spec(name: str) -> KerasWeights:
+def keras_spec(name: str) -> KerasWeights:
     try:
         return KERAS[name]
     except KeyError:
@@ -183,7 +190,7 @@ def _spec(name: str) -> KerasWeights:
                          f"{', '.join(KERAS)}") from None
 
 
-def _md5(path: Path) -> str:
+def file_md5(path: Path) -> str:
     digest = hashlib.md5()
     with path.open("rb") as file:
         for chunk in iter(lambda: file.read(1 << 22), b""):

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 import backbones
-from backbones import pretrained as pretrained_lib
 from backbones import training
+from backbones import weights as weights_lib
 from data_pipeline import augment as augment_lib
 from data_pipeline.balance import balance_indices
 from data_pipeline.datasets import Dataset, load_dataset
@@ -120,22 +120,14 @@ def weights_path(config: RunConfig) -> Path:
 
 
 def check_weights(config: RunConfig) -> None:
-    """FileNotFoundError naming where to put the ImageNet file when it is missing."""
-    if not config.model.pretrained:
+    """A `pretrained` PATH must be a file; a missing "imagenet" file is downloaded (verified)
+    into the weights cache, as Keras's and torchvision's loaders do."""
+    if not config.model.pretrained or weights_path(config).is_file():
         return
-    path = weights_path(config)
-    if path.is_file():
-        return
-    backbone = config.model.backbone
     if config.model.pretrained != "imagenet":
-        raise FileNotFoundError(f"--pretrained: {path} is not a file")
-    folder = f"{pretrained_lib.RELEASE}/{pretrained_lib.KERAS[backbone].folder}/"
-    raise FileNotFoundError(
-        f"--pretrained imagenet: {path} not found; download "
-        f"{pretrained_lib.keras_file_name(backbone, include_top=False)} (or "
-        f"{pretrained_lib.keras_file_name(backbone, include_top=True)}) from the official "
-        f"Keras release {folder} into {path.parent}, or set CXR_ENSEMBLES_WEIGHTS to the "
-        f"folder that holds it")
+        raise FileNotFoundError(f"--pretrained: {weights_path(config)} is not a file")
+    weights_lib.fetch(config.model.backbone, include_top=False,
+                      progress=config.training.progress)
 
 
 def pretrained_variables(config: RunConfig, variables: dict) -> dict:

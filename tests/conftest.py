@@ -10,6 +10,9 @@ import pytest
 # Two pytest workers share two cores: OpenMP pools (scikit-learn's gradient boosting) sized to
 # the machine oversubscribe them badly. Set before any test module imports scikit-learn.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test downloads ImageNet weights from the internet (CI may have no network); the download
+# tests serve files from 127.0.0.1 and turn this off themselves.
+os.environ.setdefault("CXR_ENSEMBLES_OFFLINE", "1")
 
 # ../shared/data beside the checkout; CXR_SHARED_DATA overrides (a user's fresh clone has none).
 SHARED_DATA = Path(os.environ.get(
