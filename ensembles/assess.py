@@ -14,7 +14,7 @@ import numpy as np
 
 from data_pipeline.datasets import Dataset
 from ensembles.bundle import Bundle, StackBundle
-from ensembles.evaluation import evaluate_predictions
+from ensembles.evaluation import chance_level, evaluate_predictions, includes_chance
 
 
 def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> dict:
@@ -62,18 +62,6 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
                                "skipped_files": len(dataset.skipped),
                                "skipped": list(dataset.skipped)}
     return metrics, y, p.proba[known]
-
-
-def chance_level(num_classes: int) -> float:
-    """Accuracy and macro-F1 of guessing uniformly among `num_classes` balanced classes."""
-    return 1.0 / num_classes
-
-
-def includes_chance(metrics: dict) -> bool:
-    """Whether the macro-F1 95% CI (or, without one, the point value) reaches chance."""
-    chance = chance_level(len(metrics["per_class"]))
-    ci = (metrics.get("ci95") or {}).get("macro_f1")
-    return (ci[0] if ci else metrics["macro_f1"]) <= chance
 
 
 def summary_line(metrics: dict, report: str | Path) -> str:

@@ -251,6 +251,34 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def chance_level(num_classes: int) -> float:
+    """Accuracy and macro-F1 of guessing uniformly among `num_classes` balanced classes."""
+    return 1.0 / num_classes
+
+
+def includes_chance(metrics: Mapping) -> bool:
+    """Whether the macro-F1 95% CI (or, without one, the point value) reaches chance."""
+    chance = chance_level(len(metrics["per_class"]))
+    ci = (metrics.get("ci95") or {}).get("macro_f1")
+    return (ci[0] if ci else metrics["macro_f1"]) <= chance
+
+
+def verdict_lines(metrics: Mapping) -> list[str]:
+    """The report's first lines: the headline numbers beside chance, and a warning when the
+    macro-F1 CI reaches chance (the model did not learn what the test set measures)."""
+    ci = metrics.get("ci95") or {}
+    k = len(metrics["per_class"])
+    lines = [f"**Result:** accuracy {_fmt_ci(metrics['accuracy'], ci.get('accuracy'))}, "
+             f"macro-F1 {_fmt_ci(metrics['macro_f1'], ci.get('macro_f1'))} (95% CI) on "
+             f"{metrics['n_examples']} test examples; chance is {_fmt(chance_level(k))} for "
+             f"{k} classes."]
+    if includes_chance(metrics):
+        lines += ["", "> **At chance.** The macro-F1 95% CI includes chance: this model is not "
+                      "distinguishable from guessing on this test set (train longer, on more "
+                      "images, or check the data)."]
+    return lines
+
+
 def report_markdown(metrics: Mapping, title: str,
                     extra_sections: Mapping[str, str] | None = None) -> str:
     """The report.md text: data summary, classification table with CIs, confusion, AUC, ECE."""
@@ -258,7 +286,7 @@ def report_markdown(metrics: Mapping, title: str,
     ci = metrics.get("ci95") or {}
     rec_ci = ci.get("recall", {})
     boot = metrics["bootstrap"]
-    lines = [f"# {title}", "", "## Data", "",
+    lines = [f"# {title}", "", *verdict_lines(metrics), "", "## Data", "",
              f"- examples: {metrics['n_examples']}, patients: {metrics['n_patients'] or 'unknown'}",
              "- support: " + ", ".join(f"{c} {metrics['per_class'][c]['support']}" for c in names)]
     if ci:

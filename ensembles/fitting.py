@@ -135,13 +135,16 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.nda
                 checkpoint_dir=out / "checkpoints" / f"stack-{s}",
                 on_record=writer.write, init_variables=None if init is None else init[s]))
         writer.rewrite([r for ts in trained for r in ts.records])
-    plot_curves(mean_history(trained), out / "curves.png")
+    members = sum(len(t.stack.members) for t in trained)
+    plot_curves(mean_history(trained), out / "curves.png",
+                subtitle=f"{config.ensemble.strategy}, {config.model.backbone}: mean over "
+                         f"{members} member(s), each on its own task")
     return trained
 
 
 def mean_history(trained: Sequence[members_lib.TrainedStack]) -> list[dict]:
     """Per epoch, every metric averaged over all members (for the learning curves)."""
-    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1")
     by_epoch: dict[int, dict[str, list]] = {}
     for t in trained:
         for r in t.records:

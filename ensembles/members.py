@@ -220,7 +220,8 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
                          train_step, stack.table, stack.class_weight)),
                      predict=parallel.predict(stacked_eval_step(eval_step), out_axis=1),
                      table=stack.table, stacked=True, member_names=names,
-                     checkpoint_dir=checkpoint_dir, desc=", ".join(names), **common)
+                     checkpoint_dir=checkpoint_dir,
+                     desc=f"{len(names)} members ({', '.join(names)})", **common)
         return TrainedStack(stack, result.variables, result.records, result.best_epoch)
     parts, all_records, best_epochs = [], [], []
     plain = parallel.train(train_step)

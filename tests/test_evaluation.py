@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from ensembles.evaluation import (
-    evaluate_predictions, resampling_units, weighted_ovr_auc, write_report)
+    evaluate_predictions, report_markdown, resampling_units, weighted_ovr_auc, write_report)
 
 NAMES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
 
@@ -159,6 +159,19 @@ def test_write_report_files(tmp_path):
     assert "60 patients" in text and "## Notes" in text and "seed 7" in text
     row = "| normal | " + " | ".join(map(str, m["confusion_matrix"][1])) + " |"
     assert row in text
+
+
+@pytest.mark.parametrize("signal, at_chance", [(0.0, True), (3.0, False)])
+def test_report_says_at_the_top_whether_the_result_is_chance(signal, at_chance):
+    """Pure noise gets the at-chance warning before any table; a learned model does not."""
+    y, p = _noisy_predictions(200, signal=signal, seed=11)
+    m = evaluate_predictions(y, p, NAMES, n_bootstrap=200)
+    head = report_markdown(m, "Run").split("## Data")[0]
+    f1, (lo, hi) = m["macro_f1"], m["ci95"]["macro_f1"]
+    assert f"macro-F1 {f1:.3f} ({lo:.3f}-{hi:.3f}) (95% CI)" in head
+    assert "chance is 0.250 for 4 classes" in head
+    assert ("**At chance.**" in head) is at_chance
+    assert (lo <= 0.25) is at_chance
 
 
 # ------------------------------------------------------------------------------ stats

@@ -121,3 +121,17 @@ def test_only_process_zero_writes(tmp_path, monkeypatch):
         writer.write(RECORDS[1])
         writer.rewrite(RECORDS)
     assert not run.exists()
+
+
+def test_curves_show_validation_beside_training_in_titled_panels(tmp_path):
+    """Every metric the records hold gets a panel; accuracy shows validation too."""
+    from backbones.training.curves import panels, plot_curves
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e,
+                "train_accuracy": 0.5 + e / 10, "val_accuracy": 0.4 + e / 10,
+                "val_macro_f1": 0.3 + e / 10} for e in (1, 2, 3)]
+    assert panels(history) == [("loss", "Loss (cross-entropy)", ("train", "val")),
+                               ("accuracy", "Accuracy", ("train", "val")),
+                               ("macro_f1", "Macro-F1", ("val",))]
+    assert [p[0] for p in panels([{"epoch": 1, "train_loss": 1.0}])] == ["loss"]
+    path = plot_curves(history, tmp_path / "curves.png", subtitle="ova")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

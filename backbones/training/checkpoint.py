@@ -11,6 +11,7 @@ NaN or Inf anywhere is never written.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from backbones.training.state import TrainState, checkpoint_items, with_checkpoint_items
+
+
+class _DropSaveWaitAdvice(logging.Filter):
+    """Orbax warns "Waiting for previous save ... consider checkpointing less frequently" when
+    a save waits for the previous one; we save once per epoch, so on a slow machine the
+    advice is terminal noise between progress bars, not something the user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save")
+
+
+logging.getLogger("absl").addFilter(_DropSaveWaitAdvice())
 
 
 class NonFiniteError(RuntimeError):

@@ -132,14 +132,17 @@ def member_metrics(logits: np.ndarray, labels: np.ndarray, table: np.ndarray
             "val_macro_f1": np.asarray(f1, np.float64)}
 
 
-def predict_logits(predict: Callable, state: Any, batches: Iterable[dict]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_logits(predict: Callable, state: Any, batches: Iterable[dict], *,
+                   progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits [M, N, C], labels [N] and example indices [N] over one pass of `batches`.
 
     `predict(state, {"image"})` returns [M, B, C]; a short last batch is padded to the
-    first batch's size (one compiled shape) and the padding cut off."""
+    first batch's size (one compiled shape) and the padding cut off. `progress` names a
+    transient bar (none when None)."""
     logits, labels, indices, size = [], [], [], None
-    for batch in batches:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm(batches, desc=progress, total=total, disable=progress is None,
+                      leave=False):
         images = np.asarray(batch["image"])
         size, n = size or len(images), len(images)
         logits.append(np.asarray(predict(state, {"image": pad_batch(images, size)}))[:, :n])
@@ -214,13 +217,15 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
                 break
             replicated, step_count, train = _train_epoch(
                 replicated, step, data, config, epoch, step_count, member_names, checkpointer,
-                desc)
+                desc, compiles=epoch == start_epoch + 1)
             host = jax.device_get(parallel.unreplicate(replicated))
             record = {"epoch": epoch, "step": step_count, "members": list(member_names),
                       **train}
             value = None
             if val_data is not None:
-                logits, labels, _ = predict_logits(predict, replicated, val_data)
+                logits, labels, _ = predict_logits(
+                    predict, replicated, val_data,
+                    progress=f"{desc} validation {epoch}" if config.progress else None)
                 if len(labels):
                     val = member_metrics(logits.reshape(size, *logits.shape[-2:]), labels,
                                          table)
@@ -250,14 +255,17 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
 
 def _train_epoch(replicated: Any, step: Callable, data: Any, config: FitConfig, epoch: int,
                  step_count: int, names: Sequence[str], checkpointer: Checkpointer | None,
-                 desc: str) -> tuple[Any, int, dict]:
+                 desc: str, compiles: bool) -> tuple[Any, int, dict]:
     """One epoch of steps; returns the state, the step count and the epoch's train metrics
-    (per member, example-weighted means), images/s and step time."""
+    (per member, example-weighted means), images/s and step time. When the first step
+    `compiles`, the bar says so (XLA takes seconds to a minute at 0 steps done)."""
     start = time.perf_counter()
     loss, correct, count, images = 0.0, 0.0, 0.0, 0
     bar = tqdm(range(config.steps_per_epoch), total=config.steps_per_epoch,
                desc=f"{desc} epoch {epoch}/{config.epochs}", disable=not config.progress,
                leave=False)
+    if compiles:
+        bar.set_postfix_str("compiling the training step (once per run)")
     for _ in bar:
         try:
             batch = next(data)
