@@ -13,6 +13,8 @@ A build of one key holds an exclusive `fcntl.flock` on `<cache>/<dataset>-<key>.
 process (or thread) building the same dataset waits (saying so on stderr, up to
 `BUILD_LOCK_TIMEOUT_S`) and then reuses the finished build. Under that lock, `incomplete.*`
 folders left in that dataset's folder by a killed build are removed before building.
+`build_lock` and `remove_incomplete` serve the decode-once array stores too, which live
+under `<cache>/arrays/<dataset>-<key>/` (`data_pipeline.array_cache`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ _SCANS = {
 _TEXT_FIELDS = ("patient_id", "path", "source_split")
 BUILD_LOCK_TIMEOUT_S = 6 * 3600.0  # how long a build waits for another build of the same key
 _LOCK_POLL_S = 0.2
-_INCOMPLETE_PREFIX = "incomplete."  # TFDS's temporary build folder (renamed when complete)
+INCOMPLETE_PREFIX = "incomplete."  # TFDS's temporary build folder (renamed when complete)
 
 
 class _DropOpenCvAdvice(logging.Filter):
@@ -81,10 +83,13 @@ class ExampleSource:
 
     Wraps the `tfds.data_source`; implements `__len__`/`__getitem__` so Grain (and
     `__getitems__`, batch reads) consume it directly. Picklable for Grain workers.
+    `arrays_dir`, where set, is the folder of this split's decode-once array stores
+    (`data_pipeline.array_cache`), outside the TFDS build folder.
     """
 
-    def __init__(self, tfds_source):
+    def __init__(self, tfds_source, arrays_dir: Path | None = None):
         self._source = tfds_source
+        self.arrays_dir = arrays_dir
 
     def __len__(self) -> int:
         return len(self._source)
@@ -269,7 +274,7 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
 
 
 @contextlib.contextmanager
-def _build_lock(folder: Path):
+def build_lock(folder: Path):
     """Exclusive flock on `<folder>.lock` (beside the build folder) for the build of one key.
 
     Waits for another holder, saying so once on stderr, and raises TimeoutError after
@@ -301,12 +306,12 @@ def _build_lock(folder: Path):
         os.close(fd)
 
 
-def _remove_incomplete(folder: Path) -> None:
+def remove_incomplete(folder: Path) -> None:
     """Remove `incomplete.*` build folders a killed build left under `folder`; call only
     while holding its build lock, so no live build's folder is touched."""
     if not folder.is_dir():
         return
-    for path in sorted(folder.rglob(_INCOMPLETE_PREFIX + "*")):
+    for path in sorted(folder.rglob(INCOMPLETE_PREFIX + "*")):
         if path.is_dir() and not path.is_symlink():
             print(f"removing {path} left by an interrupted build", file=sys.stderr)
             shutil.rmtree(path, ignore_errors=True)
@@ -333,8 +338,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
         classes = [c for c in classes.split(",") if c.strip()]
     build_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     builder, folder = _builder(name, data_dir, classes, build_root, opts)
-    with _build_lock(folder):
-        _remove_incomplete(folder)
+    with build_lock(folder):
+        remove_incomplete(folder)
         builder.download_and_prepare()  # reuses the build when another holder finished it
     # Read through a generic read-only builder: it pickles (Grain workers) by its folder alone.
     reader = tfds.builder_from_directory(builder.data_dir)
@@ -346,7 +351,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     return Dataset(
         name=name,
         class_names=tuple(reader.info.features["label"].names),
-        source=ExampleSource(source),
+        source=ExampleSource(source, arrays_dir=(build_root / "arrays" / folder.name /
+                                                 builders.SPLIT).absolute()),
         labels=np.asarray(index["label"], dtype=np.int64),
         patient_ids=np.asarray(index["patient_id"], dtype=str),
         source_splits=np.asarray(index["source_split"], dtype=str),

@@ -20,13 +20,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy.special import log_softmax
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from backbones.training.checkpoint import Checkpointer
-from backbones.training.parallel import DataParallel
+from backbones.training.parallel import AXIS, DataParallel
 from backbones.training.state import TrainState
+from data_pipeline.prefetch import prefetch_to_device
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
@@ -198,7 +201,9 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
     """
     size = len(member_names)
     stopper = EarlyStopping.start(size, config.monitor, config.patience)
-    data = iter(train_data)
+    data = iter(train_data)   # batches go to the device two ahead of the step (not under pmap)
+    if parallel.mode != "pmap":
+        data = prefetch_to_device(data, NamedSharding(parallel.mesh, P(AXIS)))
     best = _variables(state, stacked)
     records: list[dict] = []
     checkpointer = (Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
