@@ -14,14 +14,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from backbones import cpu_ops
+
 Padding = str | Sequence[tuple[int, int]]
 
 
 def conv(features: int, kernel: int, *, name: str, dtype: Any, strides: int = 1,
          padding: Padding = "SAME", use_bias: bool = True) -> nn.Conv:
-    """A square `kernel` x `kernel` convolution, Keras Conv2D layout (kh, kw, in, out)."""
+    """A square `kernel` x `kernel` convolution, Keras Conv2D layout (kh, kw, in, out).
+
+    On CPU a kernel larger than its input map runs as im2col + matmul (`cpu_ops`).
+    """
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
-                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+                   use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=cpu_ops.conv_general_dilated)
 
 
 # Top-level submodules whose BatchNorm runs in inference mode even when train=True.
@@ -93,11 +99,12 @@ def max_pool_if_fits(x: jnp.ndarray, window: int = 2) -> jnp.ndarray:
 
     The pool is skipped while the feature map is smaller than the window, so deep plain
     CNNs accept small inputs (32 px) instead of shrinking to zero size; for inputs large
-    enough to pool at every stage this is exactly Keras's layer.
+    enough to pool at every stage this is exactly Keras's layer (`cpu_ops.max_pool`: on CPU
+    without select_and_scatter).
     """
     if min(x.shape[1], x.shape[2]) < window:
         return x
-    return nn.max_pool(x, (window, window), strides=(window, window), padding="VALID")
+    return cpu_ops.max_pool(x, (window, window), strides=(window, window), padding="VALID")
 
 
 def scaled(channels: int, width: float) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from backbones import cpu_ops
 from backbones.heads import Head
 from backbones.layers import batch_norm, check_input, conv, scaled
 from backbones.registry import register
@@ -55,7 +56,7 @@ class ResNet(nn.Module):
                   name="conv1_conv")(x)
         x = nn.relu(norm(name="conv1_bn")(x))
         x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # Keras pads zeros, after a ReLU
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
+        x = cpu_ops.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
         block = self._bottleneck if self.bottleneck else self._basic
         for stage, num_blocks in enumerate(self.stage_sizes, start=2):

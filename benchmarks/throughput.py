@@ -3,18 +3,22 @@
     python -m benchmarks.throughput --backbone resnet50 --batch-size 16 --image-size 64 \
         [--precision fp32] [--parallel shard_map] [--mode train|infer] [--steps 5] \
         [--reference torch] [--json OUT]
+    python -m benchmarks.throughput --rows     # issue #11's three rows against torch
 
 Images/s is the median over --repeats timings of --steps steps after a warm-up; compile
 time (the first call minus one steady step) is reported apart; FLOPs come from XLA's cost
 analysis of the compiled per-device program. `--reference torch` times a plain-PyTorch twin
-of the same architecture (simple_cnn, cnn16, resnet50; linear head) in the same process
-and prints the JAX / torch ratio; without torch installed it prints a skip.
+of the same architecture (simple_cnn, cnn16, resnet50; linear head; SGD with momentum as the
+JAX side) in the same process, alternating JAX and torch timings so that a change of load
+hits both, and prints the JAX / torch ratio with the load average; without torch installed
+it prints a skip. Both sides use every core of the process (torch's default threads).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -92,19 +96,19 @@ def torch_twin(name: str, channels: int, num_classes: int):
     return ResNet50() if name == "resnet50" else PlainCNN(TWINS[name])
 
 
-def _time(call: Callable[[], object], steps: int, repeats: int) -> list[float]:
-    """Seconds per `steps` calls, `repeats` times (`call` must block until done)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            call()
-        times.append(time.perf_counter() - start)
-    return times
+Call = Callable[[], object]
 
 
-def jax_benchmark(args: argparse.Namespace) -> dict:
-    """Time the engine's own parallel train (or eval) step for one backbone."""
+def _time(call: Call, steps: int) -> float:
+    """Seconds per call over `steps` calls (`call` must block until done)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    return (time.perf_counter() - start) / steps
+
+
+def jax_setup(args: argparse.Namespace) -> tuple[Call, dict]:
+    """The engine's own parallel train (or eval) step for one backbone, compiled and warm."""
     model = backbones.create(args.backbone, num_classes=args.num_classes, head="linear",
                              dtype=training.compute_dtype(args.precision), axis_name="batch")
     shape = (args.batch_size, args.image_size, args.image_size, args.channels)
@@ -141,20 +145,17 @@ def jax_benchmark(args: argparse.Namespace) -> dict:
         def call():
             jax.block_until_ready(run(replicated[0], image))
 
-    first = _time(call, 1, 1)[0]
-    call()  # one more warm-up step
-    times = _time(call, args.steps, args.repeats)
-    step_s = statistics.median(times) / args.steps
-    return {"framework": "jax", "images_per_s": args.batch_size / step_s,
-            "step_ms": 1e3 * step_s, "compile_s": max(first - step_s, 0.0),
-            "gflop_per_step": flops / 1e9, "tflop_per_s": flops / step_s / 1e12,
-            "device": str(jax.devices()[0].device_kind), "devices": dp.num_devices,
-            "parameters": sum(int(np.size(x)) for x in jax.tree.leaves(
-                (state.params, state.batch_stats)))}
+    first = _time(call, 1)
+    step_s = _time(call, 1)  # one more warm-up step
+    return call, {"framework": "jax", "compile_s": max(first - step_s, 0.0),
+                  "gflop_per_step": flops / 1e9, "flops": flops,
+                  "device": str(jax.devices()[0].device_kind), "devices": dp.num_devices,
+                  "parameters": sum(int(np.size(x)) for x in jax.tree.leaves(
+                      (state.params, state.batch_stats)))}
 
 
-def torch_benchmark(args: argparse.Namespace) -> dict | None:
-    """The same measurement for the PyTorch twin; None (with a printed skip) without torch."""
+def torch_setup(args: argparse.Namespace) -> tuple[Call, dict] | None:
+    """The PyTorch twin's step (SGD, momentum 0.9 as the JAX side), warm; None without torch."""
     try:
         import torch
     except ImportError:
@@ -165,7 +166,7 @@ def torch_benchmark(args: argparse.Namespace) -> dict | None:
     y = torch.arange(args.batch_size) % args.num_classes
     if args.mode == "train":
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def call():
@@ -180,19 +181,87 @@ def torch_benchmark(args: argparse.Namespace) -> dict | None:
                 model(x)
     call()
     call()
-    times = _time(call, args.steps, args.repeats)
-    step_s = statistics.median(times) / args.steps
-    return {"framework": f"torch {torch.__version__}", "images_per_s": args.batch_size / step_s,
-            "step_ms": 1e3 * step_s, "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in model.parameters()) + sum(
-                b.numel() for n, b in model.named_buffers() if "running" in n)}
+    return call, {"framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
+                  "parameters": sum(p.numel() for p in model.parameters()) + sum(
+                      b.numel() for n, b in model.named_buffers() if "running" in n)}
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Time the JAX step (and the torch twin), alternating their timings so load hits both.
+
+    Images/s is the median over --repeats timings of --steps steps; `load` is the 1-minute
+    load average before and after.
+    """
+    setups = {"jax": jax_setup(args)}
+    if args.reference:
+        setups["torch"] = torch_setup(args)
+    setups = {k: v for k, v in setups.items() if v}
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.repeats):
+        for name, (call, _) in setups.items():
+            times[name].append(_time(call, args.steps))
+    load.append(os.getloadavg()[0])
+    results: dict = {"config": vars(args), "load": load, "cores": len(os.sched_getaffinity(0))}
+    for name, (_, info) in setups.items():
+        step_s = statistics.median(times[name])
+        results[name] = {**info, "images_per_s": args.batch_size / step_s,
+                         "step_ms": 1e3 * step_s}
+    jax_row = results["jax"]
+    jax_row["tflop_per_s"] = jax_row.pop("flops") / (1e-3 * jax_row["step_ms"]) / 1e12
+    if "torch" in results:
+        if results["torch"]["parameters"] != jax_row["parameters"]:
+            print(f"warning: parameter counts differ (jax {jax_row['parameters']}, "
+                  f"torch {results['torch']['parameters']}): not the same architecture")
+        results["jax_over_torch"] = jax_row["images_per_s"] / results["torch"]["images_per_s"]
+    return results
+
+
+def print_table(args: argparse.Namespace, results: dict) -> None:
+    rows = [r for r in (results["jax"], results.get("torch")) if r]
+    print(f"| {args.backbone} {args.mode} b={args.batch_size} {args.image_size}px "
+          f"{args.precision} | images/s | step ms | compile s | TFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        tflops = f"{r['tflop_per_s']:.3f}" if "tflop_per_s" in r else "-"
+        print(f"| {r['framework']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
+              f"{compile_s} | {tflops} |")
+    if "jax_over_torch" in results:
+        print(f"JAX / torch images/s: {results['jax_over_torch']:.2f} "
+              f"(torch threads {results['torch']['threads']}, {results['cores']} cores, "
+              f"load {results['load'][0]:.1f} -> {results['load'][1]:.1f})")
+
+
+# The reference rows of issue #11: (backbone, batch size) at 64 px, trained, fp32.
+ROWS = (("resnet50", 16), ("simple_cnn", 32), ("cnn16", 32))
+
+
+def run_rows(args: argparse.Namespace) -> list[dict]:
+    """Measure ROWS against the torch twins, one after another; print one markdown table."""
+    out = []
+    for backbone, batch_size in ROWS:
+        row_args = argparse.Namespace(**{**vars(args), "backbone": backbone,
+                                         "batch_size": batch_size, "image_size": 64,
+                                         "mode": "train", "reference": "torch"})
+        out.append(measure(row_args))
+    print("| row | JAX img/s | torch img/s | JAX / torch | load avg (1 min) |")
+    print("|---|---:|---:|---:|---|")
+    for r in out:
+        c = r["config"]
+        torch_ips = r["torch"]["images_per_s"] if "torch" in r else float("nan")
+        print(f"| {c['backbone']} 64px b={c['batch_size']} {c['precision']} | "
+              f"{r['jax']['images_per_s']:.1f} | {torch_ips:.1f} | "
+              f"{r.get('jax_over_torch', float('nan')):.2f} | "
+              f"{r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
+    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
                                      description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backbone", required=True, choices=backbones.names())
+    parser.add_argument("--backbone", choices=backbones.names())
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
@@ -203,34 +272,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3, help="timings; the median is kept")
     parser.add_argument("--reference", choices=("torch",), default=None)
+    parser.add_argument("--rows", action="store_true",
+                        help="the three reference rows (resnet50 b16, simple_cnn b32, cnn16 b32, "
+                             "64 px) against torch, one table")
     parser.add_argument("--json", default=None, help="write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.rows and not args.backbone:
+        parser.error("--backbone is required (or --rows)")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.reference and args.backbone not in TWINS:
-        raise SystemExit(f"error: --reference torch has twins for {', '.join(TWINS)}, "
-                         f"not {args.backbone}")
-    results = {"config": vars(args), "jax": jax_benchmark(args)}
-    if args.reference:
-        results["torch"] = torch_benchmark(args)
-    rows = [r for r in (results["jax"], results.get("torch")) if r]
-    print(f"| {args.backbone} {args.mode} b={args.batch_size} {args.image_size}px "
-          f"{args.precision} | images/s | step ms | compile s | TFLOP/s |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-        tflops = f"{r['tflop_per_s']:.3f}" if "tflop_per_s" in r else "-"
-        print(f"| {r['framework']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
-              f"{compile_s} | {tflops} |")
-    if results.get("torch"):
-        if results["torch"]["parameters"] != results["jax"]["parameters"]:
-            print(f"warning: parameter counts differ (jax {results['jax']['parameters']}, "
-                  f"torch {results['torch']['parameters']}): not the same architecture")
-        results["jax_over_torch"] = results["jax"]["images_per_s"] / results["torch"][
-            "images_per_s"]
-        print(f"JAX / torch images/s: {results['jax_over_torch']:.2f}")
+    if args.rows:
+        results = run_rows(args)
+    else:
+        if args.reference and args.backbone not in TWINS:
+            raise SystemExit(f"error: --reference torch has twins for {', '.join(TWINS)}, "
+                             f"not {args.backbone}")
+        results = measure(args)
+        print_table(args, results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
