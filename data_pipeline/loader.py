@@ -1,10 +1,11 @@
 """The Grain input pipeline: one split of a source -> shuffled, preprocessed, batched examples.
 
-Grain's `DataLoader` does the heavy lifting: sharding per JAX process, worker processes, and
-an iterator whose `get_state()`/`set_state()` resume the exact order. `EpochShuffleSampler`
-orders the records (a global shuffle per epoch, repeat) and gives every record of every epoch
-its own seeded generator, so host augmentation (`RandomMap`) is identical for any worker
-count.
+Grain's `DataLoader` does the heavy lifting: worker processes, and an iterator whose
+`get_state()`/`set_state()` resume the exact order. `EpochShuffleSampler` orders the records
+(a global shuffle per epoch, repeat) and gives every record of every epoch its own seeded
+generator, so host augmentation (`RandomMap`) is identical for any worker count. With several
+JAX processes `ProcessBlockSampler` gives each its block of every global batch (the role of
+Grain's `ShardByJaxProcess`, which strides records instead and drops the remainder).
 
 Preprocessing runs in two parts. The host part (decode, equalise, lung mask, resize to uint8,
 `array_cache.prepare_image`) is read from the decode-once array store when the source is a
@@ -24,12 +25,16 @@ import sys
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 
 from data_pipeline import array_cache
 from data_pipeline.augment import AugmentConfig, augment_image
 from data_pipeline.preprocess import PreprocessConfig, normalize
+
+
+PAD = -1   # the "index" of a padding example (ProcessBlockSampler's evaluation padding)
 
 
 class SubsetSource:
@@ -90,6 +95,65 @@ class EpochShuffleSampler:
     def __repr__(self) -> str:
         return (f"EpochShuffleSampler(num_records={self._num_records}, shuffle={self._shuffle}, "
                 f"seed={self._seed}, num_epochs={self._num_epochs})")
+
+
+class PaddedSource:
+    """`source` and one more record at its end, the padding `ProcessBlockSampler` reads: the
+    last example again, with index PAD. (Grain wraps a record key past the end around, so
+    the padding needs a record of its own.)"""
+
+    def __init__(self, source: SubsetSource):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source) + 1
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < len(self._source):
+            return self._source[i]
+        return {**self._source[len(self._source) - 1], "index": np.int64(PAD)}
+
+    def __repr__(self) -> str:
+        return f"PaddedSource({self._source!r})"
+
+
+class ProcessBlockSampler:
+    """Process `process` of `count`'s block of every global batch of `batch_size` positions
+    of `sampler`: local position i reads global position (i // b) * B + process * b + i % b
+    (b = B / count), so the processes' local batches k, concatenated in process order, are
+    exactly the global batch k one process reads, and a step sees the same examples on the
+    same devices for any process count. With `pad` the last global batch is completed with
+    padding (record `num_records` of a `PaddedSource`: index PAD), so every process yields
+    the same number of full batches (evaluation: the caller drops the PAD rows); without it a
+    last partial global batch is dropped (training)."""
+
+    def __init__(self, sampler: EpochShuffleSampler, *, batch_size: int, process: int,
+                 count: int, pad: bool, num_records: int):
+        if batch_size % count:
+            raise ValueError(f"the global batch size {batch_size} does not divide by the "
+                             f"{count} processes; choose a multiple of {count}")
+        self._sampler, self._batch, self._local = sampler, batch_size, batch_size // count
+        self._process, self._count, self._pad = process, count, pad
+        self._num_records = num_records
+
+    def __len__(self) -> int:
+        size = len(self._sampler)
+        batches = -(-size // self._batch) if self._pad else size // self._batch
+        return batches * self._local
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < len(self):
+            raise IndexError(f"position {index} is outside [0, {len(self)})")
+        batch, offset = divmod(index, self._local)
+        position = batch * self._batch + self._process * self._local + offset
+        if position >= len(self._sampler):
+            return grain.RecordMetadata(index=index, record_key=self._num_records)
+        meta = self._sampler[position]
+        return grain.RecordMetadata(index=index, record_key=meta.record_key, rng=meta.rng)
+
+    def __repr__(self) -> str:
+        return (f"ProcessBlockSampler({self._sampler!r}, batch_size={self._batch}, "
+                f"process={self._process}, count={self._count}, pad={self._pad})")
 
 
 def finish(images, cfg: PreprocessConfig):
@@ -168,8 +232,11 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
     `index` is the example's position in `source`, so predictions map back to patient ids.
     Shuffling is global per epoch and deterministic by `seed`; `num_epochs=None` repeats
     forever. Batches may span an epoch boundary. With `shard_by_process` each JAX process reads
-    every process_count-th record (the last few records are dropped when the count does not
-    divide). For evaluation use shuffle=False, drop_remainder=False: every index once, in order.
+    its block of every global batch of `batch_size` (`ProcessBlockSampler`: batches of
+    batch_size / process_count); with drop_remainder=False the processes' last batches are
+    padded to full size with examples of index PAD (-1), which the consumer drops after
+    gathering. For evaluation use shuffle=False, drop_remainder=False: every index once, in
+    order (with several processes, once over all processes).
     With `cache_arrays` a built dataset's source is read from its decode-once array store
     (`data_pipeline.array_cache`, built here on first use); False decodes every example of
     every epoch, as sources without a store always do.
@@ -187,8 +254,13 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
     subset = SubsetSource(source if arrays is None else arrays, indices)
     sampler = EpochShuffleSampler(len(subset), shuffle=shuffle, seed=int(seed),
                                   num_epochs=num_epochs, rngs=augment is not None)
-    shard_options = (grain.sharding.ShardByJaxProcess(drop_remainder=True) if shard_by_process
-                     else grain.sharding.NoSharding())
+    process, count = jax.process_index(), jax.process_count()
+    if shard_by_process and count > 1:
+        sampler = ProcessBlockSampler(sampler, batch_size=batch_size, process=process,
+                                      count=count, pad=not drop_remainder,
+                                      num_records=len(subset))
+        subset = subset if drop_remainder else PaddedSource(subset)
+        batch_size //= count
     if worker_count > 0:
         _allow_worker_processes()
     operations: list[grain.transforms.Transformation] = (
@@ -202,5 +274,6 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
     # buffer on every record) would cost more than they save.
     read_options = grain.ReadOptions(num_threads=0) if arrays is not None else None
     return grain.DataLoader(data_source=subset, sampler=sampler, operations=operations,
-                            worker_count=worker_count, shard_options=shard_options,
+                            worker_count=worker_count,
+                            shard_options=grain.sharding.NoSharding(),
                             read_options=read_options)

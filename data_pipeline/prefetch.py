@@ -1,6 +1,9 @@
-"""Batches moved to the device ahead of use: a queue of `jax.device_put` batches.
+"""Batches moved to the device ahead of use: a queue of global device batches.
 
-`jax.device_put` returns at once and copies in the background, so while a step runs on batch
+With one process a host batch is the whole batch and goes out with `jax.device_put`; with
+several, each process holds its own share (its block of the global batch) and
+`jax.make_array_from_process_local_data` assembles the global array (`to_global`). Either
+returns at once and copies in the background, so while a step runs on batch
 k, the next `size - 1` batches are already travelling to the device (Flax's
 `prefetch_to_device`, with a sharding instead of a device list). A Grain iterator keeps its
 checkpoint protocol: `get_state()` is the position of the next batch the *consumer* gets, not
@@ -15,6 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+
+
+def to_global(batch: Any, sharding: jax.sharding.Sharding) -> Any:
+    """A pytree of host arrays as arrays on `sharding`: `jax.device_put` when this process
+    holds every device of it, else each leaf is this process's rows of the global array."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(batch, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 class DevicePrefetch:
@@ -36,7 +47,7 @@ class DevicePrefetch:
                 batch = next(self._iterator)
             except StopIteration:
                 break
-            self._queue.append((position, jax.device_put(batch, self._sharding)))
+            self._queue.append((position, to_global(batch, self._sharding)))
         if not self._queue:
             raise StopIteration
         return self._queue.popleft()[1]
@@ -70,8 +81,9 @@ class CheckpointableDevicePrefetch(DevicePrefetch):
 
 def prefetch_to_device(iterator: Iterator[Any], sharding: jax.sharding.Sharding,
                        size: int = 2) -> DevicePrefetch:
-    """`iterator`'s batches (pytrees of host arrays) as device arrays on `sharding` (e.g.
-    `NamedSharding(mesh, P("batch"))`: every leaf split on its first axis), `size` >= 1
+    """`iterator`'s batches (pytrees of host arrays; with several processes each process's
+    share) as global device arrays on `sharding` (e.g. `NamedSharding(mesh, P("batch"))`:
+    every leaf split on its first axis), `size` >= 1
     batches ahead; checkpointable when `iterator` is."""
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from backbones.training import distributed
 from data_pipeline.datasets import Dataset
 from ensembles import build, fitting, runs
 from ensembles import bundle as bundle_lib
@@ -107,6 +108,7 @@ class Ensemble:
                 runs.write_config(out, cfg, **facts)
             trained = fitting.train_members(plan, out)
             self.metrics_ = _finish(plan, out, trained, facts)
+        distributed.barrier(f"wrote {out}")   # process 0 wrote the bundle the others load
         self.run_dir_ = out
         self.bundle_ = bundle_lib.load_bundle(out)
         return self
@@ -211,8 +213,8 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     """Save the members, fit the combiner(s), evaluate on test, write the bundle and report."""
     cfg, data, tasks = plan.config, plan.data, plan.tasks
     e, strategy, backbone = cfg.ensemble, cfg.ensemble.strategy, cfg.model.backbone
-    stacks = bundle_lib.save_members(out, [t.stack for t in trained.stacks],
-                                     [t.variables for t in trained.stacks])
+    stacks = bundle_lib.save_members(out, [t.stack for t in trained.stacks],   # every
+                                     [t.variables for t in trained.stacks])   # process: orbax
     model = build.model_options(cfg)
     bundle = bundle_lib.Bundle(out, backbone, data.class_names, data.preprocess, tasks,
                                [t.stack for t in trained.stacks],
@@ -236,7 +238,9 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
         mp = meta.predict_proba(meta.features({strategy: test_p}))
         variants.append(_variant(f"meta {e.meta} (fit on {source})", y_test, mp, mp.argmax(1),
                                  data.class_names))
-        meta_saved = meta.save(out / meta.file_name).name
+        meta_saved = meta.file_name
+        if distributed.is_primary():
+            meta.save(out / meta_saved)
 
     scaler = TemperatureScaling().fit(np.log(np.clip(rule.predict_proba(val_p), 1e-12, 1)),
                                       y_val)
@@ -250,6 +254,10 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
         metrics["head_phase"] = {"epochs": cfg.model.head_epochs, "freeze": "head",
                                  "best_epoch_per_member": fitting.best_epochs(tasks,
                                                                               trained.head)}
+    skipped = list(data.dataset.skipped)
+    metrics["skipped_files"] = {"count": len(skipped), "files": skipped}
+    if not distributed.is_primary():    # every process computed the metrics; one writes
+        return metrics
     runs.write_json_atomic(out / bundle_lib.COMBINER_FILE, {
         "rule": strategy_lib.combiner_to_json(rule), "temperature": calib["temperature"]})
     np.savez(out / "outputs.npz", class_names=np.array(data.class_names),
@@ -264,8 +272,6 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     section = bundle_lib.add_manifest(out, section)     # SHA-256 of every piece's file
     title = (f"{strategy} of {backbone} on {data.dataset.name} "
              f"({', '.join(data.class_names)}): test split")
-    skipped = list(data.dataset.skipped)
-    metrics["skipped_files"] = {"count": len(skipped), "files": skipped}
     write_report(metrics, out, y_true=y_test, proba=proba, title=title,
                  extra_sections={**_sections(cfg, tasks, variants, calib),
                                  "Skipped files": skipped_section(skipped)})

@@ -18,6 +18,7 @@ import jax
 import backbones
 from backbones import pretrained as pretrained_lib
 from backbones import training
+from backbones.training import distributed
 from data_pipeline.datasets import DATASETS
 from data_pipeline.preprocess import NORMALIZATIONS as _ALL_NORMALIZATIONS
 from data_pipeline.splits import RECIPES
@@ -39,7 +40,7 @@ PRETRAINED_NORMALIZATION = {"resnet50": "caffe", "vgg16": "caffe", "vgg19": "caf
 # README's main command under 10 minutes.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "custom_cnn": {"image_size": 32, "count": 2000, "epochs": 15, "batch_size": 32},
-    "imagenet": {"image_size": 32, "count": 400, "epochs": 3, "batch_size": 16},
+    "imagenet": {"image_size": 32, "count": 1200, "epochs": 5, "batch_size": 16},
 }
 
 
@@ -63,7 +64,7 @@ class DataConfig:
     clahe: bool = False
     split_recipe: str = "70/15/15"
     balance: str = "class_weights"
-    augment: bool = True
+    augment: bool | None = None              # auto: on, except for synthetic_cxr (see resolve)
     workers: int = 0
 
 
@@ -100,6 +101,9 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
+    coordinator: str | None = None           # HOST:PORT of process 0 (several processes)
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +123,9 @@ class EnsembleConfig:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": TrainingConfig,
             "ensemble": EnsembleConfig}
 # Settings that say how a run executes, not what it computes (a resume may change them).
-RUN_ONLY = {("data", "cache_dir"), ("data", "workers"), ("training", "progress")}
+RUN_ONLY = {("data", "cache_dir"), ("data", "workers"), ("training", "progress"),
+            ("training", "coordinator"), ("training", "num_processes"),
+            ("training", "process_id")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +194,10 @@ def defaults_for(backbone: str) -> dict[str, Any]:
 
 
 def resolve(config: RunConfig) -> RunConfig:
-    """Fill family defaults, the auto preprocessing and --members auto; then `check`."""
+    """Join the processes the config names (before anything asks JAX for its backend), fill
+    family defaults, the auto preprocessing and --members auto; then `check`."""
+    t = config.training
+    distributed.initialize(t.coordinator, t.num_processes, t.process_id)
     backbone = config.model.backbone
     if backbone not in backbones.names():
         raise ValueError(f"unknown backbone {backbone!r}; choose one of "
@@ -210,8 +219,13 @@ def resolve(config: RunConfig) -> RunConfig:
     if members == "auto":
         cpu = jax.default_backend() == "cpu"
         members = "sequential" if cpu and backbones.is_custom_cnn(backbone) else "stacked"
+    # The phantoms are drawn under random exposure, gamma, noise, blur and patient pose
+    # already; augmenting them only slows the short first run. Real radiographs are augmented
+    # unless told otherwise.
+    augment = (config.data.dataset != "synthetic_cxr" if config.data.augment is None
+               else config.data.augment)
     config = _apply(config, {"channels": channels, "normalization": normalization,
-                             "members": members})
+                             "members": members, "augment": augment})
     check(config)
     return config
 

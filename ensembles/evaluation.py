@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
+from backbones.training import distributed
 from ensembles.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
 
 _PROBA_SUM_TOL = 1e-3
@@ -389,12 +390,15 @@ def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
     """Write metrics.json, report.md, confusion.png, roc.png and reliability.png into out_dir.
 
     `metrics` is evaluate_predictions' output for the same y_true / proba. Returns the paths.
+    Only JAX process 0 writes (the others of a multi-process run return the same paths).
     """
     y, p, _ = check_predictions(y_true, proba, metrics["class_names"], None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in
              ("metrics.json", "report.md", "confusion.png", "roc.png", "reliability.png")}
+    if not distributed.is_primary():
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
     paths["metrics.json"].write_text(
         json.dumps(metrics, indent=2, allow_nan=False, default=_json_default) + "\n")
     paths["report.md"].write_text(report_markdown(metrics, title, extra_sections))

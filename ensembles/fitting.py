@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from backbones import training
+from backbones.training import distributed
 from backbones.training.curves import plot_curves
 from backbones.training.metric_writer import MetricWriter
 from data_pipeline.splits import kfold_indices
@@ -136,9 +137,10 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.nda
                 on_record=writer.write, init_variables=None if init is None else init[s]))
         writer.rewrite([r for ts in trained for r in ts.records])
     members = sum(len(t.stack.members) for t in trained)
-    plot_curves(mean_history(trained), out / "curves.png",
-                subtitle=f"{config.ensemble.strategy}, {config.model.backbone}: mean over "
-                         f"{members} member(s), each on its own task")
+    if distributed.is_primary():
+        plot_curves(mean_history(trained), out / "curves.png",
+                    subtitle=f"{config.ensemble.strategy}, {config.model.backbone}: mean over "
+                             f"{members} member(s), each on its own task")
     return trained
 
 

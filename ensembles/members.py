@@ -108,17 +108,18 @@ def relabel_for_member(train_step: Callable, table_row: np.ndarray,
                        class_weight_row: np.ndarray) -> Callable:
     """Adapt an already wrapped plain step to original labels for one member.
 
-    The targets are computed on the host, so every member of a sequential run reuses the one
-    compiled step (the table is data here, not a traced constant).
+    The targets are computed outside the step, with the labels where they are (a global
+    array stays on the devices of every process), so every member of a sequential run
+    reuses the one compiled step (the table is data here, not a traced constant).
     """
     table = np.asarray(table_row, np.int32)[None]
     class_weight = np.asarray(class_weight_row, np.float32)[None]
 
     def step(state, batch):
-        labels, weights = member_targets(np.asarray(batch["label"]), table, class_weight,
+        labels, weights = member_targets(batch["label"], table, class_weight,
                                          batch.get("weight"))
-        return train_step(state, {"image": batch["image"], "label": np.asarray(labels[0]),
-                                  "weight": np.asarray(weights[0])})
+        return train_step(state, {"image": batch["image"], "label": labels[0],
+                                  "weight": weights[0]})
 
     return step
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 
+from backbones.training import distributed
 from ensembles.config import RunConfig
 
 CONFIG_FILE = "config.json"
@@ -65,10 +66,16 @@ def check_run_dir(out: Path, config: RunConfig, *, resume: bool, overwrite: bool
 
 
 def open_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Create (or, with overwrite, empty) the run directory checked by `check_run_dir`."""
-    if not resume and overwrite and out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    """Create (or, with overwrite, empty) the run directory checked by `check_run_dir`.
+
+    With several processes sharing the folder every one has checked it before process 0
+    changes it, and none goes on before it is ready."""
+    distributed.barrier(f"checked {out}")
+    if distributed.is_primary():
+        if not resume and overwrite and out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(f"opened {out}")
     return out
 
 
@@ -77,7 +84,11 @@ def locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the run directory while a run writes into it: a second
     writer (a concurrent --resume, or two commands given the same folder) is refused with a
     clear message instead of mixing its state in. The lock file stays empty and is never
-    rewritten, so taking it changes no file of a run being resumed."""
+    rewritten, so taking it changes no file of a run being resumed. Process 0 holds it for
+    all processes of a multi-process run (they share the folder)."""
+    if not distributed.is_primary():
+        yield
+        return
     with open(Path(out) / LOCK_FILE, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,8 +116,13 @@ def write_json_atomic(path: Path, doc: Any) -> Path:
 
 
 def write_config(out: Path, config: RunConfig, **facts: Any) -> Path:
-    """config.json: the run's config, the command line, the JAX setup and `facts`."""
-    return write_json_atomic(out / CONFIG_FILE, {
+    """config.json: the run's config, the command line, the JAX setup and `facts`. Only
+    process 0 writes it."""
+    path = out / CONFIG_FILE
+    if not distributed.is_primary():
+        return path
+    return write_json_atomic(path, {
         "config": config.to_dict(), **facts, "argv": sys.argv,
         "jax": {"version": jax.__version__, "backend": jax.default_backend(),
-                "devices": [str(d) for d in jax.local_devices()]}})
+                "processes": jax.process_count(),
+                "devices": [str(d) for d in jax.devices()]}})

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backbones.training import distributed
 from backbones.training.loop import pad_batch
+from data_pipeline.loader import PAD
 from ensembles import members as members_lib
 from ensembles.combiners import make_combiner
 from ensembles.tasks import Tasks, check_trainable, make_tasks
@@ -45,7 +47,10 @@ def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
     """Per-member logits [N, C_m] in member order, plus labels and example indices.
 
     Each batch is {"image", "label", "index"} (an evaluation loader); stack s runs
-    `apply_fns[s](variables[s], images)`.
+    `apply_fns[s](variables[s], images)`. With several processes each runs its share of
+    every batch (the loader's block, padded with index -1) on its own devices; the rows of
+    all processes are gathered and the padding dropped, so every process returns the
+    outputs one process would.
     """
     num_members = sum(s.size for s in stacks)
     out: list[list[np.ndarray]] = [[] for _ in range(num_members)]
@@ -56,15 +61,17 @@ def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
         n = len(images)
         padded = jnp.asarray(pad_batch(images, size))         # one compiled shape
         for apply, v, stack in zip(apply_fns, variables, stacks, strict=True):
-            logits = np.asarray(apply(v, padded))[:, :n]
+            logits = np.asarray(apply(v, padded))[:, :n]                     # [M_s, n, C]
+            logits = distributed.gather(logits.swapaxes(0, 1)).swapaxes(0, 1)
             for i, m in enumerate(stack.members):
                 out[m].append(logits[i])
-        labels.append(np.asarray(batch.get("label", np.zeros(len(images), np.int64))))
-        indices.append(np.asarray(batch.get("index", np.zeros(len(images), np.int64))))
+        labels.append(distributed.gather(batch.get("label", np.zeros(n, np.int64))))
+        indices.append(distributed.gather(batch.get("index", np.zeros(n, np.int64))))
     if not labels:
         raise ValueError("no images to predict")
-    return ([np.concatenate(o).astype(np.float64) for o in out], np.concatenate(labels),
-            np.concatenate(indices))
+    keep = np.concatenate(indices) != PAD
+    return ([np.concatenate(o)[keep].astype(np.float64) for o in out],
+            np.concatenate(labels)[keep], np.concatenate(indices)[keep])
 
 
 def rule_combiner(tasks: Tasks, *, ovo_decision: str = "votes",

@@ -70,7 +70,8 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--balance", choices=BALANCE_MODES,
                       help="class_weights: every member weights its classes over its own "
                            "training examples")
-    data.add_argument("--augment", action=argparse.BooleanOptionalAction)
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                      help="auto: on, except for synthetic_cxr (its phantoms vary already)")
     data.add_argument("--workers", type=int, help="Grain worker processes")
 
     model = parser.add_argument_group("model")
@@ -135,6 +136,14 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
                           "settings; anything else is refused before a file changes)")
     run.add_argument("--no-progress", dest="progress", action="store_false",
                      help="no progress bars")
+    launch = parser.add_argument_group(
+        "processes", "one training over several processes (machines): start the same command "
+        "in each with its --process-id; without these flags a single process runs, or under "
+        "SLURM (several tasks) and on Cloud TPU VMs JAX finds the others itself")
+    launch.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="address of process 0, which serves the coordination")
+    launch.add_argument("--num-processes", type=int, help="how many processes take part")
+    launch.add_argument("--process-id", type=int, help="this process's number, 0 .. N-1")
     parser.set_defaults(**{k: v for k, v in d.items() if k != "strategy"})
     for action in parser._actions:  # argparse prints defaults only for options with help
         if action.help is None and action.option_strings:

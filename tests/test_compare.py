@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ensembles import RunConfig
+from ensembles.config import FAMILY_DEFAULTS
 from experiments import compare
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
@@ -101,8 +102,8 @@ def test_one_config_per_run_with_each_backbones_family_defaults(tmp_path):
         assert (c.ensemble.strategy, c.model.backbone, c.training.seed) == (
             p.strategy, p.backbone, p.seed)
         assert (c.training.epochs, c.training.lr) == (2, 0.01)
-        family = {"simple_cnn": (2000, 32), "resnet50": (400, 16)}[p.backbone]
-        assert (c.data.count, c.training.batch_size) == family
+        family = FAMILY_DEFAULTS[{"simple_cnn": "custom_cnn", "resnet50": "imagenet"}[p.backbone]]
+        assert (c.data.count, c.training.batch_size) == (family["count"], family["batch_size"])
     # the stack of a (backbone, seed) is over its other runs, the single model left out
     stack = planned[2]
     assert compare.stacked_runs(planned, stack) == [tmp_path / "cascade-simple_cnn-seed0"]

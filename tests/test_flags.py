@@ -61,3 +61,15 @@ def test_one_epoch_with_a_whole_epoch_of_warmup_trains(tmp_path, cache):
                                             "--out", str(out), "--cache-dir", cache]) == 0
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
+
+
+@pytest.mark.parametrize("argv,augment", [
+    ([], False),                                              # synthetic phantoms vary already
+    (["--augment"], True),
+    (["--dataset", "image_folder", "--data-dir", "x"], True),  # real images: augmented
+    (["--dataset", "image_folder", "--data-dir", "x", "--no-augment"], False),
+])
+def test_augmentation_defaults_to_off_for_synthetic_data_only(argv, augment):
+    from experiments.common import parse
+    config, _ = parse("ova", ["--backbone", "resnet50", *argv])
+    assert config.data.augment is augment

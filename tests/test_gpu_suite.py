@@ -102,7 +102,9 @@ def test_tiny_table_prints_what_the_json_holds(tiny):
         assert torch_cell["reason"] == "not installed"
     assert table["resnet50_bf16"]["goals"] == ("JAX >= 1.1x PyTorch: n/a; "
                                                "JAX >= 5000 img/s: n/a")
-    assert table["densenet121_fp32"]["notes"] == "tiny stand-in: simple_cnn"
+    dense_torch = rows["densenet121_fp32"]["cells"]["torch"]
+    assert table["densenet121_fp32"]["notes"] == "tiny stand-in: simple_cnn" + (
+        "" if dense_torch["status"] == "ok" else f"; torch: {dense_torch['reason']}")
     assert "WARNING: --tiny" in stdout
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ensembles import Ensemble
+from ensembles.config import FAMILY_DEFAULTS
 from experiments import common
 from experiments.ensemble_cli import main
 from experiments.single import DESCRIPTION
@@ -97,10 +98,11 @@ def test_refuses_a_non_empty_out_and_missing_weights(tmp_path, cache, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backbone,epochs,batch,count", [("simple_cnn", 15, 32, 2000),
-                                                          ("resnet50", 3, 16, 400)])
-def test_help_shows_the_defaults_of_the_backbones_family(backbone, epochs, batch, count,
-                                                         capsys):
+@pytest.mark.parametrize("backbone,family", [("simple_cnn", "custom_cnn"),
+                                             ("resnet50", "imagenet")])
+def test_help_shows_the_defaults_of_the_backbones_family(backbone, family, capsys):
+    d = FAMILY_DEFAULTS[family]
+    epochs, batch, count = d["epochs"], d["batch_size"], d["count"]
     with pytest.raises(SystemExit):
         common.parse("single", ["--backbone", backbone, "--help"])
     text = " ".join(capsys.readouterr().out.split())

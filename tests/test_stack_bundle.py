@@ -25,6 +25,7 @@ from data_pipeline.synthetic import generate_phantoms
 from ensembles import Ensemble, RunConfig, Stack
 from ensembles.assess import evaluate_bundle
 from ensembles.bundle import BundleError, StackBundle, add_manifest, load_bundle
+from ensembles.config import FAMILY_DEFAULTS
 from ensembles.meta import MetaClassifier
 from experiments import evaluate, predict, stack
 
@@ -223,8 +224,9 @@ def test_stack_cli_plans_each_backbone_with_its_family_defaults(tmp_path):
         strategy, backbone = run_dir.name.split("-")
         assert config.ensemble.strategy == strategy and config.model.backbone == backbone
         assert config.training.epochs == 2 and config.training.seed == 3
-        family = {"simple_cnn": (2000, 32), "resnet50": (400, 16)}[backbone]
-        assert (config.data.count, config.training.batch_size) == family
+        family = FAMILY_DEFAULTS[{"simple_cnn": "custom_cnn", "resnet50": "imagenet"}[backbone]]
+        assert (config.data.count, config.training.batch_size) == (family["count"],
+                                                                   family["batch_size"])
 
 
 def test_stack_cli_refuses_bad_input_before_training(runs, stacked, tmp_path, capsys):

@@ -7,6 +7,11 @@ complete, so a run killed at any moment resumes from a checkpoint whose items ag
 other: there is no "latest" saved without its matching "best" (the crash window that two
 separate managers had). The K most recent epochs are kept. A state or best snapshot with a
 NaN or Inf anywhere is never written.
+
+With several JAX processes every process saves and restores (orbax's collective protocol):
+the items are host copies, written once by process 0, and Grain writes each process's
+iterator position to its own `data/process_<i>-of-<n>.json`, so a resume needs the same
+process count (the loader's sampler, part of the saved state, names it too).
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ Python-side concerns, as in Flax's ImageNet example: progress bars, per-member v
 metrics, early stopping on any monitor, the NaN guard, one atomic checkpoint per epoch
 (state, best variables, stopper, records and the Grain iterator position) and the records a
 metric writer receives. The steps stay pure.
+
+Across several processes the loop runs unchanged on every process: each one's share of a
+batch becomes one global batch on the mesh of all devices (`prefetch_to_device`), the
+replicated state is read back from this process's copy, and validation gathers every
+process's logits so early stopping decides the same everywhere.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from scipy.special import log_softmax
 from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
+from backbones.training import distributed
 from backbones.training.checkpoint import Checkpointer
 from backbones.training.parallel import AXIS, DataParallel
 from backbones.training.state import TrainState
-from data_pipeline.prefetch import prefetch_to_device
+from data_pipeline.loader import PAD
+from data_pipeline.prefetch import prefetch_to_device, to_global
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
@@ -136,24 +143,35 @@ def member_metrics(logits: np.ndarray, labels: np.ndarray, table: np.ndarray
 
 
 def predict_logits(predict: Callable, state: Any, batches: Iterable[dict], *,
-                   progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   progress: str | None = None, sharding: NamedSharding | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits [M, N, C], labels [N] and example indices [N] over one pass of `batches`.
 
     `predict(state, {"image"})` returns [M, B, C]; a short last batch is padded to the
-    first batch's size (one compiled shape) and the padding cut off. `progress` names a
-    transient bar (none when None)."""
+    first batch's size (one compiled shape) and the padding cut off. With several processes
+    each process passes its share of every batch (a loader's block, padded to full size with
+    examples of index -1): the shares become one global batch on `sharding`, and the logits,
+    labels and indices of all processes come back on every process with the padding dropped,
+    so the result is one process's. `progress` names a transient bar (none when None)."""
     logits, labels, indices, size = [], [], [], None
     total = len(batches) if hasattr(batches, "__len__") else None
     for batch in tqdm(batches, desc=progress, total=total, disable=progress is None,
                       leave=False):
         images = np.asarray(batch["image"])
         size, n = size or len(images), len(images)
-        logits.append(np.asarray(predict(state, {"image": pad_batch(images, size)}))[:, :n])
-        labels.append(np.asarray(batch["label"]))
-        indices.append(np.asarray(batch.get("index", np.zeros(n, np.int64))))
+        images = pad_batch(images, size)
+        if sharding is not None and not sharding.is_fully_addressable:
+            images = to_global(images, sharding)
+        out = distributed.gather(predict(state, {"image": images}))
+        logits.append(out[:, :n] if n < size else out)    # several processes: always full
+        labels.append(distributed.gather(np.asarray(batch["label"])))
+        indices.append(distributed.gather(
+            np.asarray(batch.get("index", np.zeros(n, np.int64)))))
     if not logits:
         return np.zeros((0, 0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(logits, 1), np.concatenate(labels), np.concatenate(indices)
+    keep = np.concatenate(indices) != PAD
+    return (np.concatenate(logits, 1)[:, keep], np.concatenate(labels)[keep],
+            np.concatenate(indices)[keep])
 
 
 def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
@@ -169,7 +187,7 @@ def _with_member_axis(tree: Any, stacked: bool) -> Any:
 
 
 def _variables(state: TrainState, stacked: bool) -> dict:
-    host = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    host = distributed.host_copy({"params": state.params, "batch_stats": state.batch_stats})
     return _with_member_axis(host, stacked)
 
 
@@ -202,8 +220,9 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
     size = len(member_names)
     stopper = EarlyStopping.start(size, config.monitor, config.patience)
     data = iter(train_data)   # batches go to the device two ahead of the step (not under pmap)
+    sharding = NamedSharding(parallel.mesh, P(AXIS))
     if parallel.mode != "pmap":
-        data = prefetch_to_device(data, NamedSharding(parallel.mesh, P(AXIS)))
+        data = prefetch_to_device(data, sharding)
     best = _variables(state, stacked)
     records: list[dict] = []
     checkpointer = (Checkpointer(checkpoint_dir, keep=config.keep_checkpoints)
@@ -223,13 +242,13 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
             replicated, step_count, train = _train_epoch(
                 replicated, step, data, config, epoch, step_count, member_names, checkpointer,
                 desc, compiles=epoch == start_epoch + 1)
-            host = jax.device_get(parallel.unreplicate(replicated))
+            host = distributed.host_copy(parallel.unreplicate(replicated))
             record = {"epoch": epoch, "step": step_count, "members": list(member_names),
                       **train}
             value = None
             if val_data is not None:
                 logits, labels, _ = predict_logits(
-                    predict, replicated, val_data,
+                    predict, replicated, val_data, sharding=sharding,
                     progress=f"{desc} validation {epoch}" if config.progress else None)
                 if len(labels):
                     val = member_metrics(logits.reshape(size, *logits.shape[-2:]), labels,

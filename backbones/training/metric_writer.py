@@ -3,7 +3,8 @@
 In the spirit of clu's metric writers and big_vision's JSON-lines log. metrics.jsonl (one JSON
 object per line) is the record that resume, curves and reports read back; the TensorBoard event
 files (written by tensorboardX, no TensorFlow) are for watching a run. Only JAX process 0
-writes; on every other process each method is a no-op.
+writes files; every other process logs each record as one line to stderr, prefixed with its
+process id, and writes nothing.
 
     with MetricWriter(out_dir, resume_records=history) as writer:
         writer.write({"epoch": 1, "step": 100, "train_loss": 0.7, "val_loss": None})
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -98,6 +100,7 @@ class MetricWriter:
         The line is flushed at once, so a crash loses at most the line being written.
         """
         if not self._active:
+            print(f"[process {jax.process_index()}] {json.dumps(record)}", file=sys.stderr)
             return
         epoch = record.get("epoch")
         if not isinstance(epoch, int) or isinstance(epoch, bool):

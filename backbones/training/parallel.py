@@ -5,6 +5,7 @@ The wrapper takes ANY per-shard function `f(state, batch)` that reduces over the
 the batch axis sits in each batch leaf (`batch_axes`, a pytree prefix of the batch: 0 for
 [B, ...], 1 for labels stacked as [M, B]). The state is replicated on every device: under
 shard_map as one array with a replicated sharding, under pmap with a leading device axis.
+`compiler_options` go to XLA with the shard_map train step (e.g. `EIGEN_CONV_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from jax.sharding import PartitionSpec as P
 PARALLEL_MODES = ("shard_map", "pmap")
 AXIS = "batch"
 
+# XLA:CPU hands convolutions to YNNPACK, which computes a filter gradient (a convolution whose
+# window is the whole feature map) 2-5x slower than XLA's own (Eigen) convolution. These options
+# keep YNNPACK for dots and reductions only: faster CPU train steps (compare with
+# `benchmarks/profile_step.py --eigen-conv`), but not the default, because stacked (vmapped)
+# members then no longer train exactly like sequential ones (tests/test_members.py).
+EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                      "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
 
 def _spec(axis: int | None) -> P:
     return P() if axis is None else P(*([None] * axis), AXIS)
@@ -28,17 +37,23 @@ def _spec(axis: int | None) -> P:
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
-    """One parallel mode over `devices` (default: all local devices)."""
+    """One parallel mode over `devices` (default: every process's devices, in process order,
+    so a global batch is the processes' local batches concatenated)."""
 
     mode: str = "shard_map"
     devices: tuple[Any, ...] = ()
+    compiler_options: tuple[tuple[str, str], ...] = ()   # hashable: (option, value) pairs
 
     def __post_init__(self):
         if self.mode not in PARALLEL_MODES:
             raise ValueError(f"unknown parallel mode {self.mode!r}; choose one of "
                              f"{', '.join(PARALLEL_MODES)}")
+        if self.mode == "pmap" and jax.process_count() > 1:
+            raise ValueError("--parallel pmap runs within one process; use shard_map across "
+                             "processes")
         if not self.devices:
-            object.__setattr__(self, "devices", tuple(jax.local_devices()))
+            object.__setattr__(self, "devices", tuple(sorted(
+                jax.devices(), key=lambda d: (d.process_index, d.id))))
 
     @property
     def num_devices(self) -> int:
@@ -106,7 +121,8 @@ class DataParallel:
         else:
             mapped = jax.jit(jax.shard_map(
                 step_fn, mesh=self.mesh, in_specs=(P(), jax.tree.map(_spec, batch_axes)),
-                out_specs=(P(), P()), check_vma=False), donate_argnums=donate_argnums)
+                out_specs=(P(), P()), check_vma=False), donate_argnums=donate_argnums,
+                compiler_options=dict(self.compiler_options) or None)
 
             def run(state, batch):
                 self.check_batch_size(self._batch_size(batch, batch_axes))
@@ -149,5 +165,6 @@ class DataParallel:
 
 def data_parallel(mode: str = "shard_map", devices: Sequence[Any] | None = None
                   ) -> DataParallel:
-    """The DataParallel for `--parallel MODE` over `devices` (default all local devices)."""
+    """The DataParallel for `--parallel MODE` over `devices` (default all processes'
+    devices)."""
     return DataParallel(mode, tuple(devices or ()))

@@ -33,7 +33,7 @@ def _variables(state: TrainState, params) -> dict:
 
 def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
                     freeze_policy: str = "full", trainable: set[str] | None = None,
-                    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+                    prepare: Callable[[jax.Array, jax.Array], jax.Array] | None = None
                     ) -> StepFn:
     """Build `train_step(state, batch) -> (state, metrics)`.
 
@@ -45,7 +45,8 @@ def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
     freeze_policy "head", those outside `trainable` under "last:N") runs in inference mode:
     it normalises with, and never updates, its running statistics (Keras's `trainable=False`).
     `trainable` names the top-level submodules that train (needed for "last:N").
-    `augment(key, images)`, if given, augments on device with a per-step, per-shard key.
+    `prepare(key, images)`, if given, is the input's last work on device (e.g. uint8 images
+    normalised, then augmented) with a per-step, per-shard key.
     Metrics (identical on every shard): loss, accuracy (weighted), count.
     """
     kind, _ = freeze.parse_policy(freeze_policy)
@@ -58,12 +59,12 @@ def make_train_step(*, label_smoothing: float = 0.0, axis_name: str = "batch",
         chex.assert_type([batch["label"], batch["weight"]], [int, float])
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                  lax.axis_index(axis_name))
-        augment_key, dropout_key = jax.random.split(key)
+        prepare_key, dropout_key = jax.random.split(key)
         images = batch["image"]
         keep = {freeze.HEAD} if kind == "head" else trainable
         frozen = () if kind == "full" else [name for name in state.params if name not in keep]
-        if augment is not None:
-            images = augment(augment_key, images)
+        if prepare is not None:
+            images = prepare(prepare_key, images)
         total_weight = lax.psum(jnp.sum(batch["weight"].astype(jnp.float32)), axis_name)
         safe_weight = jnp.where(total_weight > 0, total_weight, 1.0)
 
