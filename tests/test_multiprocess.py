@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from unittest import mock
 import chex
 import numpy as np
 import pytest
+
+# One worker runs this module, so the module-scoped runs are trained once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("multiprocess")
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420
@@ -132,6 +136,32 @@ def test_two_processes_train_like_one(results, strategy):
     assert config["jax"]["processes"] == 2
 
 
+@pytest.mark.slow
+def test_two_processes_resume_like_one(results):
+    """Orbax restores a 2-process run, each process's data position included: a copy of the
+    2-process single run without its last epoch's checkpoint, resumed by 2 processes, ends
+    with the parameters of the uninterrupted 1-process run."""
+    run = results / "resumed-single"
+    shutil.copytree(results / "two-single", run)
+    last = sorted(p for p in (run / "checkpoints").rglob(str(TINY["epochs"])) if p.is_dir())
+    earlier = sorted(p for p in (run / "checkpoints").rglob(str(TINY["epochs"] - 1))
+                     if p.is_dir())
+    assert len(last) == 1 and len(earlier) == 1, "one checkpoint per epoch, both kept"
+    shutil.rmtree(last[0])
+    port = _free_port()
+    _wait([_start([str(results), "resumed", f"127.0.0.1:{port}", "2", str(i)], devices=1)
+           for i in range(2)])
+    want_params, want_metrics = _load(results / "one-single-0.npz")
+    for i in range(2):
+        params, metrics = _load(results / f"resumed-single-{i}.npz")
+        chex.assert_trees_all_close(params, want_params, atol=1e-5, rtol=1e-4)
+        _check_metrics(metrics, want_metrics)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, TINY["epochs"] + 1))
+    first = json.loads((results / "two-single" / "metrics.jsonl").read_text().splitlines()[0])
+    assert records[0] == first, "epoch 1 came from the checkpoint (its timings too)"
+
+
 def _worker(tmp: str, run: str, coordinator: str | None = None, processes: str = "1",
             process: str = "0") -> None:
     """Fit each tiny strategy (joining a run of `processes` when `coordinator` is given) and
@@ -143,9 +173,12 @@ def _worker(tmp: str, run: str, coordinator: str | None = None, processes: str =
     launch = ({} if coordinator is None else
               {"coordinator": coordinator, "num_processes": int(processes),
                "process_id": int(process)})
+    resume = run == "resumed"   # continue the copied run the test prepared (single only)
     for strategy, members in STRATEGIES.items():
+        if resume and strategy != "single":
+            continue
         ens = Ensemble(strategy, members=members, cache_dir=f"{tmp}/cache", **TINY,
-                       **launch).fit(out=f"{tmp}/{run}-{strategy}")
+                       **launch).fit(out=f"{tmp}/{run}-{strategy}", resume=resume)
         metrics = {"fit": ens.metrics_, "evaluate": ens.evaluate(split="test")}
         flat = {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
                 jax.tree_util.tree_leaves_with_path(ens.bundle_.variables)}
