@@ -155,14 +155,15 @@ def parse(strategy: str, argv: Sequence[str] | None, description: str = ""
           ) -> tuple[RunConfig, RunTarget]:
     """The run config and target of a command line; ValueError for settings that cannot run.
 
-    The defaults shown by --help and used for unset flags are those of --backbone's family.
+    The defaults shown by --help and used for unset flags are those of --backbone's family
+    (and `strategy`'s changes to them).
     """
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--backbone", default=_defaults()["backbone"])
     backbone = first.parse_known_args(argv)[0].backbone
     parser = build_parser(strategy, description)
     if backbone in backbones.names():   # else argparse names the valid choices below
-        parser.set_defaults(**defaults_for(backbone))
+        parser.set_defaults(**defaults_for(backbone, strategy))
     args = parser.parse_args(argv)
     fields = {f.name for kind in SECTIONS.values() for f in dataclasses.fields(kind)}
     settings = {k: v for k, v in vars(args).items() if k in fields and k != "strategy"}

@@ -73,3 +73,24 @@ def test_augmentation_defaults_to_off_for_synthetic_data_only(argv, augment):
     from experiments.common import parse
     config, _ = parse("ova", ["--backbone", "resnet50", *argv])
     assert config.data.augment is augment
+
+
+@pytest.mark.parametrize("strategy,backbone", [("cascade", "resnet50"), ("ova", "resnet50"),
+                                               ("cascade", "simple_cnn")])
+def test_a_strategy_may_change_its_familys_defaults(strategy, backbone, capsys):
+    """The ImageNet-family cascade trains 2 members, so it gets more epochs; everything else
+    keeps the family's; --help shows the epochs the run will use, and a flag still wins."""
+    from ensembles import make_config
+    from ensembles.config import FAMILY_DEFAULTS, STRATEGY_DEFAULTS, family
+    from experiments.common import parse
+    kind = family(backbone)
+    want = {**FAMILY_DEFAULTS[kind], **STRATEGY_DEFAULTS.get((kind, strategy), {})}
+    assert (strategy == "cascade" and kind == "imagenet") == (want != FAMILY_DEFAULTS[kind])
+    config = make_config(strategy, backbone=backbone)
+    assert (config.training.epochs, config.data.count) == (want["epochs"], want["count"])
+    assert parse(strategy, ["--backbone", backbone])[0] == config
+    assert parse(strategy, ["--backbone", backbone, "--epochs", "2"])[0].training.epochs == 2
+    with pytest.raises(SystemExit):
+        parse(strategy, ["--backbone", backbone, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"--epochs EPOCHS (default: {want['epochs']})" in text
