@@ -14,7 +14,7 @@ member through the one engine, fits the combiner (and the optional meta-classifi
 on the test split and writes the run folder: a self-contained bundle with config.json,
 metrics.json, report.md, plots, metrics.jsonl, TensorBoard events and outputs.npz.
 Fitted attributes follow scikit-learn: `classes_`, `members_`, `combiner_`, `meta_`,
-`metrics_`, `run_dir_`.
+`thresholds_` (per-class operating thresholds), `metrics_`, `run_dir_`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from backbones.training import distributed
 from data_pipeline.datasets import Dataset
 from ensembles import build, fitting, runs
 from ensembles import bundle as bundle_lib
+from ensembles import operating_points as op_lib
 from ensembles import strategy as strategy_lib
 from ensembles.assess import evaluate_bundle, skipped_section
 from ensembles.calibration import TemperatureScaling
@@ -83,6 +84,13 @@ class Ensemble:
     @property
     def meta_(self) -> MetaClassifier | None:
         return self._fitted().meta
+
+    @property
+    def thresholds_(self) -> dict[str, float | None]:
+        """Per-class operating thresholds chosen on validation (`config.ensemble.
+        operating_point`); empty for a bundle saved before operating points existed."""
+        b = self._fitted()
+        return dict(zip(b.class_names, b.thresholds or [], strict=False))
 
     # -- training ---------------------------------------------------------------------------
     def fit(self, data: Dataset | None = None, *, out: str | Path | None = None,
@@ -242,10 +250,13 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
         if distributed.is_primary():
             meta.save(out / meta_saved)
 
-    scaler = TemperatureScaling().fit(np.log(np.clip(rule.predict_proba(val_p), 1e-12, 1)),
-                                      y_val)
+    val_proba = rule.predict_proba(val_p)
+    point = _operating_point(plan, val_proba, y_val, data.dataset.patient_ids[i_val], proba,
+                             y_test, ids)
+    scaler = TemperatureScaling().fit(np.log(np.clip(val_proba, 1e-12, 1)), y_val)
     calib = scaler.report(np.log(np.clip(proba, 1e-12, 1)), y_test).as_dict()
     metrics.update(temperature_scaling=calib, variants=variants, strategy=strategy,
+                   operating_point=point,
                    backbone=backbone,
                    best_epoch_per_member=fitting.best_epochs(tasks, trained.stacks),
                    epochs_trained=max((r["epoch"] for t in trained.stacks for r in t.records),
@@ -259,7 +270,8 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     if not distributed.is_primary():    # every process computed the metrics; one writes
         return metrics
     runs.write_json_atomic(out / bundle_lib.COMBINER_FILE, {
-        "rule": strategy_lib.combiner_to_json(rule), "temperature": calib["temperature"]})
+        "rule": strategy_lib.combiner_to_json(rule), "temperature": calib["temperature"],
+        "operating_point": {"target": point["target"], "thresholds": point["thresholds"]}})
     np.savez(out / "outputs.npz", class_names=np.array(data.class_names),
              train_indices=data.train_indices, val_index=i_val, val_label=y_val,
              test_index=i_test, test_label=y_test, test_proba=proba, test_pred=pred,
@@ -274,9 +286,25 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
              f"({', '.join(data.class_names)}): test split")
     write_report(metrics, out, y_true=y_test, proba=proba, title=title,
                  extra_sections={**_sections(cfg, tasks, variants, calib),
+                                 "Operating points": op_lib.markdown(point),
                                  "Skipped files": skipped_section(skipped)})
     runs.write_config(out, cfg, **facts, bundle=section)
     return metrics
+
+
+def _operating_point(plan: fitting.Plan, val_proba, y_val, val_ids, test_proba, y_test,
+                     test_ids) -> dict:
+    """Per-class thresholds chosen on validation for the run's operating point, and the
+    sensitivity / specificity their flags reach on validation and on test."""
+    e, names = plan.config.ensemble, plan.data.class_names
+    point = op_lib.parse_operating_point(e.operating_point)
+    thresholds = op_lib.choose_thresholds(y_val, val_proba, point)
+    boot = {"seed": plan.config.training.seed, "n_bootstrap": e.n_bootstrap}
+    return {"target": str(point), "chosen_on": "val", "thresholds": thresholds,
+            "val": op_lib.rates(y_val, val_proba, thresholds, names, patient_ids=val_ids,
+                                **boot),
+            "test": op_lib.rates(y_test, test_proba, thresholds, names, patient_ids=test_ids,
+                                 **boot)}
 
 
 def _rule_variants(plan: fitting.Plan, val_p, y_val, test_p, y_test, proba) -> list[dict]:

@@ -15,6 +15,7 @@ import numpy as np
 from data_pipeline.datasets import Dataset
 from ensembles.bundle import Bundle, StackBundle
 from ensembles.evaluation import chance_level, evaluate_predictions, includes_chance
+from ensembles.operating_points import rates
 
 
 def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> dict:
@@ -54,6 +55,13 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
                                    patient_ids=dataset.patient_ids[p.indices[known]],
                                    seed=seed, y_pred=p.decisions[known],
                                    n_bootstrap=n_bootstrap)
+    if p.thresholds is not None:
+        metrics["operating_point"] = {
+            "target": bundle.operating_point, "chosen_on": "training run's validation",
+            "thresholds": p.thresholds,
+            "evaluated": rates(y, p.proba[known], p.thresholds, bundle.class_names,
+                               patient_ids=dataset.patient_ids[p.indices[known]], seed=seed,
+                               n_bootstrap=n_bootstrap)}
     metrics["evaluated_on"] = {"dataset": dataset.name, "run": str(bundle.run_dir),
                                "examples": int(known.sum()),
                                "model_lacks": match["model_lacks"],

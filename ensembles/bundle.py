@@ -75,9 +75,11 @@ from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from ensembles import strategy as strategy_lib
 from ensembles.config import RunConfig
+from ensembles.explain import decision_columns
 from ensembles.members import Stack
 from ensembles.meta import FILE_NAMES as META_FILE_NAMES
 from ensembles.meta import MetaClassifier
+from ensembles.operating_points import flag, parse_operating_point
 from ensembles.tasks import STRATEGIES, Tasks, make_tasks
 
 FORMAT_VERSION = 1
@@ -141,6 +143,22 @@ class Predictions:
     decisions: np.ndarray   # [N] class decisions (the combiner's rule or argmax)
     labels: np.ndarray      # [N] the source's labels in the model's order; -1: unknown class
     indices: np.ndarray     # [N] positions in the source
+    # per-row columns saying how each decision was reached (ensembles.explain)
+    explanation: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    thresholds: list[float | None] | None = None   # per class, when the operating point applies
+    flags: np.ndarray | None = None                 # [N, K] p_k >= thresholds[k]
+
+
+def concat_predictions(parts: Sequence[Predictions]) -> Predictions:
+    """One Predictions from consecutive parts of one model's predictions (rows in order)."""
+    first = parts[0]
+    cat = np.concatenate
+    return Predictions(first.class_names, cat([p.proba for p in parts]),
+                       cat([p.decisions for p in parts]), cat([p.labels for p in parts]),
+                       cat([p.indices for p in parts]),
+                       {k: cat([p.explanation[k] for p in parts]) for k in first.explanation},
+                       first.thresholds,
+                       None if first.flags is None else cat([p.flags for p in parts]))
 
 
 def model_order(labels: np.ndarray, label_names: Sequence[str] | None,
@@ -182,6 +200,8 @@ class Bundle:
             for s in self.stacks]
 
     model_options: dict = dataclasses.field(default_factory=dict)
+    operating_point: str | None = None          # what the thresholds aim for, e.g. "youden"
+    thresholds: list[float | None] | None = None  # per class, on the rule's probabilities
 
     def member_outputs(self, batches: Iterable[dict]
                        ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -211,8 +231,13 @@ class Bundle:
             _loader(source, indices, self.preprocess, batch_size))
         proba = self.combine(probs, use_meta=use_meta)
         decisions = proba.argmax(1) if use_meta else self.decide(probs)
+        # the thresholds were chosen on the rule's probabilities: not for the meta-classifier's
+        thresholds = None if use_meta else self.thresholds
         return Predictions(self.class_names, proba, decisions,
-                           model_order(labels, label_names, self.class_names), idx)
+                           model_order(labels, label_names, self.class_names), idx,
+                           decision_columns(self.combiner, probs, self.class_names,
+                                            use_meta=use_meta),
+                           thresholds, None if thresholds is None else flag(proba, thresholds))
 
 
 @dataclasses.dataclass
@@ -238,7 +263,8 @@ class StackBundle:
                 _loader(source, indices, component.preprocess, batch_size))
         proba = self.meta.predict_proba(self.meta.features(blocks))
         return Predictions(self.class_names, proba, self.meta.classes_[proba.argmax(1)],
-                           model_order(labels, label_names, self.class_names), idx)
+                           model_order(labels, label_names, self.class_names), idx,
+                           decision_columns(None, [proba], self.class_names, use_meta=True))
 
 
 def feature_layout(names: Sequence[str], components: Sequence[Bundle]) -> list[dict]:
@@ -301,7 +327,8 @@ STACK_SCHEMA = {
     "components": [{"name": STR, "path": STR}], "meta": STR, MANIFEST_KEY: _Map(SHA256)}
 COMBINER_SCHEMA = {"rule": {"strategy": STR, "decision?": STR, "confidence?": STR,
                             "threshold?": NUM, "target_sensitivity?": (NUM, NULL)},
-                   "temperature?": (NUM, NULL)}
+                   "temperature?": (NUM, NULL),
+                   "operating_point?": {"target": STR, "thresholds": [(NUM, NULL)]}}
 
 
 def _describe(spec) -> str:
@@ -604,6 +631,7 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
     except (KeyError, TypeError, ValueError) as error:
         raise BundleError(f"{combiner_path}: not a combiner of these tasks "
                           f"({_line(error)})") from None
+    _operating_point_fits(doc.get("operating_point"), combiner_path, len(class_names))
     meta = None
     if meta_path is not None:
         meta = _load_meta(meta_path)
@@ -615,10 +643,25 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
     def load() -> Bundle:
         variables = [_restore(ckpt, want) for ckpt, want in zip(checkpoints, expected,
                                                                   strict=True)]
+        point = doc.get("operating_point") or {}
         return Bundle(run_dir, backbone, class_names, preprocess, tasks, stacks, variables,
-                      combiner, meta, doc.get("temperature"), "ensemble", options)
+                      combiner, meta, doc.get("temperature"), "ensemble", options,
+                      point.get("target"), point.get("thresholds"))
 
     return _Checked(run_dir, section, load)
+
+
+def _operating_point_fits(point: dict | None, path: Path, k: int) -> None:
+    """The saved operating point names a known target and one threshold per class."""
+    if point is None:
+        return
+    try:
+        parse_operating_point(point["target"])
+    except ValueError as error:
+        raise BundleError(f"{path}: operating_point: {_line(error)}") from None
+    if len(point["thresholds"]) != k:
+        raise BundleError(f"{path}: operating_point has {len(point['thresholds'])} thresholds "
+                          f"for {k} classes")
 
 
 def _tasks(path: Path, section: dict) -> Tasks:

@@ -23,6 +23,7 @@ from data_pipeline.datasets import DATASETS
 from data_pipeline.preprocess import NORMALIZATIONS as _ALL_NORMALIZATIONS
 from data_pipeline.splits import RECIPES
 from ensembles.members import MEMBER_MODES
+from ensembles.operating_points import parse_operating_point
 from ensembles.tasks import STRATEGIES
 
 BALANCE_MODES = ("none", "downsample", "oversample", "class_weights")
@@ -123,6 +124,8 @@ class EnsembleConfig:
     healthy: str = "normal"
     ovo_decision: str = "votes"
     target_sensitivity: float = 0.95
+    operating_point: str = "youden"          # per-class thresholds: youden | sensitivity=S |
+                                             # specificity=S (ensembles.operating_points)
     min_per_class: int = 2
     n_bootstrap: int = 1000
 
@@ -261,6 +264,7 @@ def check(config: RunConfig) -> None:
         if value is not None and value not in allowed:
             raise ValueError(f"{name} {value!r} is not one of {', '.join(map(str, allowed))}")
     training.parse_policy(m.freeze)
+    parse_operating_point(e.operating_point)
     for name, value, ok, rule in _RANGES(config):
         if value is not None and not ok(value):
             raise ValueError(f"{name} must be {rule}; got {value}")

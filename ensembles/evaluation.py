@@ -146,7 +146,7 @@ def _nanmean_rows(x: np.ndarray) -> np.ndarray:
     return np.where(n > 0, np.nansum(x, axis=1) / np.maximum(n, 1), np.nan)
 
 
-def _ci(values: np.ndarray) -> list[float] | None:
+def ci95(values: np.ndarray) -> list[float] | None:
     v = values[~np.isnan(values)]
     if len(v) == 0:
         return None
@@ -229,10 +229,10 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     blocks = [bootstrap_metrics(y, p, w, pred) for w in bootstrap_weights(units, n_bootstrap, seed)]
     boot = {key: np.concatenate([b[key] for b in blocks]) for key in blocks[0]}
     out["ci95"] = {
-        "accuracy": _ci(boot["accuracy"]),
-        "macro_f1": _ci(boot["macro_f1"]),
-        "roc_auc_macro": _ci(boot["roc_auc_macro"]) if out["roc_auc_macro"] is not None else None,
-        "recall": {names[c]: (_ci(boot["recall"][:, c]) if present[c] else None) for c in labels},
+        "accuracy": ci95(boot["accuracy"]),
+        "macro_f1": ci95(boot["macro_f1"]),
+        "roc_auc_macro": ci95(boot["roc_auc_macro"]) if out["roc_auc_macro"] is not None else None,
+        "recall": {names[c]: (ci95(boot["recall"][:, c]) if present[c] else None) for c in labels},
     }
     return out
 
@@ -243,11 +243,11 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _fmt_ci(x: float | None, ci: Sequence[float] | None) -> str:
+def fmt_ci(x: float | None, ci: Sequence[float] | None) -> str:
     return _fmt(x) if ci is None else f"{_fmt(x)} ({_fmt(ci[0])}-{_fmt(ci[1])})"
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -269,8 +269,8 @@ def verdict_lines(metrics: Mapping) -> list[str]:
     macro-F1 CI reaches chance (the model did not learn what the test set measures)."""
     ci = metrics.get("ci95") or {}
     k = len(metrics["per_class"])
-    lines = [f"**Result:** accuracy {_fmt_ci(metrics['accuracy'], ci.get('accuracy'))}, "
-             f"macro-F1 {_fmt_ci(metrics['macro_f1'], ci.get('macro_f1'))} (95% CI) on "
+    lines = [f"**Result:** accuracy {fmt_ci(metrics['accuracy'], ci.get('accuracy'))}, "
+             f"macro-F1 {fmt_ci(metrics['macro_f1'], ci.get('macro_f1'))} (95% CI) on "
              f"{metrics['n_examples']} test examples; chance is {_fmt(chance_level(k))} for "
              f"{k} classes."]
     if includes_chance(metrics):
@@ -295,29 +295,29 @@ def report_markdown(metrics: Mapping, title: str,
                      f"{boot['n_units']} {boot['unit']}s (seed {boot['seed']})")
     lines += [f"- warning: {w}" for w in metrics.get("warnings", [])]
 
-    rows = [[c, _fmt(m["precision"]), _fmt_ci(m["recall"], rec_ci.get(c)), _fmt(m["specificity"]),
+    rows = [[c, _fmt(m["precision"]), fmt_ci(m["recall"], rec_ci.get(c)), _fmt(m["specificity"]),
              _fmt(m["f1"]), str(m["support"])]
             for c, m in metrics["per_class"].items()]
     total = str(metrics["n_examples"])
-    acc = _fmt_ci(metrics["accuracy"], ci.get("accuracy"))
+    acc = fmt_ci(metrics["accuracy"], ci.get("accuracy"))
     rows.append(["**accuracy**", "", acc, "", "", total])
     for avg in ("macro", "weighted"):
         f1_ci = ci.get("macro_f1") if avg == "macro" else None
         rows.append([f"**{avg} avg**", _fmt(metrics[f"{avg}_precision"]),
                      _fmt(metrics[f"{avg}_recall"]), _fmt(metrics[f"{avg}_specificity"]),
-                     _fmt_ci(metrics[f"{avg}_f1"], f1_ci), total])
+                     fmt_ci(metrics[f"{avg}_f1"], f1_ci), total])
     lines += ["", "## Classification report", ""]
-    lines += _markdown_table(["class", "precision (PPV)", "recall (sensitivity)", "specificity",
+    lines += markdown_table(["class", "precision (PPV)", "recall (sensitivity)", "specificity",
                               "F1", "support"], rows)
 
     cm = metrics["confusion_matrix"]
     lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
-    lines += _markdown_table(["true \\ pred", *names],
+    lines += markdown_table(["true \\ pred", *names],
                              [[n, *map(str, r)] for n, r in zip(names, cm, strict=True)])
 
     auc_rows = [[c, _fmt(metrics["per_class"][c]["roc_auc"])] for c in names]
-    auc_rows.append(["**macro**", _fmt_ci(metrics["roc_auc_macro"], ci.get("roc_auc_macro"))])
-    lines += ["", "## ROC-AUC (one-vs-rest)", ""] + _markdown_table(["class", "ROC-AUC"], auc_rows)
+    auc_rows.append(["**macro**", fmt_ci(metrics["roc_auc_macro"], ci.get("roc_auc_macro"))])
+    lines += ["", "## ROC-AUC (one-vs-rest)", ""] + markdown_table(["class", "ROC-AUC"], auc_rows)
     lines += ["", "## Calibration", "",
               f"Expected calibration error ({DEFAULT_BINS} equal-width bins on the max "
               f"probability): {_fmt(metrics['ece'], 4)}"]

@@ -122,6 +122,10 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
                      help="OvO: scikit-learn's vote rule or argmax of pairwise coupling")
     ens.add_argument("--target-sensitivity", type=float,
                      help="cascade: stage-1 sensitivity the thresholded variant is tuned to")
+    ens.add_argument("--operating-point",
+                     help="per-class thresholds chosen on validation, saved in the bundle and "
+                          "applied by predict and evaluate: youden, sensitivity=S or "
+                          "specificity=S")
     ens.add_argument("--min-per-class", type=int, help="fewest training examples per member "
                                                        "class")
     ens.add_argument("--n-bootstrap", type=int,

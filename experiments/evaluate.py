@@ -21,6 +21,7 @@ from data_pipeline.datasets import DATASETS, load_dataset
 from ensembles.assess import evaluate_bundle, skipped_section, summary_line
 from ensembles.bundle import load_bundle
 from ensembles.evaluation import write_report
+from ensembles.operating_points import markdown as operating_points_markdown
 from experiments import common
 
 
@@ -66,9 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
+    sections = {"Cross-dataset matching": _section(metrics["evaluated_on"])}
+    if "operating_point" in metrics:
+        sections["Operating points"] = operating_points_markdown(metrics["operating_point"])
     write_report(metrics, out, y_true=y, proba=proba,
                  title=f"{Path(args.run).name} evaluated on {args.dataset}",
-                 extra_sections={"Cross-dataset matching": _section(metrics["evaluated_on"])})
+                 extra_sections=sections)
     print(summary_line(metrics, out / "report.md"))
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import os
 import sys
@@ -28,7 +29,8 @@ import numpy as np
 
 from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
 from data_pipeline.layouts import classify, is_utf8, printable
-from ensembles.bundle import Bundle, Predictions, StackBundle, load_bundle
+from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
+                              load_bundle)
 from experiments import common
 
 SUFFIXES = IMAGE_EXTENSIONS
@@ -126,22 +128,41 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
         if len(source) >= CHUNK or pixels >= CHUNK_PIXELS:
             flush()
     flush()
-    k = len(bundle.class_names)
-    class_names = chunks[0].class_names if chunks else tuple(bundle.class_names)
-    proba = np.concatenate([c.proba for c in chunks]) if chunks else np.zeros((0, k))
-    decisions = (np.concatenate([c.decisions for c in chunks]).astype(int) if chunks
-                 else np.zeros(0, int))
-    return kept, Predictions(class_names, proba, decisions, np.full(len(kept), -1),
-                             np.arange(len(kept))), skipped
+    if not chunks:
+        k = len(bundle.class_names)
+        return kept, Predictions(tuple(bundle.class_names), np.zeros((0, k)), np.zeros(0, int),
+                                 np.zeros(0, int), np.zeros(0, int)), skipped
+    merged = concat_predictions(chunks)
+    return kept, dataclasses.replace(merged, decisions=merged.decisions.astype(int),
+                                     labels=np.full(len(kept), -1),
+                                     indices=np.arange(len(kept))), skipped
 
 
-def rows(files: Sequence[Path], p: Predictions) -> list[list[str]]:
-    """The CSV: a header `path,<class names...>,prediction`, then one row per file with its
-    probabilities and the name of its decided class."""
+def _cell(value) -> str:
+    return f"{value:.6f}" if isinstance(value, float | np.floating) else str(value)
+
+
+def rows(files: Sequence[Path], p: Predictions, operating_point: str | None = None
+         ) -> list[list[str]]:
+    """The CSV: `path`, one probability column per class, `prediction`, then the columns
+    that explain it (`decided_by`; OvO `ovo_votes`; cascade `p_sick`, `stage1_threshold`)
+    and, when the bundle has an operating point, `operating_point`, one `threshold_<class>`
+    per class and `flagged` (the classes whose probability reaches their threshold, `;`-
+    separated)."""
     names = list(p.class_names)
-    return [["path", *names, "prediction"],
-            *([str(f), *(f"{q:.6f}" for q in row), names[int(d)]]
-              for f, row, d in zip(files, p.proba, p.decisions, strict=True))]
+    header = ["path", *names, "prediction", *p.explanation]
+    if p.thresholds is not None:
+        header += ["operating_point", *(f"threshold_{c}" for c in names), "flagged"]
+    table = [header]
+    for r, f in enumerate(files):
+        row = [str(f), *(f"{q:.6f}" for q in p.proba[r]), names[int(p.decisions[r])],
+               *(_cell(col[r]) for col in p.explanation.values())]
+        if p.thresholds is not None:
+            row += [operating_point or "", *("" if t is None else f"{t:.6f}"
+                                             for t in p.thresholds),
+                    ";".join(c for c, hit in zip(names, p.flags[r], strict=True) if hit)]
+        table.append(row)
+    return table
 
 
 def write_csv_atomic(path: Path, table: Sequence[Sequence[str]]) -> None:
@@ -195,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not kept:
             raise ValueError(f"nothing to predict: no readable image among the inputs "
                              f"({len(skipped)} skipped)")
-        table = rows(kept, predictions)
+        table = rows(kept, predictions, getattr(bundle, "operating_point", None))
         if out is not None:
             write_csv_atomic(out, table)
         else:

@@ -114,8 +114,9 @@ def test_predict_cli_skips_unreadable(run, images, tmp_path, capsys):
     finally:
         (images / "covid" / "broken.png").unlink()
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["path", "covid", "normal", "viral_pneumonia", "bacterial_pneumonia",
-                       "prediction"]
+    names = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
+    assert rows[0] == ["path", *names, "prediction", "decided_by", "operating_point",
+                       *(f"threshold_{c}" for c in names), "flagged"]
     assert len(rows) == 1 + 15
     probs = np.array([[float(v) for v in r[1:5]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -126,6 +127,37 @@ def test_predict_cli_skips_unreadable(run, images, tmp_path, capsys):
     p = bundle.predict(source, np.arange(len(source)))
     np.testing.assert_allclose(probs, p.proba, atol=2e-6)
     assert [r[5] for r in rows[1:]] == [bundle.class_names[d] for d in p.decisions]
+    assert {r[6] for r in rows[1:]} == {"highest probability"}
+    assert {r[7] for r in rows[1:]} == {"youden"}
+    thresholds = np.array([[float(v) for v in r[8:12]] for r in rows[1:]])
+    np.testing.assert_allclose(thresholds, np.tile(bundle.thresholds, (15, 1)), atol=1e-6)
+    flagged = [set(filter(None, r[12].split(";"))) for r in rows[1:]]
+    assert flagged == [{c for c, q, t in zip(names, row, bundle.thresholds, strict=True)
+                        if q >= t} for row in p.proba]
+    assert any(flagged) and not all(f == set(names) for f in flagged)
+
+
+def test_operating_point_round_trips_through_the_bundle(run):
+    """The thresholds in combiner.json are the ones chosen on the saved validation outputs;
+    the loaded bundle carries them; the reported test rates are those of its flags."""
+    from ensembles.operating_points import OperatingPoint, choose_thresholds, flag
+
+    saved = np.load(run / "outputs.npz")
+    bundle = load_bundle(run)
+    members = [saved[f"val_member_{m}"] for m in range(len(bundle.tasks.names))]
+    want = choose_thresholds(saved["val_label"], bundle.combine(members),
+                             OperatingPoint("youden"))
+    doc = json.loads((run / "combiner.json").read_text())["operating_point"]
+    assert doc["target"] == bundle.operating_point == "youden"
+    np.testing.assert_allclose(doc["thresholds"], want, rtol=1e-6)
+    np.testing.assert_allclose(bundle.thresholds, want, rtol=1e-6)
+    metrics = json.loads((run / "metrics.json").read_text())["operating_point"]
+    hits = flag(saved["test_proba"], bundle.thresholds)
+    y = saved["test_label"]
+    for k, name in enumerate(bundle.class_names):
+        assert metrics["test"][name]["sensitivity"] == pytest.approx(np.mean(hits[y == k, k]))
+        assert metrics["test"][name]["specificity"] == pytest.approx(np.mean(~hits[y != k, k]))
+    assert "## Operating points" in (run / "report.md").read_text()
 
 
 def test_evaluate_reports_class_mismatch(run, images, tmp_path, capsys):
