@@ -35,6 +35,7 @@ from ensembles.assess import evaluate_bundle, skipped_section
 from ensembles.calibration import TemperatureScaling
 from ensembles.config import META_MODELS, RunConfig, make_config, resolve
 from ensembles.evaluation import evaluate_predictions, write_report
+from ensembles.gallery import gallery
 from ensembles.meta import MetaClassifier, make_features
 from ensembles.stacking import stack_runs
 
@@ -284,7 +285,9 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     section = bundle_lib.add_manifest(out, section)     # SHA-256 of every piece's file
     title = (f"{strategy} of {backbone} on {data.dataset.name} "
              f"({', '.join(data.class_names)}): test split")
-    write_report(metrics, out, y_true=y_test, proba=proba, title=title,
+    tiles, note = gallery(bundle, data.dataset.source, i_test, y_test, pred, proba)
+    write_report(metrics, out, y_true=y_test, proba=proba, title=title, tiles=tiles,
+                 gallery_note=note,
                  extra_sections={**_sections(cfg, tasks, variants, calib),
                                  "Operating points": op_lib.markdown(point),
                                  "Skipped files": skipped_section(skipped)})

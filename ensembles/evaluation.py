@@ -21,6 +21,7 @@ from sklearn import metrics as skm
 
 from backbones.training import distributed
 from ensembles.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
+from ensembles.html_report import Tile, write_html
 
 _PROBA_SUM_TOL = 1e-3
 
@@ -386,8 +387,10 @@ def _json_default(x):
 
 
 def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
-                 extra_sections: Mapping[str, str] | None = None) -> dict[str, Path]:
-    """Write metrics.json, report.md, confusion.png, roc.png and reliability.png into out_dir.
+                 extra_sections: Mapping[str, str] | None = None,
+                 tiles: Sequence[Tile] = (), gallery_note: str = "") -> dict[str, Path]:
+    """Write metrics.json, report.md, confusion.png, roc.png, reliability.png and
+    report.html (the same report with its figures and the `tiles` gallery) into out_dir.
 
     `metrics` is evaluate_predictions' output for the same y_true / proba. Returns the paths.
     Only JAX process 0 writes (the others of a multi-process run return the same paths).
@@ -395,15 +398,18 @@ def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
     y, p, _ = check_predictions(y_true, proba, metrics["class_names"], None)
     out = Path(out_dir)
     paths = {name: out / name for name in
-             ("metrics.json", "report.md", "confusion.png", "roc.png", "reliability.png")}
+             ("metrics.json", "report.md", "confusion.png", "roc.png", "reliability.png",
+              "report.html")}
     if not distributed.is_primary():
         return paths
     out.mkdir(parents=True, exist_ok=True)
     paths["metrics.json"].write_text(
         json.dumps(metrics, indent=2, allow_nan=False, default=_json_default) + "\n")
-    paths["report.md"].write_text(report_markdown(metrics, title, extra_sections))
+    text = report_markdown(metrics, title, extra_sections)
+    paths["report.md"].write_text(text)
     _plot_confusion(np.asarray(metrics["confusion_matrix"]), metrics["class_names"],
                     paths["confusion.png"])
     _plot_roc(y, p, metrics, paths["roc.png"])
     _plot_reliability(y, p, metrics["ece"], paths["reliability.png"])
+    write_html(out, text, title=title, tiles=tiles, gallery_note=gallery_note)
     return paths
