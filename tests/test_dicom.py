@@ -7,6 +7,7 @@ one row per readable file."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ from data_pipeline.decode import DecodeError, decode_for_storage, decode_image
 from data_pipeline.splits import split_indices
 from data_pipeline.synthetic import generate_phantoms
 from ensembles.bundle import load_bundle
-from experiments import predict
+from data_pipeline import inspect
+from experiments import evaluate, predict
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -300,6 +302,19 @@ def test_image_folder_of_dicom_builds_with_patient_ids(tmp_path):
     assert "covid/side.dcm" not in {s["path"] for s in kept.skipped}
 
 
+def test_inspect_reads_a_dicom_folder(tmp_path, capsys):
+    root = tmp_path / "data"
+    dicom_folder(root)
+    argv = ["--dataset", "image_folder", "--data-dir", str(root), "--cache-dir",
+            str(tmp_path / "tfds"), "--json"]
+    for extra, examples, patients in (([], 6, 3), (["--keep-lateral"], 7, 3)):
+        assert inspect.main(argv + extra) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["num_examples"] == examples and summary["num_patients"] == patients
+        assert summary["classes"] == {"covid": examples - 3, "normal": 3}
+        assert len(summary["skipped"]) == 10 - examples
+
+
 @pytest.mark.slow
 def test_predict_on_a_folder_of_dicom_writes_predictions(run, tmp_path, capsys):  # noqa: F811
     folder = tmp_path / "in"
@@ -332,3 +347,12 @@ def test_predict_on_a_folder_of_dicom_writes_predictions(run, tmp_path, capsys):
     assert predict.main(["--run", str(run), str(folder), "--csv", str(out),
                          "--keep-lateral"]) == 0
     assert len(list(csv.reader(out.open()))) == 1 + 7
+
+    for extra, examples in (([], 6), (["--keep-lateral"], 7)):
+        report = tmp_path / f"eval{examples}"
+        assert evaluate.main(["--run", str(run), "--dataset", "image_folder", "--data-dir",
+                              str(folder), "--cache-dir", str(tmp_path / "tfds"), "--out",
+                              str(report), "--n-bootstrap", "0", *extra]) == 0
+        metrics = json.loads((report / "metrics.json").read_text())
+        assert metrics["n_examples"] == metrics["evaluated_on"]["examples"] == examples
+        assert metrics["evaluated_on"]["skipped_files"] == 10 - examples
