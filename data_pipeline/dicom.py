@@ -135,7 +135,7 @@ def to_uint8(pixels: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     else:
         lo, hi = float(values.min()), float(values.max())
     values = np.clip(values.astype(np.float64), lo, hi)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
+    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1":
         values = (lo + hi) - values
     if hi > lo:
         values -= lo
