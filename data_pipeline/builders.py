@@ -37,11 +37,13 @@ INDEX_FIELDS = ("label", "patient_id", "path", "source_split")
 class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared features and skip bookkeeping; subclasses yield decoded examples via `_examples`."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "First release.",
         "1.1.0": "Every odd entry (hidden, symlink loop, FIFO, ...) is a counted skip; a "
-                 "pixel budget; images over decode.MAX_SIDE are downscaled while decoding."}
+                 "pixel budget; images over decode.MAX_SIDE are downscaled while decoding.",
+        "1.2.0": "DICOM files (data_pipeline.dicom), patient ids from their PatientID tag; "
+                 "lateral views skipped unless skip_lateral=False."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -131,13 +133,15 @@ class SyntheticCxr(CxrBuilder, skip_registration=True):
 
 class _FolderBuilder(CxrBuilder, skip_registration=True):
     """Decodes the records of a layout scan; unreadable files (and files over the pixel
-    budget, or gone since the scan) become counted skips."""
+    budget, lateral DICOM views with `skip_lateral`, or files gone since the scan) become
+    counted skips."""
 
     def __init__(self, *, root: Path, records: Sequence[layouts.Record],
-                 max_pixels: int | None = None, **kwargs):
+                 max_pixels: int | None = None, skip_lateral: bool = True, **kwargs):
         self._root = root
         self._records = list(records)
         self._max_pixels = max_pixels
+        self._skip_lateral = skip_lateral
         super().__init__(**kwargs)
 
     def _examples(self):
@@ -145,7 +149,8 @@ class _FolderBuilder(CxrBuilder, skip_registration=True):
         for r in self._records:
             try:
                 image, png = decode_for_storage(self._root / r.path,
-                                                max_pixels=self._max_pixels)
+                                                max_pixels=self._max_pixels,
+                                                skip_lateral=self._skip_lateral)
                 example = {"image": png, "label": label_of[r.label], "patient_id": r.patient_id,
                            "path": r.path, "source_split": r.source_split}
                 if self._has_masks:

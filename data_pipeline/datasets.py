@@ -46,9 +46,9 @@ DATASETS: tuple[str, ...] = (
 
 _OPTIONS: dict[str, dict[str, Any]] = {
     "synthetic_cxr": {"count": 1000, "image_size": 128, "seed": 0},
-    "covid19_radiography": {"max_pixels": None},
-    "chest_xray_pneumonia": {"num_classes": 3, "max_pixels": None},
-    "image_folder": {"max_pixels": None},
+    "covid19_radiography": {"max_pixels": None, "skip_lateral": True},
+    "chest_xray_pneumonia": {"num_classes": 3, "max_pixels": None, "skip_lateral": True},
+    "image_folder": {"max_pixels": None, "skip_lateral": True},
 }
 _SCANS = {
     "covid19_radiography": (layouts.scan_covid19_radiography, builders.Covid19Radiography),
@@ -258,7 +258,7 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
     scan_fn, builder_cls = _SCANS[name]
     root = layouts.check_root(data_dir, name)
     opts = {**opts, "max_pixels": pixel_budget(opts["max_pixels"])}
-    scan_opts = {k: v for k, v in opts.items() if k != "max_pixels"}
+    scan_opts = {k: v for k, v in opts.items() if k not in ("max_pixels", "skip_lateral")}
     ignore = frozenset(p for p in (_resolved(build_root),) if p is not None)
     scan = scan_fn(root, ignore=ignore, **scan_opts)
     if not scan.records:
@@ -270,7 +270,7 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
     folder = build_root / f"{name}-{key}"
     return builder_cls(root=root, records=records, issues=scan.issues, class_names=class_names,
                        has_masks=has_masks, max_pixels=opts["max_pixels"],
-                       data_dir=folder), folder
+                       skip_lateral=opts["skip_lateral"], data_dir=folder), folder
 
 
 @contextlib.contextmanager
@@ -325,7 +325,9 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     Options: synthetic_cxr count=1000, image_size=128, seed=0; chest_xray_pneumonia
     num_classes=3 (normal/viral/bacterial) or 2 (normal/pneumonia); every folder source
     max_pixels (default `$CXR_ENSEMBLES_MAX_PIXELS`, else 50 MP): images with more pixels are
-    counted skips, checked from the header before decoding. `classes` keeps a subset
+    counted skips, checked from the header before decoding; every folder source
+    skip_lateral=True: DICOM lateral views (ViewPosition LL, RL, ...) are counted skips
+    (`data_pipeline.dicom`). `classes` keeps a subset
     of canonical classes in the given order. Raises ValueError / FileNotFoundError with a
     one-line message for unknown names or options and missing, empty or class-less roots.
     `classes` may also be one comma-separated string.

@@ -1,14 +1,15 @@
 """Turn any image file a chest X-ray source ships into grayscale uint8 HxWx1, or a reason why not.
 
-Sources mix 8- and 16-bit PNGs, RGB(A) JPEGs, palette images and the odd corrupt or
-non-image file. A build must never die on one bad file: `decode_image` raises `DecodeError`
+Sources mix 8- and 16-bit PNGs, RGB(A) JPEGs, palette images, DICOM files (read by
+`data_pipeline.dicom`) and the odd corrupt or non-image file. A build must never die on one bad file: `decode_image` raises `DecodeError`
 with a short reason, which the builders record as a counted skip.
 
 Memory stays bounded whatever a file claims: the pixel count is checked from the header
 before anything is decoded (`pixel_budget`, default 50 MP, `$CXR_ENSEMBLES_MAX_PIXELS`), and
 images with a side over `MAX_SIDE` are downscaled by an integer factor while decoding (JPEG
 through Pillow's `draft`, DCT scaling; others by `Image.reduce`, a box filter) before any
-conversion, so no full-size float copy is ever made. Build and predict decode alike.
+conversion, so no full-size float copy is ever made (DICOM's LUTs work on one float copy,
+within the same budget). Build and predict decode alike.
 """
 
 from __future__ import annotations
@@ -23,8 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Extensions considered image files; anything else in a class folder is skipped unread.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# DICOM file names; a DICOM file named otherwise is recognised by its content
+# (`data_pipeline.dicom.is_dicom`).
+DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
+# Extensions considered image files; other files in a class folder are read only when their
+# content says DICOM, else skipped.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_EXTENSIONS
 
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_PIXELS_ENV = "CXR_ENSEMBLES_MAX_PIXELS"
@@ -127,7 +133,7 @@ def _decode(data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, boo
         raise DecodeError(f"corrupt image: {e}") from None
 
 
-def _read(source: str | Path | bytes) -> bytes:
+def read_source(source: str | Path | bytes) -> bytes:
     """The bytes of a path (a regular file: a FIFO or device is never opened) or `source`."""
     if not isinstance(source, (str, Path)):
         return source
@@ -154,27 +160,51 @@ def file_kind(mode: int) -> str:
     return "file"
 
 
-def decode_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(source: str | Path | bytes, *, max_pixels: int | None = None,
+                 skip_lateral: bool = True) -> np.ndarray:
     """Read a file path or encoded bytes into grayscale uint8 HxWx1.
 
+    DICOM (by content, or a `.dcm` / `.dicom` path) goes through `data_pipeline.dicom`
+    (`skip_lateral`: refuse lateral views); anything else through Pillow.
     Raises DecodeError for unreadable, non-regular, zero-byte, non-image, corrupt or truncated
     files, for images over the pixel budget (`pixel_budget(max_pixels)`, checked from the
     header) and for decompression bombs (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels).
     Images with a side over `MAX_SIDE` come back downscaled by an integer factor.
     """
-    return _decode(_read(source), max_pixels)[0]
+    data = read_source(source)
+    dicom_image = _decode_dicom(source, data, max_pixels, skip_lateral)
+    return dicom_image if dicom_image is not None else _decode(data, max_pixels)[0]
 
 
-def decode_for_storage(source: str | Path | bytes, *, max_pixels: int | None = None
-                       ) -> tuple[np.ndarray, bytes]:
+def decode_for_storage(source: str | Path | bytes, *, max_pixels: int | None = None,
+                       skip_lateral: bool = True) -> tuple[np.ndarray, bytes]:
     """Like `decode_image`, plus PNG bytes of the result to store.
 
     An 8-bit grayscale PNG kept at full size is stored as is (re-encoding would cost most of
     the build time and change nothing); anything else is re-encoded.
     """
-    data = _read(source)
+    data = read_source(source)
+    dicom_image = _decode_dicom(source, data, max_pixels, skip_lateral)
+    if dicom_image is not None:
+        return dicom_image, encode_png(dicom_image)
     image, is_gray_png = _decode(data, max_pixels)
     return image, (data if is_gray_png else encode_png(image))
+
+
+def _decode_dicom(source: str | Path | bytes, data: bytes, max_pixels: int | None,
+                  skip_lateral: bool) -> np.ndarray | None:
+    """uint8 HxWx1 of DICOM `data` (shrunk like any image over `MAX_SIDE`), or None when
+    `data` is not DICOM by content and `source` is no `.dcm` / `.dicom` path."""
+    from data_pipeline import dicom  # not at the top: dicom imports this module
+
+    named = isinstance(source, (str, Path)) and Path(source).suffix.lower() in DICOM_EXTENSIONS
+    if not data or not (named or dicom.has_preamble(data)):
+        return None
+    gray, _ = dicom.read_dicom(data, max_pixels=max_pixels, skip_lateral=skip_lateral)
+    factor = math.ceil(max(gray.shape) / MAX_SIDE)
+    if factor > 1:
+        gray = np.asarray(Image.fromarray(gray).reduce(factor))
+    return gray[..., None]
 
 
 def decode_mask(source: str | Path | bytes, size: tuple[int, int]) -> np.ndarray:

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where built datasets live (default: ~/.cache/...)")
     p.add_argument("--num-classes", type=int, choices=(2, 3),
                    help="chest_xray_pneumonia: 2 (normal/pneumonia) or 3 (default)")
+    p.add_argument("--keep-lateral", action="store_true",
+                   help="folder sources: read DICOM lateral views too (skipped by default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grid", metavar="FILE.png", help="write a sample grid image")
     return p
@@ -95,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     options = {"num_classes": args.num_classes} if args.num_classes else {}
+    if args.keep_lateral:
+        options["skip_lateral"] = False
     classes = [c for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         with contextlib.redirect_stdout(sys.stderr):  # TFDS build chatter; stdout stays clean

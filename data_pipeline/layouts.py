@@ -2,13 +2,16 @@
 
 Scanning only lists and parses names; it decodes nothing, so a missing or empty root or an
 unknown class folder fails (or is reported) before a single file is written. The builders
-then decode each record, counting the files that turn out to be unreadable.
+then decode each record, counting the files that turn out to be unreadable. DICOM is the
+exception that reads a little: a file whose extension is no image type is opened for its
+first 132 bytes (a DICOM preamble makes it an image), and a DICOM file's header gives the
+patient id (its PatientID tag) when no manifest does, so DICOM folders split by patient.
 
 Every entry under the root is either a record or reported (path + reason) in `Scan.issues`:
 hidden entries, symlink loops, dangling symlinks, names that are not UTF-8, FIFOs, sockets,
 devices, folders where files belong, files where folders belong, unused `masks/`, masks
-without an image and manifest rows that match no file. Nothing is opened to find that out:
-entries are classified by `os.stat`, so a FIFO never blocks a scan.
+without an image and manifest rows that match no file. Entries are classified by `os.stat`
+before anything is opened, and only regular files are, so a FIFO never blocks a scan.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline import classes as C
-from data_pipeline.decode import IMAGE_EXTENSIONS, file_kind
+from data_pipeline.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, file_kind
+from data_pipeline.dicom import header_patient_id, is_dicom
 
 MANIFEST = "manifest.csv"
 KERMANY_SPLITS = ("train", "test", "val")
@@ -236,6 +240,14 @@ def _patient(manifest: dict[str, str], rel: str) -> str | None:
     return manifest.get(rel, manifest.get(rel.rsplit("/", 1)[-1]))
 
 
+def dicom_patient_id(image: Path) -> str:
+    """The PatientID tag of a DICOM image, from its header; '' for another image type
+    (not opened) or a DICOM file without one."""
+    if image.suffix.lower() in IMAGE_EXTENSIONS - DICOM_EXTENSIONS:
+        return ""
+    return header_patient_id(image)
+
+
 def _report_unmatched(scan: Scan, manifest: dict[str, str]) -> None:
     """Warn about (and report) manifest rows that name no file the scan saw."""
     if not manifest:
@@ -254,7 +266,8 @@ def _scan_class_folder(scan: Scan, folder: Path, label: str, *,
                        use_masks: bool = False) -> list[tuple[Path, Path | None]]:
     """List (image, mask) pairs of one class folder, flat or with `images/` (+ `masks/`).
 
-    Everything else in it is reported: files without an image extension, sub-folders (a
+    Files with another extension (or none) are images when their content is DICOM.
+    Everything else in it is reported: other files, sub-folders (a
     folder named `x.png` included), files beside `images/`, an unused `masks/`, masks that
     match no image. An empty folder warns and is reported.
     """
@@ -285,7 +298,7 @@ def _scan_class_folder(scan: Scan, folder: Path, label: str, *,
         masks = {m.name: m for m in mask_files}
     images = []
     for file in files:
-        if file.suffix.lower() not in IMAGE_EXTENSIONS:
+        if file.suffix.lower() not in IMAGE_EXTENSIONS and not is_dicom(file):
             scan.report(file, f"not an image file type ({file.suffix or 'no extension'})")
             continue
         images.append((file, masks.get(file.name)))
@@ -327,7 +340,7 @@ def _scan_class_root(root: Path, *, strict: bool, use_masks: bool,
         for image, mask in _scan_class_folder(scan, folder, label, use_masks=use_masks):
             rel = scan.rel(image)
             scan.records.append(Record(
-                rel, label, _patient(manifest, rel) or "",
+                rel, label, _patient(manifest, rel) or dicom_patient_id(image),
                 mask_path=scan.rel(mask) if mask is not None else None))
     _report_unmatched(scan, manifest)
     return scan
@@ -418,7 +431,8 @@ def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3, *,
                                else C.VIRAL_PNEUMONIA)
                 else:
                     label_k = label
-                pid = _patient(manifest, rel) or kermany_patient_id(image.name)
+                pid = (_patient(manifest, rel) or dicom_patient_id(image)
+                       or kermany_patient_id(image.name))
                 scan.records.append(Record(rel, label_k, pid, source_split=split))
     _report_unmatched(scan, manifest)
     return scan

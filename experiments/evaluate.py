@@ -53,12 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-bootstrap", type=int, default=1000,
                         help="patient-grouped bootstrap resamples for the 95%% CIs (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--keep-lateral", action="store_true",
+                        help="folder datasets: read DICOM lateral views too (skipped by "
+                             "default: the models see frontal views)")
     args = parser.parse_args(argv)
     try:
         if args.batch_size < 1 or args.n_bootstrap < 0:
             raise ValueError("--batch-size must be >= 1 and --n-bootstrap >= 0")
         bundle = load_bundle(args.run)
-        dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir)
+        options = {"skip_lateral": False} if args.keep_lateral else {}
+        dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                               **options)
         metrics, y, proba = evaluate_bundle(
             bundle, dataset, np.arange(len(dataset.source)), batch_size=args.batch_size,
             use_meta=args.meta, seed=args.seed, n_bootstrap=args.n_bootstrap)

@@ -2,10 +2,13 @@
 probabilities per image from a saved ensemble, stack or single-model run.
 
 Folders are searched recursively (symlinked folders followed, each folder once) for
-.png/.jpg/.jpeg/.bmp/.tif/.tiff files; files named directly are decoded whatever their
-extension. Every other entry met (another file type, a hidden entry, a symlink loop, a
-dangling symlink, a name that is not UTF-8, a FIFO) and every file that cannot be decoded or
-is over the pixel budget (--max-pixels) is reported on stderr with its reason and counted.
+.png/.jpg/.jpeg/.bmp/.tif/.tiff/.dcm/.dicom files and for DICOM files named otherwise
+(recognised by their preamble); files named directly are decoded whatever their extension.
+Every other entry met (another file type, a hidden entry, a symlink loop, a dangling
+symlink, a name that is not UTF-8, a FIFO) and every file that cannot be decoded or is over
+the pixel budget (--max-pixels) is reported on stderr with its reason and counted, and so is
+every DICOM file refused by `data_pipeline.dicom` (a lateral view unless --keep-lateral, a
+colour or multi-frame image, an object without pixel data).
 The rest are preprocessed exactly as in training (the bundle's PreprocessConfig; each
 component's own for a stack run, which decides by its meta-classifier).
 
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
+from data_pipeline.dicom import is_dicom
 from data_pipeline.layouts import classify, is_utf8, printable
 from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
                               load_bundle)
@@ -63,7 +67,8 @@ def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[dict[str,
 
 
 def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) -> list[Path]:
-    """Image files under `top`, sorted; symlinked folders are followed, each folder once."""
+    """Image files (DICOM by content included) under `top`, sorted; symlinked folders are
+    followed, each folder once."""
     found, stack = [], [top]
     while stack:
         folder = stack.pop()
@@ -84,7 +89,7 @@ def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) 
                 stack.append(entry)
             elif kind == "skip":
                 skipped.append(_skip(entry, reason))
-            elif entry.suffix.lower() in SUFFIXES:
+            elif entry.suffix.lower() in SUFFIXES or is_dicom(entry):
                 found.append(entry)
             else:
                 skipped.append(_skip(entry, f"not an image file type "
@@ -93,14 +98,15 @@ def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) 
 
 
 def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
-                  use_meta: bool = False, max_pixels: int | None = None
-                  ) -> tuple[list[Path], Predictions, list[dict]]:
+                  use_meta: bool = False, max_pixels: int | None = None,
+                  skip_lateral: bool = True) -> tuple[list[Path], Predictions, list[dict]]:
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
 
     The predictions' rows follow the decoded files (`indices` index them; there are no
     labels: -1); probability columns and decisions index `class_names`, the model's classes.
     Decisions follow the combiner's rule (a cascade's stages, OvO votes), or the meta-
-    classifier's argmax with `use_meta` or for a stack run. At most CHUNK decoded images
+    classifier's argmax with `use_meta` or for a stack run. `skip_lateral`: DICOM lateral
+    views are skipped (see `data_pipeline.dicom`). At most CHUNK decoded images
     (and about CHUNK_PIXELS pixels) are held at once."""
     kept, skipped, chunks = [], [], []
     source: list[dict] = []
@@ -118,7 +124,7 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
             skipped.append(_skip(f, "name is not valid UTF-8 (rename it)"))
             continue
         try:
-            image = decode_image(f, max_pixels=max_pixels)
+            image = decode_image(f, max_pixels=max_pixels, skip_lateral=skip_lateral)
         except DecodeError as error:
             skipped.append(_skip(f, str(error)))
             continue
@@ -198,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images with more pixels, read from the header before "
                              "decoding (default: $CXR_ENSEMBLES_MAX_PIXELS, else 50000000)")
+    parser.add_argument("--keep-lateral", action="store_true",
+                        help="also predict DICOM lateral views (ViewPosition LL/RL/...), "
+                             "which are skipped by default: the models see frontal views")
     args = parser.parse_args(argv)
     out = Path(args.csv) if args.csv else None
     try:
@@ -209,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bundle = load_bundle(args.run)
         files, skipped = find_images(args.inputs)
         kept, predictions, unread = predict_files(bundle, files, batch_size=args.batch_size,
-                                                  use_meta=args.meta, max_pixels=max_pixels)
+                                                  use_meta=args.meta, max_pixels=max_pixels,
+                                                  skip_lateral=not args.keep_lateral)
         skipped += unread
         for s in skipped:
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
