@@ -46,7 +46,7 @@ WORDS = HASH_SIZE * HASH_SIZE // 64    # uint64 words per perceptual hash
 MAX_DISTANCE = 20                      # default near-duplicate threshold (bits of 256)
 CACHE_VERSION = 1                      # bump when either hash changes what it computes
 _CHUNK = 256                           # examples read per `__getitems__` call
-_BLOCK_WORDS = 1 << 22                 # uint64 words XOR-ed at once (32 MB)
+_BLOCK_WORDS = 1 << 22                 # query rows x reference rows x WORDS per block
 
 
 @dataclasses.dataclass(frozen=True)

@@ -845,7 +845,7 @@ def load_bundle(run_dir: str | Path) -> Bundle | StackBundle:
 # -- copying a run into a stack bundle ---------------------------------------------------
 def bundle_pieces(run_dir: str | Path) -> list[Path]:
     """The paths (relative to run_dir) load_bundle reads: config.json, combiner, member
-    checkpoints and meta file of an ensemble, once checked as load_bundle checks them
+    checkpoints, meta and training-hashes files of an ensemble, once checked as load_bundle checks them
     (weights aside). BundleError if one is missing or changed, or the run is foreign or a
     stack."""
     run_dir = Path(run_dir)
