@@ -22,7 +22,7 @@ from data_pipeline import inspect as inspect_cli
 from data_pipeline.datasets import load_dataset
 from data_pipeline.decode import decode_image
 from data_pipeline.hashing import (
-    ImageHashes, content_hash, duplicate_pairs, find_duplicates, hamming, hash_dataset,
+    content_hash, duplicate_pairs, find_duplicates, hamming, hash_dataset,
     hash_images, perceptual_hash)
 from data_pipeline.synthetic import generate_phantoms
 from ensembles import Ensemble, Stack, build
