@@ -845,9 +845,9 @@ def load_bundle(run_dir: str | Path) -> Bundle | StackBundle:
 # -- copying a run into a stack bundle ---------------------------------------------------
 def bundle_pieces(run_dir: str | Path) -> list[Path]:
     """The paths (relative to run_dir) load_bundle reads: config.json, combiner, member
-    checkpoints, meta and training-hashes files of an ensemble, once checked as load_bundle checks them
-    (weights aside). BundleError if one is missing or changed, or the run is foreign or a
-    stack."""
+    checkpoints, meta and training-hashes files of an ensemble, once checked as load_bundle
+    checks them (weights aside). BundleError if one is missing or changed, or the run is
+    foreign or a stack."""
     run_dir = Path(run_dir)
     section = _section(run_dir, _read_config(run_dir))
     if section is not None and section["kind"] == "stack":
