@@ -3,6 +3,12 @@
 Prints class counts, source split sizes, patient count and skipped files (or one JSON object
 with --json), and optionally writes a sample grid. Errors print `error: <message>` to stderr
 and exit with code 2.
+
+Duplicates (data_pipeline.hashing: exact = same pixels, near = perceptual hash within
+--max-distance bits): the same image twice in the dataset under two classes, and with
+`--against B [--against-data-dir DIR]` every image of the dataset that is also in B (public
+chest X-ray collections copy each other: a model trained on one and tested on the other is
+partly tested on its training images).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, Dataset, load_dataset
+from data_pipeline.hashing import MAX_DISTANCE, duplicate_pairs, find_duplicates, hash_dataset
+
+SHOWN = 50   # duplicates listed in the text report (--json lists all)
 
 
 def summarize(ds: Dataset) -> dict[str, Any]:
@@ -50,6 +59,75 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"skipped: {len(summary['skipped'])}")
     lines += [f"  {s['path']}: {s['reason']}" for s in summary["skipped"]]
     lines.append(f"built in: {summary['build_dir']}")
+    return "\n".join(lines)
+
+
+def _pair(ds: Dataset, i: int) -> tuple[str, str]:
+    return str(ds.paths[i]), ds.class_names[ds.labels[i]]
+
+
+def duplicates(ds: Dataset, against: Dataset | None = None, *,
+               max_distance: int = MAX_DISTANCE, progress: bool = True) -> dict[str, Any]:
+    """Duplicates within `ds` (all pairs, and those under two classes, listed) and, with
+    `against`, each image of `ds` that duplicates one of `against` (listed, with both
+    classes). Hashes come from `hash_dataset` (cached per build)."""
+    hashes = {name: hash_dataset(d, progress=progress) for name, d in
+              (("dataset", ds), ("against", against)) if d is not None}
+    out: dict[str, Any] = {"max_distance": max_distance, "within": []}
+    for name, d in (("dataset", ds), ("against", against)):
+        if d is None:
+            continue
+        pairs = duplicate_pairs(hashes[name], max_distance=max_distance)
+        cross = [dict(zip(("path", "class", "other_path", "other_class"),
+                          (*_pair(d, i), *_pair(d, j)), strict=True),
+                      kind="exact" if e else "near", distance=int(dist))
+                 for i, j, dist, e in zip(pairs.query, pairs.reference, pairs.distance,
+                                          pairs.exact, strict=True)
+                 if d.labels[i] != d.labels[j]]
+        out["within"].append({"of": name, "dataset": d.name, "examples": len(d),
+                              "pairs": len(pairs),
+                              "exact": int(pairs.exact.sum()),
+                              "near": int((~pairs.exact).sum()), "cross_class": cross})
+    if against is not None:
+        m = find_duplicates(hashes["dataset"], hashes["against"], max_distance=max_distance)
+        listed = [dict(zip(("path", "class", "other_path", "other_class"),
+                           (*_pair(ds, i), *_pair(against, j)), strict=True),
+                       kind="exact" if e else "near", distance=int(dist))
+                  for i, j, dist, e in zip(m.query, m.reference, m.distance, m.exact,
+                                           strict=True)]
+        out["against"] = {"dataset": against.name, "examples": len(against),
+                          "duplicated": len(m), "exact": int(m.exact.sum()),
+                          "near": int((~m.exact).sum()),
+                          "other_class": sum(d["class"] != d["other_class"] for d in listed),
+                          "matches": listed}
+    return out
+
+
+def format_duplicates(report: dict[str, Any], shown: int = SHOWN) -> str:
+    """The duplicates part of the human-readable report."""
+    lines = [f"duplicates (exact: same pixels; near: perceptual hash within "
+             f"{report['max_distance']} of 256 bits):"]
+
+    def table(rows: list[dict]) -> None:
+        for d in rows[:shown]:
+            kind = "exact" if d["kind"] == "exact" else f"near:{d['distance']}"
+            lines.append(f"    {kind:<8} {d['path']} ({d['class']})  =  {d['other_path']} "
+                         f"({d['other_class']})")
+        if len(rows) > shown:
+            lines.append(f"    ... and {len(rows) - shown} more (--json lists all)")
+
+    for w in report["within"]:
+        which = "--against " if w["of"] == "against" else ""
+        lines.append(f"  within {which}{w['dataset']} ({w['examples']} images): {w['pairs']} "
+                     f"duplicate pair(s) ({w['exact']} exact, {w['near']} near); "
+                     f"{len(w['cross_class'])} under two classes")
+        table(w["cross_class"])
+    a = report.get("against")
+    if a is not None:
+        lines.append(f"  against {a['dataset']} ({a['examples']} images): {a['duplicated']} of "
+                     f"this dataset's images are in it ({a['exact']} exact, {a['near']} near; "
+                     f"{a['other_class']} under another class there)")
+        table(a["matches"])
     return "\n".join(lines)
 
 
@@ -89,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="chest_xray_pneumonia: 2 (normal/pneumonia) or 3 (default)")
     p.add_argument("--keep-lateral", action="store_true",
                    help="folder sources: read DICOM lateral views too (skipped by default)")
+    p.add_argument("--against", choices=DATASETS,
+                   help="also find this dataset's images in another dataset")
+    p.add_argument("--against-data-dir", help="source folder of --against")
+    p.add_argument("--max-distance", type=int, default=MAX_DISTANCE,
+                   help=f"near-duplicate threshold, bits of the 256-bit perceptual hash "
+                        f"(default {MAX_DISTANCE})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grid", metavar="FILE.png", help="write a sample grid image")
     return p
@@ -101,16 +185,24 @@ def main(argv: list[str] | None = None) -> int:
         options["skip_lateral"] = False
     classes = [c for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
+        if not 0 <= args.max_distance <= 256:
+            raise ValueError(f"--max-distance must be in [0, 256], got {args.max_distance}")
+        if args.against_data_dir and not args.against:
+            raise ValueError("--against-data-dir needs --against")
         with contextlib.redirect_stdout(sys.stderr):  # TFDS build chatter; stdout stays clean
             ds = load_dataset(args.dataset, data_dir=args.data_dir, classes=classes,
                               cache_dir=args.cache_dir, **options)
+            other = (load_dataset(args.against, data_dir=args.against_data_dir,
+                                  cache_dir=args.cache_dir) if args.against else None)
         summary = summarize(ds)
+        summary["duplicates"] = duplicates(ds, other, max_distance=args.max_distance)
         if args.grid:
             summary["grid"] = str(save_grid(ds, args.grid))
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(json.dumps(summary, indent=2) if args.json else
+          format_summary(summary) + "\n" + format_duplicates(summary["duplicates"]))
     return 0
 
 

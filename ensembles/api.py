@@ -27,7 +27,7 @@ import numpy as np
 
 from backbones.training import distributed
 from data_pipeline.datasets import Dataset
-from ensembles import build, fitting, runs
+from ensembles import build, fitting, leakage, runs
 from ensembles import bundle as bundle_lib
 from ensembles import operating_points as op_lib
 from ensembles import strategy as strategy_lib
@@ -279,9 +279,12 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
              test_patient_id=ids,
              **{f"val_member_{m}": v for m, v in enumerate(val_p)},
              **{f"test_member_{m}": v for m, v in enumerate(test_p)})
+    hashes = leakage.save_training_hashes(out, data.dataset, {s: data.splits[s] for s in (
+        "train", "val")}, progress=cfg.training.progress)   # for evaluate's leakage check
     section = bundle_lib.bundle_section(
         strategy=strategy, backbone=backbone, model=model, class_names=data.class_names,
-        preprocess=data.preprocess, tasks=tasks, stacks=stacks, meta=meta_saved)
+        preprocess=data.preprocess, tasks=tasks, stacks=stacks, meta=meta_saved,
+        train_hashes=hashes)
     section = bundle_lib.add_manifest(out, section)     # SHA-256 of every piece's file
     title = (f"{strategy} of {backbone} on {data.dataset.name} "
              f"({', '.join(data.class_names)}): test split")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.datasets import Dataset
+from ensembles import leakage
 from ensembles.bundle import Bundle, StackBundle
 from ensembles.evaluation import chance_level, evaluate_predictions, includes_chance
 from ensembles.operating_points import rates
@@ -32,7 +33,11 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
                     batch_size: int = 32, use_meta: bool = False, seed: int = 0,
                     n_bootstrap: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
     """(metrics, labels in the model's class order, probabilities) of `bundle` on
-    dataset.source[indices], over the examples whose class the model knows."""
+    dataset.source[indices], over the examples whose class the model knows.
+
+    metrics["leakage"] compares those examples with the bundle's training images
+    (`leakage.check`) and, when some duplicate one, holds the metrics without them
+    ("without_duplicates"; None when every example is a duplicate)."""
     match = match_classes(bundle.class_names, dataset.class_names)
     if not match["mapping"]:
         raise ValueError(f"no class in common: model {list(bundle.class_names)}, data "
@@ -50,9 +55,8 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
                              "predicted_as": dict(zip(bundle.class_names, counts.tolist()))}
     if not known.any():
         raise ValueError("no example of a class the model knows")
-    y = p.labels[known]
-    metrics = evaluate_predictions(y, p.proba[known], bundle.class_names,
-                                   patient_ids=dataset.patient_ids[p.indices[known]],
+    y, ids = p.labels[known], dataset.patient_ids[p.indices[known]]
+    metrics = evaluate_predictions(y, p.proba[known], bundle.class_names, patient_ids=ids,
                                    seed=seed, y_pred=p.decisions[known],
                                    n_bootstrap=n_bootstrap)
     if p.thresholds is not None:
@@ -62,6 +66,14 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
             "evaluated": rates(y, p.proba[known], p.thresholds, bundle.class_names,
                                patient_ids=dataset.patient_ids[p.indices[known]], seed=seed,
                                n_bootstrap=n_bootstrap)}
+    entry, seen = leakage.check_dataset(bundle.training_hashes(), dataset, p.indices[known])
+    if seen.any():
+        keep = ~seen
+        entry["without_duplicates"] = evaluate_predictions(
+            y[keep], p.proba[known][keep], bundle.class_names, patient_ids=ids[keep],
+            seed=seed, y_pred=p.decisions[known][keep],
+            n_bootstrap=n_bootstrap) if keep.any() else None
+    metrics["leakage"] = entry
     metrics["evaluated_on"] = {"dataset": dataset.name, "run": str(bundle.run_dir),
                                "examples": int(known.sum()),
                                "model_lacks": match["model_lacks"],
@@ -73,14 +85,17 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
 
 
 def summary_line(metrics: dict, report: str | Path) -> str:
-    """test accuracy and macro-F1 with 95% CIs, chance level for the class set, report path."""
+    """test accuracy and macro-F1 with 95% CIs, chance level for the class set, the leakage
+    check's duplicates (when metrics has one), report path."""
     def value(name: str) -> str:
         ci = (metrics.get("ci95") or {}).get(name)
         return f"{metrics[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
     k = len(metrics["per_class"])
     verdict = " AT CHANCE: the macro-F1 CI includes chance;" if includes_chance(metrics) else ""
+    leaked = leakage.summary(metrics["leakage"]) if "leakage" in metrics else ""
     return (f"test accuracy {value('accuracy')}, macro-F1 {value('macro_f1')} (95% CI); "
-            f"chance {chance_level(k):.3f} for {k} classes;{verdict} report: {report}")
+            f"chance {chance_level(k):.3f} for {k} classes;{verdict}"
+            f"{f' {leaked};' if leaked else ''} report: {report}")
 
 
 def skipped_section(skipped: list[dict], shown: int = 50) -> str:

@@ -7,6 +7,8 @@
     RUN/combiner.json         the fitted rule combiner (and temperature)
     RUN/meta.json | meta.skops  optional meta-classifier (ensembles.meta: JSON for logistic,
                               allowlisted skops for gradient boosting; never pickle)
+    RUN/train_hashes.npz      optional (runs since the leakage check): hashes of the training
+                              and validation images (ensembles.leakage), read on demand
 
 A single model is a one-member ensemble (strategy "single"): its run is the same bundle.
 
@@ -74,6 +76,7 @@ import backbones
 from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from ensembles import strategy as strategy_lib
+from ensembles import leakage
 from ensembles.config import RunConfig
 from ensembles.explain import decision_columns
 from ensembles.members import Stack
@@ -115,15 +118,16 @@ def save_members(run_dir: Path, stacks: list[Stack], variables: list[dict]) -> l
 
 
 def bundle_section(*, strategy: str, backbone: str, model: dict, class_names, preprocess:
-                   PreprocessConfig, tasks: Tasks, stacks: list[dict], meta: str | None
-                   ) -> dict:
+                   PreprocessConfig, tasks: Tasks, stacks: list[dict], meta: str | None,
+                   train_hashes: str | None = None) -> dict:
     """The "bundle" entry of config.json describing how to rebuild and run the ensemble."""
     return {"format_version": FORMAT_VERSION, "kind": "ensemble", "strategy": strategy,
             "backbone": backbone, "model": model, "class_names": list(class_names),
             "preprocess": dataclasses.asdict(preprocess),
             "tasks": {"names": list(tasks.names), "num_classes": list(tasks.num_classes),
                       "table": tasks.table.tolist(), "healthy": tasks.healthy},
-            "stacks": stacks, "combiner": COMBINER_FILE, "meta": meta}
+            "stacks": stacks, "combiner": COMBINER_FILE, "meta": meta,
+            **({"train_hashes": train_hashes} if train_hashes else {})}
 
 
 def stack_section(*, class_names, names: Sequence[str], meta: str) -> dict:
@@ -202,6 +206,16 @@ class Bundle:
     model_options: dict = dataclasses.field(default_factory=dict)
     operating_point: str | None = None          # what the thresholds aim for, e.g. "youden"
     thresholds: list[float | None] | None = None  # per class, on the rule's probabilities
+    hashes_file: Path | None = None     # the train_hashes piece, None for older runs
+
+    def training_hashes(self) -> leakage.TrainingHashes | None:
+        """The hashes of the images the members were fitted on (read now), or None."""
+        if self.hashes_file is None:
+            return None
+        try:
+            return leakage.load_training_hashes(self.hashes_file)
+        except ValueError as error:
+            raise BundleError(_line(error)) from None
 
     def member_outputs(self, batches: Iterable[dict]
                        ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
@@ -266,6 +280,11 @@ class StackBundle:
                            model_order(labels, label_names, self.class_names), idx,
                            decision_columns(None, [proba], self.class_names, use_meta=True))
 
+    def training_hashes(self) -> leakage.TrainingHashes | None:
+        """Every component's training hashes together; None if a component has none."""
+        parts = [c.training_hashes() for c in self.components]
+        return None if any(p is None for p in parts) else leakage.concatenate(parts)
+
 
 def feature_layout(names: Sequence[str], components: Sequence[Bundle]) -> list[dict]:
     """The make_features layout of the components' member probabilities, in member order."""
@@ -321,7 +340,7 @@ ENSEMBLE_SCHEMA = {
     "class_names": [STR], "preprocess": PREPROCESS_SCHEMA,
     "tasks": {"names": [STR], "num_classes": [INT], "table": [[INT]], "healthy": (INT, NULL)},
     "stacks": [{"members": [INT], "num_classes": INT, "path": STR}],
-    "combiner": STR, "meta": (STR, NULL), MANIFEST_KEY: _Map(SHA256)}
+    "combiner": STR, "meta": (STR, NULL), "train_hashes?": STR, MANIFEST_KEY: _Map(SHA256)}
 STACK_SCHEMA = {
     "format_version": INT, "kind": STR, "class_names": [STR],
     "components": [{"name": STR, "path": STR}], "meta": STR, MANIFEST_KEY: _Map(SHA256)}
@@ -456,11 +475,13 @@ def _sha256(path: Path) -> str:
 
 def _pieces(section: dict) -> list[str]:
     """The pieces (files or folders, relative to the run) a bundle section names, config.json
-    aside: combiner, member checkpoints and meta file; for a stack its meta and components."""
+    aside: combiner, member checkpoints, meta and training-hashes files; for a stack its meta
+    and components."""
     if section["kind"] == "stack":
         return [section["meta"], *(c["path"] for c in section["components"])]
     return [section["combiner"], *(e["path"] for e in section["stacks"]),
-            *([section["meta"]] if section.get("meta") else [])]
+            *([section["meta"]] if section.get("meta") else []),
+            *([section["train_hashes"]] if section.get("train_hashes") else [])]
 
 
 def manifest(run_dir: str | Path, pieces: Sequence[str]) -> dict[str, str]:
@@ -555,6 +576,9 @@ def _section(run_dir: Path, config: dict) -> dict | None:
     if section.get("meta") and (section["meta"] not in META_FILE_NAMES.values()):
         raise BundleError(f"{path}: bundle.meta {section['meta']!r} must be one of "
                           f"{', '.join(META_FILE_NAMES.values())}")
+    if section.get("train_hashes", leakage.TRAIN_HASHES_FILE) != leakage.TRAIN_HASHES_FILE:
+        raise BundleError(f"{path}: bundle.train_hashes {section['train_hashes']!r} must be "
+                          f"{leakage.TRAIN_HASHES_FILE}")
     pieces = _pieces(section)
     for a in pieces:
         for b in pieces:
@@ -606,6 +630,8 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
     combiner_path = _file_piece(run_dir, section["combiner"], "bundle.combiner")
     meta_path = (_file_piece(run_dir, section["meta"], "bundle.meta") if section.get("meta")
                  else None)
+    hashes_path = (_file_piece(run_dir, section["train_hashes"], "bundle.train_hashes")
+                   if section.get("train_hashes") else None)
     _verify(run_dir, section)
 
     class_names = tuple(section["class_names"])
@@ -646,7 +672,7 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
         point = doc.get("operating_point") or {}
         return Bundle(run_dir, backbone, class_names, preprocess, tasks, stacks, variables,
                       combiner, meta, doc.get("temperature"), "ensemble", options,
-                      point.get("target"), point.get("thresholds"))
+                      point.get("target"), point.get("thresholds"), hashes_path)
 
     return _Checked(run_dir, section, load)
 
@@ -862,9 +888,9 @@ def load_bundle(run_dir: str | Path) -> Bundle | StackBundle:
 # -- copying a run into a stack bundle ---------------------------------------------------
 def bundle_pieces(run_dir: str | Path) -> list[Path]:
     """The paths (relative to run_dir) load_bundle reads: config.json, combiner, member
-    checkpoints and meta file of an ensemble, once checked as load_bundle checks them
-    (weights aside). BundleError if one is missing or changed, or the run is foreign or a
-    stack."""
+    checkpoints, meta and training-hashes files of an ensemble, once checked as load_bundle
+    checks them (weights aside). BundleError if one is missing or changed, or the run is
+    foreign or a stack."""
     run_dir = Path(run_dir)
     section = _section(run_dir, _read_config(run_dir))
     if section is not None and section["kind"] == "stack":

@@ -6,6 +6,11 @@ a class the model does not know are left out of the metrics (counted, and where 
 put them is reported); classes the model knows but the data lacks get no recall / ROC-AUC.
 Both lists are written into the report. A stack run runs each component with its own
 preprocessing and decides by the meta-classifier (--meta is implied).
+
+Leakage check: every evaluated image is hashed and compared with the hashes of the images
+the model was trained and validated on (stored in the run). The report's "Leakage check"
+section lists the exact and near duplicates with the training image each copies, and gives
+the metrics with and without them; so do metrics.json ("leakage") and the summary line.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, load_dataset
+from ensembles import leakage
 from ensembles.assess import evaluate_bundle, skipped_section, summary_line
 from ensembles.bundle import load_bundle
 from ensembles.evaluation import write_report
@@ -72,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.dataset}"
     out.mkdir(parents=True, exist_ok=True)
-    sections = {"Cross-dataset matching": _section(metrics["evaluated_on"])}
+    sections = {"Cross-dataset matching": _section(metrics["evaluated_on"]),
+                "Leakage check": leakage.section(metrics["leakage"], metrics)}
     if "operating_point" in metrics:
         sections["Operating points"] = operating_points_markdown(metrics["operating_point"])
     write_report(metrics, out, y_true=y, proba=proba,

@@ -12,6 +12,11 @@ colour or multi-frame image, an object without pixel data).
 The rest are preprocessed exactly as in training (the bundle's PreprocessConfig; each
 component's own for a stack run, which decides by its meta-classifier).
 
+Each image is hashed and compared with the hashes of the images the model was trained and
+validated on (stored in the run): the CSV's last column, duplicate_of_training, says
+"exact" (same pixels), "near:<bits>" (a resized or re-encoded copy) or nothing, and the
+summary on stderr counts them ("unknown" for a run saved without training hashes).
+
 The CSV is written whole or not at all (a temporary file renamed over --csv). Exit code 2
 with `error: ...` when no input could be predicted or the run cannot be loaded.
 """
@@ -25,14 +30,16 @@ import io
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
 from data_pipeline.dicom import is_dicom
+from data_pipeline.hashing import Hasher
 from data_pipeline.layouts import classify, is_utf8, printable
+from ensembles import leakage
 from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
                               load_bundle)
 from experiments import common
@@ -99,7 +106,9 @@ def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) 
 
 def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
                   use_meta: bool = False, max_pixels: int | None = None,
-                  skip_lateral: bool = True) -> tuple[list[Path], Predictions, list[dict]]:
+                  skip_lateral: bool = True,
+                  on_image: Callable[[np.ndarray], None] | None = None
+                  ) -> tuple[list[Path], Predictions, list[dict]]:
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
 
     The predictions' rows follow the decoded files (`indices` index them; there are no
@@ -107,7 +116,8 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
     Decisions follow the combiner's rule (a cascade's stages, OvO votes), or the meta-
     classifier's argmax with `use_meta` or for a stack run. `skip_lateral`: DICOM lateral
     views are skipped (see `data_pipeline.dicom`). At most CHUNK decoded images
-    (and about CHUNK_PIXELS pixels) are held at once."""
+    (and about CHUNK_PIXELS pixels) are held at once. `on_image` sees each decoded image
+    that is kept, in order."""
     kept, skipped, chunks = [], [], []
     source: list[dict] = []
     pixels = 0
@@ -130,6 +140,8 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
             continue
         source.append({"image": image, "label": 0})
         kept.append(f)
+        if on_image is not None:
+            on_image(image)
         pixels += image.size
         if len(source) >= CHUNK or pixels >= CHUNK_PIXELS:
             flush()
@@ -193,6 +205,14 @@ def _check_csv_target(path: Path) -> None:
         raise FileNotFoundError(f"--csv: folder {path.parent} does not exist")
 
 
+def _duplicates_note(column: Sequence[str]) -> str:
+    if column and column[0] == "unknown":
+        return f"duplicates of training images not checked: {leakage.NO_HASHES}"
+    exact = column.count("exact")
+    near = sum(v.startswith("near") for v in column)
+    return f"duplicates of training images: {exact} exact, {near} near"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,16 +237,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_csv_target(out)
         bundle = load_bundle(args.run)
         files, skipped = find_images(args.inputs)
+        hasher = Hasher()
         kept, predictions, unread = predict_files(bundle, files, batch_size=args.batch_size,
                                                   use_meta=args.meta, max_pixels=max_pixels,
-                                                  skip_lateral=not args.keep_lateral)
+                                                  skip_lateral=not args.keep_lateral,
+                                                  on_image=hasher.add)
         skipped += unread
         for s in skipped:
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
         if not kept:
             raise ValueError(f"nothing to predict: no readable image among the inputs "
                              f"({len(skipped)} skipped)")
-        table = rows(kept, predictions, getattr(bundle, "operating_point", None))
+        duplicates = leakage.column(bundle.training_hashes(),
+                                    hasher.result([str(f) for f in kept]))
+        table = [[*row, d] for row, d in zip(
+            rows(kept, predictions, getattr(bundle, "operating_point", None)),
+            ["duplicate_of_training", *duplicates], strict=True)]
         if out is not None:
             write_csv_atomic(out, table)
         else:
@@ -238,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     n = len(skipped)
     print(f"predicted {len(kept)} image(s), skipped {n} unreadable or non-image "
-          f"entr{'y' if n == 1 else 'ies'}" + (f"; csv: {out}" if out else ""), file=sys.stderr)
+          f"entr{'y' if n == 1 else 'ies'}; {_duplicates_note(duplicates)}"
+          + (f"; csv: {out}" if out else ""), file=sys.stderr)
     return 0
 
 

@@ -116,7 +116,7 @@ def test_predict_cli_skips_unreadable(run, images, tmp_path, capsys):
     rows = list(csv.reader(out.open()))
     names = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
     assert rows[0] == ["path", *names, "prediction", "decided_by", "operating_point",
-                       *(f"threshold_{c}" for c in names), "flagged"]
+                       *(f"threshold_{c}" for c in names), "flagged", "duplicate_of_training"]
     assert len(rows) == 1 + 15
     probs = np.array([[float(v) for v in r[1:5]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -216,7 +216,8 @@ def test_single_run_is_an_ensemble_bundle(tmp_path, capsys):
     np.testing.assert_array_equal(saved["test_index"], test)
     metrics = json.loads((out / "metrics.json").read_text())
     pieces = bundle_pieces(out)
-    assert [str(p) for p in pieces] == ["config.json", "combiner.json", "members/stack-0"]
+    assert [str(p) for p in pieces] == ["config.json", "combiner.json", "members/stack-0",
+                                        "train_hashes.npz"]
     copy_bundle(out, tmp_path / "copy", pieces)
     for run_dir in (out, tmp_path / "copy"):
         bundle = load_bundle(run_dir)

@@ -265,7 +265,7 @@ CASES: list[tuple[str, Callable, Callable]] = [
     ("unknown-bundle-key", _edit(lambda c: c["bundle"].update(weights="elsewhere")),
      lambda d, o, f: f"{d}/config.json: bundle has unknown key 'weights' (known: "
                      f"format_version, kind, strategy, backbone, model, class_names, "
-                     f"preprocess, tasks, stacks, combiner, meta, files)"),
+                     f"preprocess, tasks, stacks, combiner, meta, train_hashes, files)"),
     ("unknown-preprocess-key", _edit(lambda c: c["bundle"]["preprocess"].update(gamma=2)),
      lambda d, o, f: f"{d}/config.json: bundle.preprocess has unknown key 'gamma' (known: "
                      f"{KNOWN_PREPROCESS})"),
@@ -429,11 +429,13 @@ def test_manifest_lists_every_file_of_the_pieces(run, stacked):
     section = _config(run)["bundle"]
     files = section[MANIFEST_KEY]
     on_disk = sorted(p.relative_to(run).as_posix() for piece in ("members", "combiner.json",
-                                                                 "meta.skops")
+                                                                 "meta.skops",
+                                                                 "train_hashes.npz")
                      for p in ([run / piece] if (run / piece).is_file()
                                else (run / piece).rglob("*")) if p.is_file())
     assert sorted(files) == on_disk and "config.json" not in files
-    assert files == manifest(run, ["combiner.json", "members/stack-0", "meta.skops"])
+    assert files == manifest(run, ["combiner.json", "members/stack-0", "meta.skops",
+                                   "train_hashes.npz"])
     stack_files = _config(stacked)["bundle"][MANIFEST_KEY]
     assert stack_files["components/0/config.json"] == stack_files["components/1/config.json"]
     assert {f.removeprefix("components/0/") for f in stack_files
@@ -457,7 +459,8 @@ def test_copies_verify(run, stacked, tmp_path):
     assert isinstance(bundle, StackBundle) and len(bundle.components) == 2
     for i in range(2):                                 # each component verifies on its own
         assert [str(p) for p in bundle_pieces(stacked / "components" / str(i))] == [
-            "config.json", "combiner.json", "members/stack-0", "meta.skops"]
+            "config.json", "combiner.json", "members/stack-0", "meta.skops",
+            "train_hashes.npz"]
 
 
 def test_a_copy_of_a_tampered_run_is_refused_before_a_write(run, tmp_path):

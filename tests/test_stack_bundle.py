@@ -164,7 +164,8 @@ def test_predict_cli_on_stack_run(stacked, folder, dataset, tmp_path):
     out = tmp_path / "p.csv"
     assert predict.main(["--run", str(stacked), *files, "--csv", str(out)]) == 0
     rows = [r.split(",") for r in out.read_text().splitlines()]
-    assert rows[0] == ["path", *dataset.class_names, "prediction", "decided_by"]
+    assert rows[0] == ["path", *dataset.class_names, "prediction", "decided_by",
+                       "duplicate_of_training"]
     assert [r[0] for r in rows[1:]] == files
     probs = np.array([[float(v) for v in r[1:5]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
