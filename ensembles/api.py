@@ -137,12 +137,11 @@ class Ensemble:
             dataset = build.load_data(self.config)
         indices = (np.arange(len(dataset.source)) if split == "all" else
                    build.build_data(self.config, dataset).splits[split])
-        metrics, _, _ = evaluate_bundle(
+        return evaluate_bundle(
             bundle, dataset, indices, batch_size=self.config.training.batch_size,
             use_meta=use_meta, seed=self.config.training.seed,
             n_bootstrap=self.config.ensemble.n_bootstrap if n_bootstrap is None
-            else n_bootstrap)
-        return metrics
+            else n_bootstrap).metrics
 
     def predict_proba(self, images: np.ndarray, *, use_meta: bool = False) -> np.ndarray:
         """Class probabilities [N, K] (columns in `classes_` order) for raw 8-bit images

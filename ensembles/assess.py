@@ -7,14 +7,16 @@ knows but the data lacks get no recall / ROC-AUC.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from data_pipeline.datasets import Dataset
 from ensembles import leakage
-from ensembles.bundle import Bundle, StackBundle
+from ensembles.bundle import Bundle, Predictions, StackBundle
 from ensembles.evaluation import chance_level, evaluate_predictions, includes_chance
 from ensembles.operating_points import rates
 
@@ -29,11 +31,21 @@ def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> 
             "data_lacks": [c for c in model_classes if c not in data_classes]}
 
 
+class Assessment(NamedTuple):
+    """A bundle on a dataset: metrics, and over the examples whose class the model knows,
+    their labels (the model's class order), probabilities and the Predictions rows."""
+
+    metrics: dict
+    y: np.ndarray
+    proba: np.ndarray
+    predictions: Predictions
+
+
 def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.ndarray, *,
                     batch_size: int = 32, use_meta: bool = False, seed: int = 0,
-                    n_bootstrap: int = 1000) -> tuple[dict, np.ndarray, np.ndarray]:
-    """(metrics, labels in the model's class order, probabilities) of `bundle` on
-    dataset.source[indices], over the examples whose class the model knows.
+                    n_bootstrap: int = 1000) -> Assessment:
+    """The Assessment of `bundle` on dataset.source[indices], over the examples whose class
+    the model knows.
 
     metrics["leakage"] compares those examples with the bundle's training images
     (`leakage.check`) and, when some duplicate one, holds the metrics without them
@@ -81,7 +93,11 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
                                "excluded_examples": unknown,
                                "skipped_files": len(dataset.skipped),
                                "skipped": list(dataset.skipped)}
-    return metrics, y, p.proba[known]
+    rows = np.flatnonzero(known)
+    return Assessment(metrics, y, p.proba[known], dataclasses.replace(
+        p, proba=p.proba[rows], decisions=p.decisions[rows], labels=p.labels[rows],
+        indices=p.indices[rows], explanation={k: v[rows] for k, v in p.explanation.items()},
+        flags=None if p.flags is None else p.flags[rows]))
 
 
 def summary_line(metrics: dict, report: str | Path) -> str:

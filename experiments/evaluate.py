@@ -25,8 +25,9 @@ import numpy as np
 from data_pipeline.datasets import DATASETS, load_dataset
 from ensembles import leakage
 from ensembles.assess import evaluate_bundle, skipped_section, summary_line
-from ensembles.bundle import load_bundle
+from ensembles.bundle import Bundle, load_bundle
 from ensembles.evaluation import write_report
+from ensembles.gallery import gallery
 from ensembles.operating_points import markdown as operating_points_markdown
 from experiments import common
 
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {"skip_lateral": False} if args.keep_lateral else {}
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
                                **options)
-        metrics, y, proba = evaluate_bundle(
+        metrics, y, proba, known = evaluate_bundle(
             bundle, dataset, np.arange(len(dataset.source)), batch_size=args.batch_size,
             use_meta=args.meta, seed=args.seed, n_bootstrap=args.n_bootstrap)
     except common.CLI_ERRORS as error:
@@ -82,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "Leakage check": leakage.section(metrics["leakage"], metrics)}
     if "operating_point" in metrics:
         sections["Operating points"] = operating_points_markdown(metrics["operating_point"])
+    tiles, note = ((), "")
+    if isinstance(bundle, Bundle) and not args.meta:   # Grad-CAM follows the rule's decision
+        tiles, note = gallery(bundle, dataset.source, known.indices, y, known.decisions, proba)
     write_report(metrics, out, y_true=y, proba=proba,
                  title=f"{Path(args.run).name} evaluated on {args.dataset}",
-                 extra_sections=sections)
+                 extra_sections=sections, tiles=tiles, gallery_note=note)
     print(summary_line(metrics, out / "report.md"))
     return 0
 

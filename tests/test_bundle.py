@@ -93,7 +93,7 @@ def test_labels_and_decisions_share_the_model_class_order(run, images, tmp_path)
     by_name = np.mean([bundle.class_names[d] == n
                        for d, n, k in zip(p.decisions, truth, known, strict=True) if k])
     assert np.mean(p.decisions[known] == p.labels[known]) == pytest.approx(by_name)
-    metrics, y, proba = evaluate_bundle(bundle, ds, np.arange(len(ds.source)), batch_size=5,
+    metrics, y, proba, _ = evaluate_bundle(bundle, ds, np.arange(len(ds.source)), batch_size=5,
                                         n_bootstrap=0)
     assert metrics["accuracy"] == pytest.approx(by_name)
     np.testing.assert_array_equal(y, p.labels[known])

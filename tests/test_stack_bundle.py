@@ -143,7 +143,7 @@ def test_gboost_stack_bundle_round_trip(runs, dataset, tmp_path):
 
 def test_evaluate_cli_on_stack_run(stacked, folder, dataset, tmp_path):
     bundle = load_bundle(stacked)
-    metrics, y, proba = evaluate_bundle(bundle, dataset, np.arange(len(dataset.source)))
+    metrics, y, proba, _ = evaluate_bundle(bundle, dataset, np.arange(len(dataset.source)))
     z = np.load(stacked / "outputs.npz")
     assert len(y) == metrics["n_examples"] == 120
     np.testing.assert_allclose(proba[z["test_index"]], z["test_proba"], atol=1e-6)
