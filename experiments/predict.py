@@ -1,5 +1,6 @@
-"""`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDERS... [--csv OUT]`: class
-probabilities per image from a saved ensemble, stack or single-model run.
+"""`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDERS... [--csv OUT]
+[--gradcam DIR]`: class probabilities per image from a saved ensemble, stack or single-model
+run.
 
 Folders are searched recursively (symlinked folders followed, each folder once) for
 .png/.jpg/.jpeg/.bmp/.tif/.tiff files; files named directly are decoded whatever their
@@ -8,6 +9,12 @@ dangling symlink, a name that is not UTF-8, a FIFO) and every file that cannot b
 is over the pixel budget (--max-pixels) is reported on stderr with its reason and counted.
 The rest are preprocessed exactly as in training (the bundle's PreprocessConfig; each
 component's own for a stack run, which decides by its meta-classifier).
+
+--gradcam DIR writes one Grad-CAM overlay PNG per predicted image into DIR (created if
+missing): the map of the ensemble's decision over the image as the model saw it, with the
+class and its probability in the corner (ensembles.overlay; not for stack runs or --meta,
+whose meta-classifier is not differentiable). Each PNG is named after its input's stem (plus
+a hash of its path where stems repeat) and written whole or not at all.
 
 The CSV is written whole or not at all (a temporary file renamed over --csv). Exit code 2
 with `error: ...` when no input could be predicted or the run cannot be loaded.
@@ -29,6 +36,7 @@ import numpy as np
 from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
 from data_pipeline.layouts import classify, is_utf8, printable
 from ensembles.bundle import Bundle, Predictions, StackBundle, load_bundle
+from ensembles.overlay import bundle_overlays, overlay_names, write_png
 from experiments import common
 
 SUFFIXES = IMAGE_EXTENSIONS
@@ -91,9 +99,13 @@ def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) 
 
 
 def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
-                  use_meta: bool = False, max_pixels: int | None = None
+                  use_meta: bool = False, max_pixels: int | None = None,
+                  gradcam: Path | None = None
                   ) -> tuple[list[Path], Predictions, list[dict]]:
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
+
+    With `gradcam` (an existing folder) each decoded image's Grad-CAM overlay is written
+    there as a PNG named by `overlay_names` over `files` (ensembles.overlay).
 
     The predictions' rows follow the decoded files (`indices` index them; there are no
     labels: -1); probability columns and decisions index `class_names`, the model's classes.
@@ -103,12 +115,18 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
     kept, skipped, chunks = [], [], []
     source: list[dict] = []
     pixels = 0
+    names = dict(zip(files, overlay_names(files), strict=True)) if gradcam else {}
 
     def flush():
         nonlocal source, pixels
         if source:
             chunks.append(bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
                                          use_meta=use_meta))
+            if gradcam is not None:
+                images = [s["image"] for s in source]
+                _, overlays = bundle_overlays(bundle, images, batch_size=batch_size)
+                for f, rgb in zip(kept[len(kept) - len(source):], overlays, strict=True):
+                    write_png(gradcam / names[f], rgb)
         source, pixels = [], 0
 
     for f in files:
@@ -166,6 +184,14 @@ def _check_csv_target(path: Path) -> None:
         raise FileNotFoundError(f"--csv: folder {path.parent} does not exist")
 
 
+def _check_gradcam_target(path: Path, use_meta: bool) -> None:
+    if use_meta:
+        raise ValueError("--gradcam explains the rule combiner's decision; it cannot be used "
+                         "with --meta")
+    if os.path.lexists(path) and not path.is_dir():
+        raise ValueError(f"--gradcam {path} exists and is not a folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,22 +199,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--csv", default=None, help="write path,class probabilities,prediction")
     parser.add_argument("--meta", action="store_true", help="use the saved meta-classifier")
+    parser.add_argument("--gradcam", default=None, metavar="DIR",
+                        help="write a Grad-CAM overlay PNG per image into DIR")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images with more pixels, read from the header before "
                              "decoding (default: $CXR_ENSEMBLES_MAX_PIXELS, else 50000000)")
     args = parser.parse_args(argv)
     out = Path(args.csv) if args.csv else None
+    gradcam = Path(args.gradcam) if args.gradcam else None
     try:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         max_pixels = pixel_budget(args.max_pixels)
         if out is not None:
             _check_csv_target(out)
+        if gradcam is not None:
+            _check_gradcam_target(gradcam, args.meta)
         bundle = load_bundle(args.run)
+        if gradcam is not None and not isinstance(bundle, Bundle):
+            raise ValueError("--gradcam needs an ensemble or single-model run; a stack run "
+                             "decides by its meta-classifier, which is not differentiable")
+        if gradcam is not None:
+            gradcam.mkdir(parents=True, exist_ok=True)
         files, skipped = find_images(args.inputs)
         kept, predictions, unread = predict_files(bundle, files, batch_size=args.batch_size,
-                                                  use_meta=args.meta, max_pixels=max_pixels)
+                                                  use_meta=args.meta, max_pixels=max_pixels,
+                                                  gradcam=gradcam)
         skipped += unread
         for s in skipped:
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
@@ -207,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     n = len(skipped)
     print(f"predicted {len(kept)} image(s), skipped {n} unreadable or non-image "
-          f"entr{'y' if n == 1 else 'ies'}" + (f"; csv: {out}" if out else ""), file=sys.stderr)
+          f"entr{'y' if n == 1 else 'ies'}" + (f"; csv: {out}" if out else "")
+          + (f"; {len(kept)} Grad-CAM overlay(s) in {gradcam}" if gradcam else ""),
+          file=sys.stderr)
     return 0
 
 
