@@ -216,6 +216,7 @@ def test_an_irrelevant_region_leaves_the_map_and_a_relevant_one_does_not(trained
 CLASSES = ("covid", "normal", "viral_pneumonia")
 
 
+@functools.cache
 def _bundle(strategy: str, seed: int = 0) -> Bundle:
     """A 3-class simple_cnn bundle with freshly initialised members (16 px, width 0.25)."""
     tasks, stacks = plan(strategy, CLASSES, np.repeat(np.arange(3), 4))
@@ -287,6 +288,7 @@ def _expected_gradient_map(bundle, x, decisions):
     return np.maximum(total, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ova", "cascade"])
 def test_combined_map_is_the_gradient_of_the_combined_probability(strategy):
     bundle = _bundle(strategy)
@@ -315,6 +317,7 @@ def test_member_maps_explain_each_members_own_class(strategy, columns):
         np.testing.assert_allclose(cams.member_maps[m], want.maps, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_ovo_combined_map_weights_the_members_of_the_decided_class():
     bundle = _bundle("ovo")
     x = np.stack([preprocess(im, bundle.preprocess) for im in _images()])
