@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import softmax
 
 import backbones
 from backbones.gradcam import class_map, features_and_logits, gradcam_maps, linear_map
@@ -138,8 +139,7 @@ def ensemble_gradcam(bundle: Bundle, images: np.ndarray) -> EnsembleCams:
         features.append(out[3])
         for i, m in enumerate(stack.members):
             maps[m], classes[m], logits[m] = (np.asarray(o[i]) for o in out[:3])
-    probs = [np.exp(z - z.max(1, keepdims=True)) for z in (z.astype(np.float64) for z in logits)]
-    probs = [p / p.sum(1, keepdims=True) for p in probs]
+    probs = [softmax(z.astype(np.float64), axis=-1) for z in logits]   # as Bundle.member_outputs
     proba, decisions = bundle.combine(probs), np.asarray(bundle.decide(probs))
     method = METHODS[bundle.tasks.strategy]
     if bundle.tasks.strategy == "single":
