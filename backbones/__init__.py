@@ -21,9 +21,10 @@ from backbones import (  # noqa: F401 - importing registers the models
 from backbones import weights
 from backbones.heads import HEADS, Head
 from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
-from backbones.registry import create, get, is_custom_cnn, names, register, resolve_head
+from backbones.registry import (create, get, gradcam_layer, is_custom_cnn, names, register,
+                                resolve_head)
 from backbones.weights import WeightsDownloadError
 
 __all__ = ["HEADS", "Head", "WeightsDownloadError", "create", "default_weights_path", "get",
-           "is_custom_cnn", "load_pretrained", "merge_pretrained", "names", "register",
-           "resolve_head", "weights"]
+           "gradcam_layer", "is_custom_cnn", "load_pretrained", "merge_pretrained", "names",
+           "register", "resolve_head", "weights"]

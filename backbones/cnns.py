@@ -70,7 +70,8 @@ def register_plain_cnn(name: str, blocks: tuple[tuple[int, ...], ...],
         return PlainCNN(num_classes=num_classes, blocks=blocks, head=head, dtype=dtype,
                         axis_name=axis_name, width=width, arch=name, **options)
 
-    return register(name)(factory)
+    # Grad-CAM: the head's input is the last block's pooled map (VGG: Keras "block5_pool").
+    return register(name, gradcam_layer="head")(factory)
 
 
 simple_cnn = register_plain_cnn("simple_cnn", ((32,), (64,)), top_hidden=(128,))

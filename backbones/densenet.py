@@ -26,7 +26,8 @@ MIN_SIZE = 32  # Keras's smallest accepted input side
 
 
 
-@register("densenet121")
+# Grad-CAM: the head's input is the final BN + ReLU (Keras "relu"; 7x7 at 224 px).
+@register("densenet121", gradcam_layer="head")
 class DenseNet121(nn.Module):
     """DenseNet121 trunk (Keras layout) followed by a classification head.
 

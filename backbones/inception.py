@@ -24,7 +24,8 @@ BN_EPSILON = 1e-3
 MIN_SIZE = 75  # Keras's smallest accepted input side
 
 
-@register("inception_v3")
+# Grad-CAM: the head's input is the output of mixed10 (Keras "mixed10"; 8x8 at 299 px).
+@register("inception_v3", gradcam_layer="head")
 class InceptionV3(nn.Module):
     """InceptionV3 trunk (Keras layout) followed by a classification head.
 

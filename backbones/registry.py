@@ -1,9 +1,10 @@
 """Backbones looked up by name, big_vision style.
 
-A model module registers a factory under a name; `create` checks the head / class-count
-combination once, here, so every backbone fails the same way on bad input.
+A model module registers a factory under a name, with the layer Grad-CAM reads
+(`gradcam_layer`); `create` checks the head / class-count combination once, here, so every
+backbone fails the same way on bad input.
 
-    @register("resnet50")
+    @register("resnet50", gradcam_layer="head")
     class ResNet50(nn.Module):
         num_classes: int | None
         head: str = "linear"
@@ -13,6 +14,11 @@ combination once, here, so every backbone fails the same way on bad input.
 
 A factory is any callable (usually the `nn.Module` class itself) that accepts the keyword
 arguments `num_classes`, `head`, `dtype`, `axis_name` plus its own options.
+
+`gradcam_layer` is the path ("/"-joined submodule names) of the submodule whose input is the
+feature map Grad-CAM explains (backbones.gradcam). Every backbone here hands its last conv
+block's rectified output to the shared "head", so they all name "head"; a backbone whose
+head is fed anything else (a pooled vector, a transformer's tokens) must name another layer.
 """
 
 from __future__ import annotations
@@ -29,15 +35,22 @@ from backbones.heads import HEADS, check_head
 Factory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, Factory] = {}
+_GRADCAM_LAYERS: dict[str, str] = {}
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: make `factory` available as `create(name, ...)`; returns it unchanged."""
+def register(name: str, *, gradcam_layer: str) -> Callable[[Factory], Factory]:
+    """Decorator: make `factory` available as `create(name, ...)`, with the submodule whose
+    input Grad-CAM explains (`gradcam_layer`, see the module docstring); returns it
+    unchanged."""
+    if not gradcam_layer or any(not part for part in gradcam_layer.split("/")):
+        raise ValueError(f"backbone {name!r}: gradcam_layer must be a submodule path such as "
+                         f"'head', got {gradcam_layer!r}")
 
     def decorate(factory: Factory) -> Factory:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"backbone {name!r} is already registered by {_REGISTRY[name]!r}")
         _REGISTRY[name] = factory
+        _GRADCAM_LAYERS[name] = gradcam_layer
         return factory
 
     return decorate
@@ -55,6 +68,12 @@ def get(name: str) -> Factory:
     except KeyError:
         raise ValueError(
             f"unknown backbone {name!r}; known backbones: {', '.join(names())}") from None
+
+
+def gradcam_layer(name: str) -> str:
+    """The submodule path whose input is backbone `name`'s Grad-CAM feature map."""
+    get(name)
+    return _GRADCAM_LAYERS[name]
 
 
 def is_custom_cnn(name: str) -> bool:
@@ -97,4 +116,4 @@ def create(name: str, *, num_classes: int | None, head: str = "linear",
     return factory(**arguments)
 
 
-__all__ = ["HEADS", "create", "get", "names", "register"]
+__all__ = ["HEADS", "create", "get", "gradcam_layer", "names", "register"]

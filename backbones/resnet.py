@@ -111,7 +111,8 @@ def _register_resnet(name: str, stage_sizes: tuple[int, ...],
         return ResNet(num_classes=num_classes, stage_sizes=stage_sizes, bottleneck=bottleneck,
                       head=head, dtype=dtype, axis_name=axis_name, width=width, arch=name)
 
-    return register(name)(factory)
+    # Grad-CAM: the head's input is the last block's output (Keras "conv5_block3_out").
+    return register(name, gradcam_layer="head")(factory)
 
 
 resnet18 = _register_resnet("resnet18", (2, 2, 2, 2), bottleneck=False)

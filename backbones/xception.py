@@ -45,7 +45,8 @@ class SeparableConv(nn.Module):
                        param_dtype=jnp.float32, name="pointwise")(x)
 
 
-@register("xception")
+# Grad-CAM: the head's input is block14_sepconv2_act (Keras's name; 7x7 at 299 px).
+@register("xception", gradcam_layer="head")
 class Xception(nn.Module):
     """Xception trunk (Keras layout) followed by a classification head.
 

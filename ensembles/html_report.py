@@ -109,36 +109,61 @@ def _gallery(tiles: Sequence[Tile], note: str) -> str:
     return "\n".join(out)
 
 
-def render(report_md: str, out_dir: str | Path, *, title: str, tiles: Sequence[Tile] = (),
-           gallery_note: str = "") -> str:
-    """The whole page as one string."""
-    body_md = _with_figures(report_md, Path(out_dir))
-    first, _, rest = body_md.partition("\n## ")
-    body = (markdown.markdown(first, extensions=["tables"])
-            + f"<div class=\"caveat\">{markdown.markdown(CAVEAT)}</div>"
-            + (markdown.markdown("## " + rest, extensions=["tables"]) if rest else "")
-            + _gallery(tiles, gallery_note))
+def _page(title: str, body: str) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
             f"<body>\n{body}\n</body></html>\n")
 
 
-def write_html(out_dir: str | Path, report_md: str, *, title: str, tiles: Sequence[Tile] = (),
-               gallery_note: str = "") -> Path:
-    """Write out_dir/report.html through a temporary file renamed over it (never a part)."""
-    out = Path(out_dir)
-    path = out / "report.html"
-    page = render(report_md, out, title=title, tiles=tiles, gallery_note=gallery_note)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.html.", suffix=".tmp")
+def render(report_md: str, out_dir: str | Path, *, title: str, tiles: Sequence[Tile] = (),
+           gallery_note: str = "") -> str:
+    """The whole report page as one string."""
+    body_md = _with_figures(report_md, Path(out_dir))
+    first, _, rest = body_md.partition("\n## ")
+    return _page(title, markdown.markdown(first, extensions=["tables"])
+                 + f"<div class=\"caveat\">{markdown.markdown(CAVEAT)}</div>"
+                 + (markdown.markdown("## " + rest, extensions=["tables"]) if rest else "")
+                 + _gallery(tiles, gallery_note))
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    """Write `text` through a temporary file in path's folder renamed over it (never a part)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
+            fh.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_html(out_dir: str | Path, report_md: str, *, title: str, tiles: Sequence[Tile] = (),
+               gallery_note: str = "") -> Path:
+    """Write out_dir/report.html: report.md with its figures, the caveat and the gallery."""
+    out = Path(out_dir)
+    return _write_atomic(out / "report.html", render(report_md, out, title=title, tiles=tiles,
+                                                     gallery_note=gallery_note))
+
+
+def write_predictions_page(path: str | Path, table: Sequence[Sequence[str]],
+                           tiles: Sequence[Tile], *, title: str, notes: Sequence[str]) -> Path:
+    """A self-contained page for predictions without labels: the notes, the caveat, every
+    row of `table` (its first row the header) and one overlay tile per row."""
+    head, *rows = table
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    page = (f"<h1>{html.escape(title)}</h1><ul>"
+            + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
+            + f"<div class=\"caveat\">{markdown.markdown(CAVEAT)}</div>"
+            + f"<h2>Predictions</h2><table><tr>{cells}</tr>{body}</table>"
+            + _gallery(tiles, "Grad-CAM of the ensemble's decision over each image as the model "
+                              "saw it, in the table's order."))
+    return _write_atomic(Path(path), _page(title, page))
 
 
 def tile_caption(true_name: str | None, pred_name: str, probability: float) -> str:

@@ -1,5 +1,6 @@
-"""`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDERS... [--csv OUT]`: class
-probabilities per image from a saved ensemble, stack or single-model run.
+"""`python -m experiments.predict --run RUN_DIR IMAGES_OR_FOLDERS... [--csv OUT]
+[--gradcam DIR]`: class probabilities per image from a saved ensemble, stack or single-model
+run.
 
 Folders are searched recursively (symlinked folders followed, each folder once) for
 .png/.jpg/.jpeg/.bmp/.tif/.tiff/.dcm/.dicom files and for DICOM files named otherwise
@@ -16,6 +17,12 @@ Each image is hashed and compared with the hashes of the images the model was tr
 validated on (stored in the run): the CSV's last column, duplicate_of_training, says
 "exact" (same pixels), "near:<bits>" (a resized or re-encoded copy) or nothing, and the
 summary on stderr counts them ("unknown" for a run saved without training hashes).
+
+--gradcam DIR writes one Grad-CAM overlay PNG per predicted image into DIR (created if
+missing): the map of the ensemble's decision over the image as the model saw it, with the
+class and its probability in the corner (ensembles.overlay; not for stack runs or --meta,
+whose meta-classifier is not differentiable). Each PNG is named after its input's stem (plus
+a hash of its path where stems repeat) and written whole or not at all.
 
 The CSV is written whole or not at all (a temporary file renamed over --csv). Exit code 2
 with `error: ...` when no input could be predicted or the run cannot be loaded.
@@ -34,6 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
 from data_pipeline.dicom import is_dicom
@@ -42,6 +50,9 @@ from data_pipeline.layouts import classify, is_utf8, printable
 from ensembles import leakage
 from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
                               load_bundle)
+from ensembles.gallery import TILE_SIZE
+from ensembles.html_report import Tile, tile_caption, write_predictions_page
+from ensembles.overlay import bundle_overlays, overlay_names, write_png
 from experiments import common
 
 SUFFIXES = IMAGE_EXTENSIONS
@@ -107,9 +118,13 @@ def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) 
 def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
                   use_meta: bool = False, max_pixels: int | None = None,
                   skip_lateral: bool = True,
-                  on_image: Callable[[np.ndarray], None] | None = None
+                  on_image: Callable[[np.ndarray], None] | None = None,
+                  on_overlay: Callable[[Path, np.ndarray], None] | None = None
                   ) -> tuple[list[Path], Predictions, list[dict]]:
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
+
+    With `on_overlay` (a Bundle only) each decoded file's Grad-CAM overlay (uint8 RGB,
+    `ensembles.overlay.bundle_overlays`) is passed to it with the file, in order.
 
     The predictions' rows follow the decoded files (`indices` index them; there are no
     labels: -1); probability columns and decisions index `class_names`, the model's classes.
@@ -127,6 +142,11 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
         if source:
             chunks.append(bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
                                          use_meta=use_meta))
+            if on_overlay is not None:
+                images = [s["image"] for s in source]
+                _, overlays = bundle_overlays(bundle, images, batch_size=batch_size)
+                for f, rgb in zip(kept[len(kept) - len(source):], overlays, strict=True):
+                    on_overlay(f, rgb)
         source, pixels = [], 0
 
     for f in files:
@@ -198,11 +218,11 @@ def write_csv_atomic(path: Path, table: Sequence[Sequence[str]]) -> None:
         raise
 
 
-def _check_csv_target(path: Path) -> None:
+def _check_csv_target(path: Path, flag: str = "--csv") -> None:
     if path.is_dir():
-        raise ValueError(f"--csv {path} is a folder")
+        raise ValueError(f"{flag} {path} is a folder")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"--csv: folder {path.parent} does not exist")
+        raise FileNotFoundError(f"{flag}: folder {path.parent} does not exist")
 
 
 def _duplicates_note(column: Sequence[str]) -> str:
@@ -213,6 +233,34 @@ def _duplicates_note(column: Sequence[str]) -> str:
     return f"duplicates of training images: {exact} exact, {near} near"
 
 
+def _check_gradcam_target(path: Path | None, use_meta: bool, flag: str) -> None:
+    if use_meta:
+        raise ValueError(f"{flag} shows Grad-CAM of the rule combiner's decision; it cannot "
+                         f"be used with --meta")
+    if path is not None and os.path.lexists(path) and not path.is_dir():
+        raise ValueError(f"{flag} {path} exists and is not a folder")
+
+
+class Overlays:
+    """Where predict's Grad-CAM overlays go: PNG files in the --gradcam folder (named by
+    `overlay_names`), and gallery-sized copies for --report."""
+
+    def __init__(self, files: Sequence[Path], folder: Path | None, *, keep: bool):
+        self.folder, self.keep, self.kept = folder, keep, []
+        self.names = dict(zip(files, overlay_names(files), strict=True)) if folder else {}
+
+    def add(self, path: Path, rgb: np.ndarray) -> None:
+        if self.folder is not None:
+            write_png(self.folder / self.names[path], rgb)
+        if self.keep:
+            self.kept.append(np.asarray(Image.fromarray(rgb).resize((TILE_SIZE, TILE_SIZE))))
+
+    def tiles(self, p: Predictions) -> list[Tile]:
+        names = p.class_names
+        return [Tile(rgb, tile_caption(None, names[d], float(p.proba[r, d])), None)
+                for r, (rgb, d) in enumerate(zip(self.kept, p.decisions, strict=True))]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", help="image files and/or folders")
     parser.add_argument("--csv", default=None, help="write path,class probabilities,prediction")
     parser.add_argument("--meta", action="store_true", help="use the saved meta-classifier")
+    parser.add_argument("--gradcam", default=None, metavar="DIR",
+                        help="write a Grad-CAM overlay PNG per image into DIR")
+    parser.add_argument("--report", default=None, metavar="FILE",
+                        help="write a self-contained HTML page: every prediction with its "
+                             "explanation, and the Grad-CAM overlays")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="skip images with more pixels, read from the header before "
@@ -229,19 +282,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "which are skipped by default: the models see frontal views")
     args = parser.parse_args(argv)
     out = Path(args.csv) if args.csv else None
+    gradcam = Path(args.gradcam) if args.gradcam else None
+    report = Path(args.report) if args.report else None
     try:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         max_pixels = pixel_budget(args.max_pixels)
         if out is not None:
             _check_csv_target(out)
+        if gradcam is not None:
+            _check_gradcam_target(gradcam, args.meta, "--gradcam")
+        if report is not None:
+            _check_csv_target(report, "--report")
+            _check_gradcam_target(None, args.meta, "--report")
         bundle = load_bundle(args.run)
+        if (gradcam or report) and not isinstance(bundle, Bundle):
+            raise ValueError("--gradcam and --report need an ensemble or single-model run; a "
+                             "stack run decides by its meta-classifier, which is not "
+                             "differentiable")
+        if gradcam is not None:
+            gradcam.mkdir(parents=True, exist_ok=True)
         files, skipped = find_images(args.inputs)
         hasher = Hasher()
-        kept, predictions, unread = predict_files(bundle, files, batch_size=args.batch_size,
-                                                  use_meta=args.meta, max_pixels=max_pixels,
-                                                  skip_lateral=not args.keep_lateral,
-                                                  on_image=hasher.add)
+        overlays = Overlays(files, gradcam, keep=report is not None)
+        kept, predictions, unread = predict_files(
+            bundle, files, batch_size=args.batch_size, use_meta=args.meta,
+            max_pixels=max_pixels, skip_lateral=not args.keep_lateral, on_image=hasher.add,
+            on_overlay=overlays.add if (gradcam or report) else None)
         skipped += unread
         for s in skipped:
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
@@ -253,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = [[*row, d] for row, d in zip(
             rows(kept, predictions, getattr(bundle, "operating_point", None)),
             ["duplicate_of_training", *duplicates], strict=True)]
+        if report is not None:
+            write_predictions_page(report, table, overlays.tiles(predictions),
+                                   title=f"Predictions of {Path(args.run).name}",
+                                   notes=[f"{len(kept)} image(s) predicted, {len(skipped)} "
+                                          f"skipped", _duplicates_note(duplicates)])
         if out is not None:
             write_csv_atomic(out, table)
         else:
@@ -265,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = len(skipped)
     print(f"predicted {len(kept)} image(s), skipped {n} unreadable or non-image "
           f"entr{'y' if n == 1 else 'ies'}; {_duplicates_note(duplicates)}"
-          + (f"; csv: {out}" if out else ""), file=sys.stderr)
+          + (f"; csv: {out}" if out else "")
+          + (f"; {len(kept)} Grad-CAM overlay(s) in {gradcam}" if gradcam else ""),
+          file=sys.stderr)
     return 0
 
 

@@ -67,7 +67,7 @@ def test_create_rejects_bad_arguments(name, kwargs, error, message):
 
 def test_register_refuses_a_second_factory_under_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
-        backbones.register("resnet50")(lambda **kwargs: None)
+        backbones.register("resnet50", gradcam_layer="head")(lambda **kwargs: None)
 
 
 @pytest.mark.parametrize("name", backbones.names())
