@@ -43,6 +43,7 @@ h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #bbb}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #bbb;padding:.25em .6em;text-align:left}
 th{background:#eee}
+.wide{overflow-x:auto}
 img.figure{max-width:100%;height:auto;display:block;margin:.6em 0}
 .caveat{background:#fff6dd;border-left:5px solid #d9a400;padding:.6em 1em;margin:1em 0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
@@ -160,7 +161,7 @@ def write_predictions_page(path: str | Path, table: Sequence[Sequence[str]],
     page = (f"<h1>{html.escape(title)}</h1><ul>"
             + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"
             + f"<div class=\"caveat\">{markdown.markdown(CAVEAT)}</div>"
-            + f"<h2>Predictions</h2><table><tr>{cells}</tr>{body}</table>"
+            + f"<h2>Predictions</h2><div class=\"wide\"><table><tr>{cells}</tr>{body}</table></div>"
             + _gallery(tiles, "Grad-CAM of the ensemble's decision over each image as the model "
                               "saw it, in the table's order."))
     return _write_atomic(Path(path), _page(title, page))

@@ -319,15 +319,23 @@ def test_inspect_reads_a_dicom_folder(tmp_path, capsys):
 def test_predict_on_a_folder_of_dicom_writes_predictions(run, tmp_path, capsys):  # noqa: F811
     folder = tmp_path / "in"
     expected_skips = dicom_folder(folder)
-    out = tmp_path / "p.csv"
-    assert predict.main(["--run", str(run), str(folder), "--csv", str(out)]) == 0
+    out, cams, page = tmp_path / "p.csv", tmp_path / "cams", tmp_path / "page.html"
+    assert predict.main(["--run", str(run), str(folder), "--csv", str(out), "--gradcam",
+                         str(cams), "--report", str(page)]) == 0
     err = capsys.readouterr().err
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ["path", "covid", "normal", "viral_pneumonia", "bacterial_pneumonia",
-                       "prediction"]
+    assert rows[0][:6] == ["path", "covid", "normal", "viral_pneumonia", "bacterial_pneumonia",
+                           "prediction"]
     names = sorted(Path(r[0]).relative_to(folder).as_posix() for r in rows[1:])
     assert names == sorted(["covid/img0.dcm", "covid/img2.dcm", "covid/1.2.840.99.4",
                             "normal/img1.dcm", "normal/IMG3", "normal/img5.dcm"])
+    # one overlay per predicted DICOM, and the page lists every row with its overlay
+    assert sorted(f.name for f in cams.iterdir()) == sorted(
+        ["img0.png", "img2.png", "1.2.840.99.png", "img1.png", "IMG3.png", "img5.png"])
+    assert all(np.asarray(Image.open(f)).shape == (256, 256, 3) for f in cams.iterdir())
+    html = page.read_text()
+    assert html.count("<tr>") == 1 + 6 and html.count('class="tile"') == 6
+    assert all(r[0] in html for r in rows[1:])
     probs = np.array([[float(v) for v in r[1:5]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     for path, start in expected_skips.items():

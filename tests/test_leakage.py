@@ -207,7 +207,7 @@ def test_predict_marks_duplicates_in_the_csv(run, folder, tmp_path, capsys):
     out = tmp_path / "p.csv"
     assert predict.main(["--run", str(run), str(root), "--csv", str(out)]) == 0
     rows = list(csv.reader(out.open()))
-    assert rows[0][-2:] == ["prediction", "duplicate_of_training"]
+    assert rows[0][5] == "prediction" and rows[0][-1] == "duplicate_of_training"
     marks = {str(Path(r[0]).relative_to(root)): r[-1] for r in rows[1:]}
     assert {k: v.split(":")[0] for k, v in marks.items() if v} == copies
     assert all(int(marks[k].split(":")[1]) <= hashing.MAX_DISTANCE for k, v in copies.items()
