@@ -34,6 +34,7 @@ CAVEAT = (
 # figure file -> the report.md section (heading prefix) it is placed after
 FIGURES = {"confusion.png": "Confusion matrix", "roc.png": "ROC-AUC",
            "reliability.png": "Calibration", "curves.png": "Members"}
+WIDE = {"curves.png"}           # shown at the page's width; the others at most 520 px
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
@@ -44,10 +45,11 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #bbb;padding:.25em .6em;text-align:left}
 th{background:#eee}
 .wide{overflow-x:auto}
-img.figure{max-width:100%;height:auto;display:block;margin:.6em 0}
+img.figure{max-width:min(100%,520px);height:auto;display:block;margin:.6em 0}
+img.figure.wide{max-width:100%}
 .caveat{background:#fff6dd;border-left:5px solid #d9a400;padding:.6em 1em;margin:1em 0}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
-.tile{border:3px solid #2e7d32;padding:3px;font-size:.8em;break-inside:avoid}
+.tile{border:3px solid #2e7d32;padding:3px;margin:0;font-size:.8em;break-inside:avoid}
 .tile.wrong{border-color:#c62828}
 .tile img{width:100%;height:auto;display:block;image-rendering:pixelated}
 blockquote{background:#fde8e8;border-left:5px solid #c62828;margin:1em 0;padding:.4em 1em}
@@ -84,7 +86,8 @@ def _with_figures(report_md: str, out_dir: Path) -> str:
             continue
         for i in range(1, len(parts)):
             if parts[i].startswith(heading):
-                parts[i] = (parts[i].rstrip("\n") + f"\n\n<img class=\"figure\" alt=\"{name}\" "
+                kind = "figure wide" if name in WIDE else "figure"
+                parts[i] = (parts[i].rstrip("\n") + f"\n\n<img class=\"{kind}\" alt=\"{name}\" "
                             f"src=\"{png_data_uri(path.read_bytes())}\">\n")
                 break
     return "\n## ".join(parts)
