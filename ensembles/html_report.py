@@ -13,14 +13,14 @@ import base64
 import dataclasses
 import html
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import markdown
 import numpy as np
 from PIL import Image
+
+from data_pipeline.atomic import atomic_write
 
 CAVEAT = (
     "**Caveat: class may be confounded with source.** Public chest X-ray collections often "
@@ -131,17 +131,10 @@ def render(report_md: str, out_dir: str | Path, *, title: str, tiles: Sequence[T
                  + _gallery(tiles, gallery_note))
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    """Write `text` through a temporary file in path's folder renamed over it (never a part)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_text(path: Path, text: str) -> Path:
+    """Write `text` whole or not at all (data_pipeline.atomic)."""
+    with atomic_write(path, encoding="utf-8") as fh:
+        fh.write(text)
     return path
 
 
@@ -149,7 +142,7 @@ def write_html(out_dir: str | Path, report_md: str, *, title: str, tiles: Sequen
                gallery_note: str = "") -> Path:
     """Write out_dir/report.html: report.md with its figures, the caveat and the gallery."""
     out = Path(out_dir)
-    return _write_atomic(out / "report.html", render(report_md, out, title=title, tiles=tiles,
+    return _write_text(out / "report.html", render(report_md, out, title=title, tiles=tiles,
                                                      gallery_note=gallery_note))
 
 
@@ -167,7 +160,7 @@ def write_predictions_page(path: str | Path, table: Sequence[Sequence[str]],
             + f"<h2>Predictions</h2><div class=\"wide\"><table><tr>{cells}</tr>{body}</table></div>"
             + _gallery(tiles, "Grad-CAM of the ensemble's decision over each image as the model "
                               "saw it, in the table's order."))
-    return _write_atomic(Path(path), _page(title, page))
+    return _write_text(Path(path), _page(title, page))
 
 
 def tile_caption(true_name: str | None, pred_name: str, probability: float) -> str:

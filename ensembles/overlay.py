@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from backbones.gradcam import normalise, upsample
 from backbones.training.loop import pad_batch
+from data_pipeline.atomic import atomic_write
 from data_pipeline.preprocess import preprocess, resize
 from ensembles.bundle import Bundle
 from ensembles.saliency import EnsembleCams, ensemble_gradcam
@@ -109,14 +108,5 @@ def overlay_names(paths: Sequence[str | Path]) -> list[str]:
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """Write `rgb` as a PNG through a temporary file in the same folder renamed over `path`:
     the file is the whole image or absent (or what it was before), never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the overlays from other readers
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(rgb).save(fh, format="PNG")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as fh:
+        Image.fromarray(rgb).save(fh, format="PNG")

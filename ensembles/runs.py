@@ -11,10 +11,8 @@ import contextlib
 import datetime
 import fcntl
 import json
-import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import jax
 
 from backbones.training import distributed
+from data_pipeline.atomic import atomic_write
 from ensembles.config import RunConfig
 
 CONFIG_FILE = "config.json"
@@ -104,14 +103,8 @@ def locked(out: Path) -> Iterator[None]:
 def write_json_atomic(path: Path, doc: Any) -> Path:
     """Write JSON into a temporary file beside `path`, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(doc, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        fh.write(json.dumps(doc, indent=2, default=str) + "\n")
     return path
 
 

@@ -36,13 +36,13 @@ import dataclasses
 import io
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from data_pipeline.atomic import atomic_write
 from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
 from data_pipeline.dicom import is_dicom
 from data_pipeline.hashing import Hasher
@@ -206,16 +206,8 @@ def rows(files: Sequence[Path], p: Predictions, operating_point: str | None = No
 def write_csv_atomic(path: Path, table: Sequence[Sequence[str]]) -> None:
     """Write `table` to `path` through a temporary file in its folder renamed over it: the
     file is either the whole table or what it was before, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows(table)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(table)
 
 
 def _check_csv_target(path: Path, flag: str = "--csv") -> None:

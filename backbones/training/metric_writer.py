@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import jax
 from tensorboardX import SummaryWriter
+
+from data_pipeline.atomic import atomic_write
 
 # tensorboardX hands events to a background thread that flushes them at most this many seconds
 # later (its flush() does not wait for that thread); close() always writes everything.
@@ -117,17 +118,8 @@ class MetricWriter:
         """Atomically replace metrics.jsonl with exactly `records` (temp file, then os.replace)."""
         if not self._active:
             return
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in records))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_write(self.path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
     def close(self) -> None:
         """Flush and close the TensorBoard event file (metrics.jsonl is never held open)."""
