@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
 from backbones.training import distributed
+from data_pipeline.atomic import atomic_write
 from ensembles.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
 from ensembles.html_report import Tile, write_html
 
@@ -339,7 +340,8 @@ def _plot_confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> None:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
 
 
 def _plot_roc(y: np.ndarray, proba: np.ndarray, metrics: Mapping, path: Path) -> None:
@@ -357,7 +359,8 @@ def _plot_roc(y: np.ndarray, proba: np.ndarray, metrics: Mapping, path: Path) ->
     ax.set_title("One-vs-rest ROC")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
 
 
 def _plot_reliability(y: np.ndarray, proba: np.ndarray, ece: float, path: Path) -> None:
@@ -376,7 +379,8 @@ def _plot_reliability(y: np.ndarray, proba: np.ndarray, ece: float, path: Path) 
     ax.set_title(f"Reliability diagram (ECE {ece:.4f})")
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
 
 
 def _json_default(x):
@@ -403,10 +407,11 @@ def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
     if not distributed.is_primary():
         return paths
     out.mkdir(parents=True, exist_ok=True)
-    paths["metrics.json"].write_text(
-        json.dumps(metrics, indent=2, allow_nan=False, default=_json_default) + "\n")
+    with atomic_write(paths["metrics.json"]) as fh:
+        fh.write(json.dumps(metrics, indent=2, allow_nan=False, default=_json_default) + "\n")
     text = report_markdown(metrics, title, extra_sections)
-    paths["report.md"].write_text(text)
+    with atomic_write(paths["report.md"]) as fh:
+        fh.write(text)
     _plot_confusion(np.asarray(metrics["confusion_matrix"]), metrics["class_names"],
                     paths["confusion.png"])
     _plot_roc(y, p, metrics, paths["roc.png"])
