@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +175,8 @@ def live_model() -> SVR:
 
 def brisque(image: np.ndarray) -> float:
     """The BRISQUE score of a uint8 HxW[x1] image: lower is better; NaN for a flat image."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)   # a flat image: empty means
         f = features(image)
     return float(live_model().predict(f)[0]) if np.isfinite(f).all() else float("nan")
 
