@@ -28,8 +28,9 @@ REFERENCE = json.loads((Path(__file__).with_name("brisque_reference.json")).read
 # MSCN coefficients where it fits an AGGD, reflect-101 borders (OpenCV) where it pads with
 # zeros, and the paper's shape grid where it root-finds. Measured on these images: scores
 # within 1.3 on the natural ones and 3.7 on the blurred moon (large flat areas, where the
-# MSCN fit differs most: its MSCN shape 1.68 against 1.51, the largest feature difference,
-# hence rtol 0.15); the distortions below move scores by tens of points.
+# MSCN fit differs most: shapes of 1.68 against 1.51, pair shapes up to 21% apart); the
+# features of the other three agree within 6% (or 0.002). The distortions below move
+# scores by tens of points.
 SCORE_TOLERANCE = 4.0
 TINY = ["--backbone", "simple_cnn", "--count", "60", "--image-size", "16", "--width", "0.25",
         "--epochs", "1", "--batch-size", "8", "--n-bootstrap", "0", "--no-progress"]
@@ -62,7 +63,9 @@ def test_score_and_features_match_the_reference(name):
     ref = REFERENCE["values"][name]
     image = _reference_image(name)
     assert abs(quality.brisque(image) - ref["score"]) <= SCORE_TOLERANCE
-    np.testing.assert_allclose(quality.features(image), ref["features"], rtol=0.15, atol=0.01)
+    if name != "moon_blur2":   # see SCORE_TOLERANCE: there the MSCN statistics differ by design
+        np.testing.assert_allclose(quality.features(image), ref["features"], rtol=0.06,
+                                   atol=0.002)
 
 
 def test_halve_is_opencv_bicubic_at_half_size():
