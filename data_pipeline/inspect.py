@@ -9,6 +9,11 @@ Duplicates (data_pipeline.hashing: exact = same pixels, near = perceptual hash w
 `--against B [--against-data-dir DIR]` every image of the dataset that is also in B (public
 chest X-ray collections copy each other: a model trained on one and tested on the other is
 partly tested on its training images).
+
+Image quality (data_pipeline.quality, BRISQUE: about 0 pristine, higher = more distorted;
+scored once per build and cached): `--quality` prints each class's score quantiles,
+`--quality-hist FILE.png` draws their histograms per class, `--worst-grid FILE.png` shows the
+worst-scored images of each class with their scores (candidates for --quality-max).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 
 from data_pipeline.datasets import DATASETS, Dataset, load_dataset
 from data_pipeline.hashing import MAX_DISTANCE, duplicate_pairs, find_duplicates, hash_dataset
+from data_pipeline.quality import score_dataset
 
 SHOWN = 50   # duplicates listed in the text report (--json lists all)
 
@@ -131,30 +137,90 @@ def format_duplicates(report: dict[str, Any], shown: int = SHOWN) -> str:
     return "\n".join(lines)
 
 
-def save_grid(ds: Dataset, path: str | Path, *, per_class: int = 4, seed: int = 0) -> Path:
-    """Write a PNG grid: one row per class, up to `per_class` random images each."""
+def quality(ds: Dataset, scores: np.ndarray, *, worst: int = 5) -> dict[str, Any]:
+    """Per class: how many images, BRISQUE median, 90th percentile and maximum, how many
+    have no score (flat images), and the `worst` highest-scored files (path, score)."""
+    out = {}
+    for k, name in enumerate(ds.class_names):
+        members = np.flatnonzero(ds.labels == k)
+        s = scores[members]
+        known = s[~np.isnan(s)]
+        order = members[np.argsort(-np.nan_to_num(s, nan=np.inf), kind="stable")][:worst]
+        out[name] = {"count": len(members), "unscored": int(len(s) - len(known)),
+                     **{q: (round(float(f(known)), 2) if len(known) else None) for q, f in
+                        (("median", np.median), ("p90", lambda x: np.percentile(x, 90)),
+                         ("max", np.max))},
+                     "worst": [{"path": str(ds.paths[i]), "brisque": None if np.isnan(scores[i])
+                                else round(float(scores[i]), 2)} for i in order]}
+    return out
+
+
+def format_quality(report: dict[str, Any]) -> str:
+    """The quality part of the human-readable report: one line per class."""
+    lines = ["BRISQUE (lower is better):"]
+    for name, q in report.items():
+        flat = f", {q['unscored']} flat (no score)" if q["unscored"] else ""
+        lines.append(f"  {name:<22}median {q['median']}, p90 {q['p90']}, max {q['max']} "
+                     f"({q['count']} images{flat})")
+    return "\n".join(lines)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    _pyplot().close(fig)
+    return path
+
+
+def save_grid(ds: Dataset, path: str | Path, *, per_class: int = 4, seed: int = 0,
+              scores: np.ndarray | None = None) -> Path:
+    """Write a PNG grid: one row per class, up to `per_class` random images each; with
+    `scores` (BRISQUE per example) the class's worst-scored images, each titled by its score."""
+    plt = _pyplot()
     rng = np.random.default_rng(seed)
     rows = len(ds.class_names)
     fig, axes = plt.subplots(rows, per_class, figsize=(2 * per_class, 2 * rows), squeeze=False)
     for k, name in enumerate(ds.class_names):
         members = np.flatnonzero(ds.labels == k)
-        picks = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        if scores is None:
+            picks = rng.choice(members, size=min(per_class, len(members)), replace=False)
+        else:
+            worst = np.nan_to_num(scores[members], nan=np.inf)
+            picks = members[np.argsort(-worst, kind="stable")][:per_class]
         for j, ax in enumerate(axes[k]):
             ax.axis("off")
             if j < len(picks):
                 ax.imshow(ds.source[int(picks[j])]["image"][..., 0], cmap="gray", vmin=0, vmax=255)
+                if scores is not None:
+                    ax.set_title(f"{scores[picks[j]]:.1f}", loc="right", fontsize=8)
         axes[k][0].set_title(name, loc="left", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def save_quality_histogram(ds: Dataset, scores: np.ndarray, path: str | Path) -> Path:
+    """Write a PNG of the BRISQUE score histogram of each class (shared bins)."""
+    plt = _pyplot()
+    known = scores[~np.isnan(scores)]
+    bins = np.histogram_bin_edges(known if len(known) else [0.0], bins=30)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, name in enumerate(ds.class_names):
+        s = scores[(ds.labels == k) & ~np.isnan(scores)]
+        ax.hist(s, bins=bins, histtype="step", linewidth=1.5, label=f"{name} ({len(s)})")
+    ax.set_xlabel("BRISQUE (lower is better)")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,6 +241,12 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {MAX_DISTANCE})")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grid", metavar="FILE.png", help="write a sample grid image")
+    p.add_argument("--quality", action="store_true",
+                   help="BRISQUE quality per class (scored once per build, cached)")
+    p.add_argument("--quality-hist", metavar="FILE.png",
+                   help="write the per-class BRISQUE histograms (implies --quality)")
+    p.add_argument("--worst-grid", metavar="FILE.png",
+                   help="write a grid of each class's worst BRISQUE images (implies --quality)")
     return p
 
 
@@ -198,11 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         summary["duplicates"] = duplicates(ds, other, max_distance=args.max_distance)
         if args.grid:
             summary["grid"] = str(save_grid(ds, args.grid))
+        if args.quality or args.quality_hist or args.worst_grid:
+            scores = score_dataset(ds)
+            summary["quality"] = quality(ds, scores)
+            if args.quality_hist:
+                summary["quality_hist"] = str(save_quality_histogram(ds, scores,
+                                                                     args.quality_hist))
+            if args.worst_grid:
+                summary["worst_grid"] = str(save_grid(ds, args.worst_grid, scores=scores))
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2) if args.json else
-          format_summary(summary) + "\n" + format_duplicates(summary["duplicates"]))
+    text = format_summary(summary) + "\n" + format_duplicates(summary["duplicates"])
+    if "quality" in summary:
+        text += "\n" + format_quality(summary["quality"])
+    print(json.dumps(summary, indent=2) if args.json else text)
     return 0
 
 

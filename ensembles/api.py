@@ -27,7 +27,7 @@ import numpy as np
 
 from backbones.training import distributed
 from data_pipeline.datasets import Dataset
-from ensembles import build, fitting, leakage, runs
+from ensembles import build, fitting, leakage, quality_filter, runs
 from ensembles import bundle as bundle_lib
 from ensembles import operating_points as op_lib
 from ensembles import strategy as strategy_lib
@@ -267,6 +267,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
                                                                               trained.head)}
     skipped = list(data.dataset.skipped)
     metrics["skipped_files"] = {"count": len(skipped), "files": skipped}
+    metrics["quality_filter"] = data.quality
     if not distributed.is_primary():    # every process computed the metrics; one writes
         return metrics
     runs.write_json_atomic(out / bundle_lib.COMBINER_FILE, {
@@ -292,7 +293,8 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
                  gallery_note=note,
                  extra_sections={**_sections(cfg, tasks, variants, calib),
                                  "Operating points": op_lib.markdown(point),
-                                 "Skipped files": skipped_section(skipped)})
+                                 "Skipped files": skipped_section(skipped),
+                                 "Quality filter": quality_filter.section(data.quality)})
     runs.write_config(out, cfg, **facts, bundle=section)
     return metrics
 

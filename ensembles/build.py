@@ -23,6 +23,7 @@ from data_pipeline.datasets import Dataset, load_dataset
 from data_pipeline.loader import finish, make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import split_indices
+from ensembles import quality_filter
 from ensembles.config import RunConfig
 
 
@@ -36,6 +37,7 @@ class Data:
     preprocess: PreprocessConfig
     augment: augment_lib.AugmentConfig | None
     class_weighted: bool                # members weight their classes (balance class_weights)
+    quality: dict = dataclasses.field(default_factory=dict)   # quality_filter.select's report
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -75,11 +77,14 @@ def load_data(config: RunConfig) -> Dataset:
 
 
 def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
-    """Dataset -> patient-grouped splits -> balancing; ValueError if a batch cannot fill."""
+    """Dataset -> quality filter -> patient-grouped splits -> balancing; ValueError if a
+    batch cannot fill."""
     d, t = config.data, config.training
     dataset = dataset if dataset is not None else load_data(config)
-    splits = split_indices(dataset.labels, dataset.patient_ids, recipe=d.split_recipe,
-                           seed=t.seed)
+    kept, quality = quality_filter.select(dataset, d, progress=t.progress)
+    splits = {k: kept[v] for k, v in split_indices(
+        dataset.labels[kept], dataset.patient_ids[kept], recipe=d.split_recipe,
+        seed=t.seed).items()}
     train = splits["train"]
     if d.balance in ("downsample", "oversample"):
         train = balance_indices(train, dataset.labels, mode=d.balance, seed=t.seed)
@@ -90,7 +95,7 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
                                   normalization=d.normalization, clahe=d.clahe)
     return Data(dataset=dataset, splits=splits, train_indices=train, preprocess=preprocess,
                 augment=augment_lib.AugmentConfig() if d.augment else None,
-                class_weighted=d.balance == "class_weights")
+                class_weighted=d.balance == "class_weights", quality=quality)
 
 
 def build_model(config: RunConfig, *, num_classes: int | None):

@@ -74,6 +74,8 @@ class DataConfig:
     balance: str = "class_weights"
     augment: bool | None = None              # auto: on, except for synthetic_cxr (see resolve)
     workers: int = 0
+    quality_max: float | None = None         # drop images with a BRISQUE score above it
+    quality_drop_worst: float | None = None  # drop this fraction of worst BRISQUE scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +284,7 @@ def _RANGES(config: RunConfig) -> list[tuple[str, Any, Any, str]]:  # noqa: N802
     return [
         ("image_size", d.image_size, lambda v: 8 <= v <= 2048, "in [8, 2048] pixels"),
         ("workers", d.workers, lambda v: v >= 0, ">= 0"),
+        ("quality_drop_worst", d.quality_drop_worst, lambda v: 0 <= v < 1, "in [0, 1)"),
         ("width", m.width, lambda v: v > 0, "> 0"),
         ("head_epochs", m.head_epochs, lambda v: v >= 0, ">= 0"),
         ("lr", t.lr, lambda v: 0 < v <= 10, "in (0, 10]"),

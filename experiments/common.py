@@ -73,6 +73,12 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--augment", action=argparse.BooleanOptionalAction,
                       help="auto: on, except for synthetic_cxr (its phantoms vary already)")
     data.add_argument("--workers", type=int, help="Grain worker processes")
+    data.add_argument("--quality-max", type=float, metavar="SCORE",
+                      help="drop images whose BRISQUE score is above SCORE (0 ~ pristine, "
+                           "higher = more distorted) before splitting")
+    data.add_argument("--quality-drop-worst", type=float, metavar="FRACTION",
+                      help="drop this fraction of the images with the worst BRISQUE scores "
+                           "before splitting")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=backbones.names(), help="backbone of every member")
