@@ -18,7 +18,8 @@ from data_pipeline.array_cache import prepare_image
 from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.splits import split_indices
 from ensembles.bundle import BundleError, load_bundle
-from ensembles.segmenter import SegmenterConfig, dice, load_segmenter, train_segmenter
+from ensembles.segmenter import (SegmenterConfig, dice, fit_to_image, load_segmenter,
+                                 train_segmenter)
 from experiments import predict, segment
 from experiments.ensemble_cli import main as ensemble_main
 from tests.folder_fixtures import make_flat
@@ -56,6 +57,16 @@ def test_dice_values():
     a[0, :2], b[0, :1] = True, True            # 8 vs 4 pixels, 4 shared: 2*4/12
     a[1, 0, 0] = True                          # one empty target: 0
     np.testing.assert_allclose(dice(a, b), [2 / 3, 0.0, 1.0])
+
+
+def test_fit_to_image_undoes_the_padding():
+    # a 32 x 48 image padded into 32 x 32: content rows 5..25 (21 rows), bars above and below
+    prob = np.zeros((32, 32), np.uint8)
+    prob[:5], prob[26:] = 255, 255          # "lung" only in the padding bars
+    prob[5:26, :16] = 200                   # and in the content's left half
+    mask = fit_to_image(prob, (32, 48))
+    assert mask.shape == (32, 48, 1) and set(np.unique(mask)) == {0, 255}
+    assert mask[:, :23].min() == 255 and mask[:, 25:].max() == 0
 
 
 @pytest.fixture(scope="module")
