@@ -177,3 +177,27 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def mean_std(source, indices, cfg: PreprocessConfig) -> tuple[tuple[float, ...],
+                                                             tuple[float, ...]]:
+    """Per-channel mean and std, on the [0, 1] scale, of source[indices] prepared by `cfg`
+    (equalised, masked, resized, rounded to uint8: exactly what `finish` then normalises;
+    the gray value is every channel's). Read from the decode-once store when the source has
+    one; for normalization "dataset", computed on the training split only."""
+    indices = np.sort(np.asarray(indices))
+    if not len(indices):
+        raise ValueError("mean_std needs at least one example")
+    store = cached_source(source, cfg)
+    total = total_sq = 0.0
+    for start in range(0, len(indices), _CHUNK):
+        rows = indices[start:start + _CHUNK]
+        examples = [] if store is not None else [source[int(i)] for i in rows]
+        x = (store.images[rows] if store is not None else np.stack(
+            [prepare_image(e["image"], cfg, e.get("mask")) for e in examples]))
+        x = x.astype(np.float64) / 255.0
+        total, total_sq = total + x.sum(), total_sq + np.square(x).sum()
+    count = len(indices) * cfg.image_size ** 2
+    mean = total / count
+    std = float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))
+    return (float(mean),) * cfg.channels, (std,) * cfg.channels

@@ -228,7 +228,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
                                [t.stack for t in trained.stacks],
                                [t.variables for t in trained.stacks],
                                strategy_lib.rule_combiner(tasks, ovo_decision=e.ovo_decision),
-                               None, None, "ensemble", model)
+                               None, None, "ensemble", model, segmenter=data.segmenter)
     batch = cfg.training.batch_size
     val_p, y_val, i_val = bundle.member_outputs(data.eval_loader("val", batch))
     test_p, y_test, i_test = bundle.member_outputs(data.eval_loader("test", batch))
@@ -284,7 +284,8 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     section = bundle_lib.bundle_section(
         strategy=strategy, backbone=backbone, model=model, class_names=data.class_names,
         preprocess=data.preprocess, tasks=tasks, stacks=stacks, meta=meta_saved,
-        train_hashes=hashes)
+        train_hashes=hashes,
+        segmenter=data.segmenter.reference() if data.segmenter is not None else None)
     section = bundle_lib.add_manifest(out, section)     # SHA-256 of every piece's file
     title = (f"{strategy} of {backbone} on {data.dataset.name} "
              f"({', '.join(data.class_names)}): test split")

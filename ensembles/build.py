@@ -17,6 +17,7 @@ import numpy as np
 import backbones
 from backbones import training
 from backbones import weights as weights_lib
+from data_pipeline import array_cache
 from data_pipeline import augment as augment_lib
 from data_pipeline.balance import balance_indices
 from data_pipeline.datasets import Dataset, load_dataset
@@ -25,6 +26,7 @@ from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import split_indices
 from ensembles import quality_filter
 from ensembles.config import RunConfig
+from ensembles.segmenter import Segmenter, load_segmenter
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class Data:
     augment: augment_lib.AugmentConfig | None
     class_weighted: bool                # members weight their classes (balance class_weights)
     quality: dict = dataclasses.field(default_factory=dict)   # quality_filter.select's report
+    segmenter: Segmenter | None = None  # lung_mask auto: predicts dataset.source's masks
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -77,11 +80,21 @@ def load_data(config: RunConfig) -> Dataset:
 
 
 def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
-    """Dataset -> quality filter -> patient-grouped splits -> balancing; ValueError if a
-    batch cannot fill."""
+    """Dataset -> quality filter (on the unmasked images) -> lung masks -> patient-grouped
+    splits -> balancing ->
+    preprocessing (with normalization "dataset", the training split's mean/std); ValueError
+    if a batch cannot fill or the masks are missing."""
     d, t = config.data, config.training
     dataset = dataset if dataset is not None else load_data(config)
     kept, quality = quality_filter.select(dataset, d, progress=t.progress)
+    segmenter = None
+    if d.lung_mask == "auto":
+        segmenter = load_segmenter(d.segmenter)
+        dataset = dataclasses.replace(dataset, source=segmenter.source(
+            dataset.source, progress=t.progress), has_masks=True)
+    elif d.lung_mask == "dataset" and not dataset.has_masks:
+        raise ValueError(f"lung_mask dataset: {dataset.name} ships no lung masks; use "
+                         f"--lung-mask auto --segmenter RUN (python -m experiments.segment)")
     splits = {k: kept[v] for k, v in split_indices(
         dataset.labels[kept], dataset.patient_ids[kept], recipe=d.split_recipe,
         seed=t.seed).items()}
@@ -91,11 +104,17 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
     if len(train) // t.batch_size < 1:
         raise ValueError(f"the training split has {len(train)} examples, fewer than one batch "
                          f"of {t.batch_size}; lower the batch size")
-    preprocess = PreprocessConfig(image_size=d.image_size, channels=d.channels,
-                                  normalization=d.normalization, clahe=d.clahe)
+    preprocess = PreprocessConfig(image_size=d.image_size, channels=d.channels, clahe=d.clahe,
+                                  lung_mask=d.lung_mask != "none")
+    if d.normalization == "dataset":
+        mean, std = array_cache.mean_std(dataset.source, splits["train"], preprocess)
+        preprocess = dataclasses.replace(preprocess, normalization="dataset", mean=mean, std=std)
+    else:
+        preprocess = dataclasses.replace(preprocess, normalization=d.normalization)
     return Data(dataset=dataset, splits=splits, train_indices=train, preprocess=preprocess,
                 augment=augment_lib.AugmentConfig() if d.augment else None,
-                class_weighted=d.balance == "class_weights", quality=quality)
+                class_weighted=d.balance == "class_weights", quality=quality,
+                segmenter=segmenter)
 
 
 def build_model(config: RunConfig, *, num_classes: int | None):

@@ -10,6 +10,11 @@
     RUN/train_hashes.npz      optional (runs since the leakage check): hashes of the training
                               and validation images (ensembles.leakage), read on demand
 
+A run trained with `--lung-mask auto` records its segmenter in the section ("segmenter":
+{"path": its absolute run folder, "sha256": the digest of its config.json}); loading the
+bundle loads that segmenter and refuses one that is missing or changed, and `predict` gives
+every image the segmenter's mask before the bundle's preprocessing masks it.
+
 A single model is a one-member ensemble (strategy "single"): its run is the same bundle.
 
 A stack run of `experiments.stack` is a bundle of bundles:
@@ -119,15 +124,17 @@ def save_members(run_dir: Path, stacks: list[Stack], variables: list[dict]) -> l
 
 def bundle_section(*, strategy: str, backbone: str, model: dict, class_names, preprocess:
                    PreprocessConfig, tasks: Tasks, stacks: list[dict], meta: str | None,
-                   train_hashes: str | None = None) -> dict:
-    """The "bundle" entry of config.json describing how to rebuild and run the ensemble."""
+                   train_hashes: str | None = None, segmenter: dict | None = None) -> dict:
+    """The "bundle" entry of config.json describing how to rebuild and run the ensemble;
+    `segmenter` is `Segmenter.reference()` for a run masked by predicted lung masks."""
     return {"format_version": FORMAT_VERSION, "kind": "ensemble", "strategy": strategy,
             "backbone": backbone, "model": model, "class_names": list(class_names),
             "preprocess": dataclasses.asdict(preprocess),
             "tasks": {"names": list(tasks.names), "num_classes": list(tasks.num_classes),
                       "table": tasks.table.tolist(), "healthy": tasks.healthy},
             "stacks": stacks, "combiner": COMBINER_FILE, "meta": meta,
-            **({"train_hashes": train_hashes} if train_hashes else {})}
+            **({"train_hashes": train_hashes} if train_hashes else {}),
+            **({"segmenter": segmenter} if segmenter else {})}
 
 
 def stack_section(*, class_names, names: Sequence[str], meta: str) -> dict:
@@ -207,6 +214,25 @@ class Bundle:
     operating_point: str | None = None          # what the thresholds aim for, e.g. "youden"
     thresholds: list[float | None] | None = None  # per class, on the rule's probabilities
     hashes_file: Path | None = None     # the train_hashes piece, None for older runs
+    segmenter: Any = None               # ensembles.segmenter.Segmenter (lung_mask auto)
+
+    def with_masks(self, source):
+        """`source` as this bundle's preprocessing needs it: with the segmenter's masks when
+        the run was trained on predicted masks, else unchanged."""
+        return source if self.segmenter is None else self.segmenter.source(source)
+
+    def lung_masks(self, images: Sequence[np.ndarray],
+                   masks: Sequence[np.ndarray | None] | None = None) -> list | None:
+        """The masks `preprocess` needs for raw images: None when the model masks nothing,
+        the segmenter's, else `masks` (ValueError when one is missing)."""
+        if not self.preprocess.lung_mask:
+            return None
+        if self.segmenter is not None:
+            return self.segmenter.masks(images)
+        if masks is None or any(m is None for m in masks):
+            raise ValueError(f"{self.run_dir} was trained on lung-masked images with the "
+                             f"dataset's masks: every image needs its mask")
+        return list(masks)
 
     def training_hashes(self) -> leakage.TrainingHashes | None:
         """The hashes of the images the members were fitted on (read now), or None."""
@@ -242,7 +268,7 @@ class Bundle:
         """Preprocess source[indices] (raw examples), run the members, combine and decide;
         `label_names` (the source's class names) maps its labels to the model's order."""
         probs, labels, idx = self.member_outputs(
-            _loader(source, indices, self.preprocess, batch_size))
+            _loader(self.with_masks(source), indices, self.preprocess, batch_size))
         proba = self.combine(probs, use_meta=use_meta)
         decisions = proba.argmax(1) if use_meta else self.decide(probs)
         # the thresholds were chosen on the rule's probabilities: not for the meta-classifier's
@@ -274,7 +300,8 @@ class StackBundle:
         for name, component in zip(self.names, self.components, strict=True):
             # unshuffled loaders over the same indices: labels and idx agree across components
             blocks[name], labels, idx = component.member_outputs(
-                _loader(source, indices, component.preprocess, batch_size))
+                _loader(component.with_masks(source), indices, component.preprocess,
+                        batch_size))
         proba = self.meta.predict_proba(self.meta.features(blocks))
         return Predictions(self.class_names, proba, self.meta.classes_[proba.argmax(1)],
                            model_order(labels, label_names, self.class_names), idx,
@@ -340,7 +367,8 @@ ENSEMBLE_SCHEMA = {
     "class_names": [STR], "preprocess": PREPROCESS_SCHEMA,
     "tasks": {"names": [STR], "num_classes": [INT], "table": [[INT]], "healthy": (INT, NULL)},
     "stacks": [{"members": [INT], "num_classes": INT, "path": STR}],
-    "combiner": STR, "meta": (STR, NULL), "train_hashes?": STR, MANIFEST_KEY: _Map(SHA256)}
+    "combiner": STR, "meta": (STR, NULL), "train_hashes?": STR,
+    "segmenter?": {"path": STR, "sha256": SHA256}, MANIFEST_KEY: _Map(SHA256)}
 STACK_SCHEMA = {
     "format_version": INT, "kind": STR, "class_names": [STR],
     "components": [{"name": STR, "path": STR}], "meta": STR, MANIFEST_KEY: _Map(SHA256)}
@@ -665,6 +693,7 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
                                      for m, c in enumerate(tasks.num_classes)],
                    len(class_names))
     _run_config_agrees(path, config, section, preprocess)
+    segmenter = _segmenter(path, section, preprocess)
 
     def load() -> Bundle:
         variables = [_restore(ckpt, want) for ckpt, want in zip(checkpoints, expected,
@@ -672,9 +701,24 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
         point = doc.get("operating_point") or {}
         return Bundle(run_dir, backbone, class_names, preprocess, tasks, stacks, variables,
                       combiner, meta, doc.get("temperature"), "ensemble", options,
-                      point.get("target"), point.get("thresholds"), hashes_path)
+                      point.get("target"), point.get("thresholds"), hashes_path, segmenter)
 
     return _Checked(run_dir, section, load)
+
+
+def _segmenter(path: Path, section: dict, preprocess: PreprocessConfig):
+    """The segmenter a lung_mask auto run recorded, loaded and checked against its digest."""
+    from ensembles.segmenter import load_segmenter   # it imports this module
+    ref = section.get("segmenter")
+    if ref is None:
+        return None
+    if not preprocess.lung_mask:
+        raise BundleError(f"{path}: bundle.segmenter is set but preprocess.lung_mask is off")
+    try:
+        return load_segmenter(ref["path"], ref["sha256"])
+    except BundleError as error:
+        raise BundleError(f"{path}: its lung masks come from a segmenter that cannot be used: "
+                          f"{_line(error)}") from None
 
 
 def _operating_point_fits(point: dict | None, path: Path, k: int) -> None:
@@ -837,7 +881,9 @@ def _run_config_agrees(path: Path, config: dict, section: dict,
              ("data.channels", cfg.data.channels, "preprocess.channels", preprocess.channels),
              ("data.normalization", cfg.data.normalization, "preprocess.normalization",
               preprocess.normalization),
-             ("data.clahe", cfg.data.clahe, "preprocess.clahe", preprocess.clahe)]
+             ("data.clahe", cfg.data.clahe, "preprocess.clahe", preprocess.clahe),
+             ("data.lung_mask", cfg.data.lung_mask != "none", "preprocess.lung_mask",
+              preprocess.lung_mask)]
     for ours, mine, theirs, value in pairs:
         if mine is not None and mine != value:
             raise BundleError(f"{path}: bundle.{theirs} {value!r} disagrees with the run "

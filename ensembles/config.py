@@ -27,8 +27,9 @@ from ensembles.operating_points import parse_operating_point
 from ensembles.tasks import STRATEGIES
 
 BALANCE_MODES = ("none", "downsample", "oversample", "class_weights")
-# "dataset" needs a mean/std the library does not compute yet.
-NORMALIZATIONS = tuple(n for n in _ALL_NORMALIZATIONS if n != "dataset")
+NORMALIZATIONS = _ALL_NORMALIZATIONS   # "dataset": the training split's mean/std (build_data)
+# none; the masks the dataset ships; masks predicted by a segmenter run (ensembles.segmenter)
+LUNG_MASKS = ("none", "dataset", "auto")
 META_MODELS = {"logreg": "logistic", "gboost": "gradient_boosting"}
 # The preprocessing each Keras application was trained with (keras.applications.*.
 # preprocess_input); pretrained runs use it unless a normalization is given.
@@ -70,6 +71,8 @@ class DataConfig:
     channels: int | None = None              # auto: 3 when pretrained, else 1
     normalization: str | None = None         # auto: the backbone's preset when pretrained
     clahe: bool = False
+    lung_mask: str = "none"                  # none | dataset (its masks) | auto (segmenter)
+    segmenter: str | None = None             # segmenter run folder, with lung_mask auto
     split_recipe: str = "70/15/15"
     balance: str = "class_weights"
     augment: bool | None = None              # auto: on, except for synthetic_cxr (see resolve)
@@ -253,6 +256,7 @@ def check(config: RunConfig) -> None:
     choices = {"dataset": (d.dataset, DATASETS), "split_recipe": (d.split_recipe, RECIPES),
                "balance": (d.balance, BALANCE_MODES),
                "normalization": (d.normalization, NORMALIZATIONS),
+               "lung_mask": (d.lung_mask, LUNG_MASKS),
                "channels": (d.channels, (1, 3)), "head": (m.head, ("auto", *backbones.HEADS)),
                "precision": (m.precision, training.PRECISIONS),
                "optimizer": (t.optimizer, training.OPTIMIZERS),
@@ -270,6 +274,9 @@ def check(config: RunConfig) -> None:
     for name, value, ok, rule in _RANGES(config):
         if value is not None and not ok(value):
             raise ValueError(f"{name} must be {rule}; got {value}")
+    if (d.lung_mask == "auto") != (d.segmenter is not None):
+        raise ValueError("lung_mask auto and segmenter RUN go together (the segmenter predicts "
+                         "the masks)")
     if e.meta_folds and (e.meta == "none" or e.meta_folds < 2):
         raise ValueError("meta_folds needs a meta-classifier and K >= 2 (0 fits it on the "
                          "validation outputs)")

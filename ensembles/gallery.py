@@ -49,8 +49,10 @@ def gallery(bundle: Bundle, source, indices: np.ndarray, y: np.ndarray, decision
     rows = np.concatenate([wrong, right])
     if not len(rows):
         return [], ""
-    images = [np.asarray(source[int(indices[r])]["image"]) for r in rows]
-    _, overlays = bundle_overlays(bundle, images, size=TILE_SIZE)
+    examples = [source[int(indices[r])] for r in rows]
+    images = [np.asarray(e["image"]) for e in examples]
+    _, overlays = bundle_overlays(bundle, images, size=TILE_SIZE,
+                                  masks=[e.get("mask") for e in examples])
     names = bundle.class_names
     tiles = [Tile(o, tile_caption(names[y[r]], names[decisions[r]], float(proba[r, decisions[r]])),
                   bool(y[r] == decisions[r])) for r, o in zip(rows, overlays, strict=True)]

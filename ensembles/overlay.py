@@ -57,13 +57,16 @@ def _concat(parts: list[EnsembleCams]) -> EnsembleCams:
           for f in ("combined", "decisions", "proba")), first.method)
 
 
-def bundle_gradcam(bundle: Bundle, images: Sequence[np.ndarray], *, batch_size: int = 32
-                   ) -> EnsembleCams:
-    """ensemble_gradcam of raw uint8 HxWx1 images, preprocessed as the bundle was trained,
-    in batches of `batch_size` (the last one padded, so one shape compiles)."""
+def bundle_gradcam(bundle: Bundle, images: Sequence[np.ndarray], *, batch_size: int = 32,
+                   masks: Sequence[np.ndarray | None] | None = None) -> EnsembleCams:
+    """ensemble_gradcam of raw uint8 HxWx1 images, preprocessed as the bundle was trained
+    (lung masks: `Bundle.lung_masks`), in batches of `batch_size` (the last one padded, so
+    one shape compiles)."""
     if not len(images):
         raise ValueError("no images to explain")
-    x = np.stack([preprocess(im, bundle.preprocess) for im in images])
+    masks = bundle.lung_masks(images, masks) or [None] * len(images)
+    x = np.stack([preprocess(im, bundle.preprocess, m) for im, m in zip(images, masks,
+                                                                         strict=True)])
     parts = []
     for start in range(0, len(x), batch_size):
         chunk = x[start:start + batch_size]
@@ -76,11 +79,12 @@ def bundle_gradcam(bundle: Bundle, images: Sequence[np.ndarray], *, batch_size: 
 
 
 def bundle_overlays(bundle: Bundle, images: Sequence[np.ndarray], *, size: int | None = None,
-                    batch_size: int = 32, alpha: float = 0.4
+                    batch_size: int = 32, alpha: float = 0.4,
+                    masks: Sequence[np.ndarray | None] | None = None
                     ) -> tuple[EnsembleCams, list[np.ndarray]]:
     """(the maps, one uint8 RGB [size, size, 3] overlay per raw uint8 HxWx1 image) for the
     ensemble's decisions; the corner text is "<class> <probability>"."""
-    cams = bundle_gradcam(bundle, images, batch_size=batch_size)
+    cams = bundle_gradcam(bundle, images, batch_size=batch_size, masks=masks)
     side = size or max(bundle.preprocess.image_size, MIN_DISPLAY)
     heat = np.asarray(normalise(upsample(cams.combined, (side, side))))
     overlays = []

@@ -19,7 +19,8 @@ from data_pipeline.datasets import DATASETS
 from data_pipeline.splits import RECIPES
 from ensembles import bundle as bundle_lib
 from ensembles.config import (
-    BALANCE_MODES, META_MODELS, NORMALIZATIONS, SECTIONS, RunConfig, defaults_for, make_config)
+    BALANCE_MODES, LUNG_MASKS, META_MODELS, NORMALIZATIONS, SECTIONS, RunConfig, defaults_for,
+    make_config)
 from ensembles.members import MEMBER_MODES
 
 # What a CLI reports as `error: ...` with exit code 2 instead of a traceback: bad input
@@ -64,8 +65,14 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
     data.add_argument("--channels", type=int, choices=(1, 3),
                       help="auto: 3 with --pretrained (gray image repeated), else 1")
     data.add_argument("--normalization", choices=NORMALIZATIONS,
-                      help="auto: the backbone's ImageNet preset with --pretrained, else unit")
+                      help="auto: the backbone's ImageNet preset with --pretrained, else unit; "
+                           "dataset: the training split's mean/std (saved in the bundle)")
     data.add_argument("--clahe", action="store_true", help="CLAHE before resizing")
+    data.add_argument("--lung-mask", nargs="?", const="dataset", choices=LUNG_MASKS,
+                      help="zero the image outside the lungs: with the masks the dataset ships "
+                           "(--lung-mask alone), or auto: masks predicted by --segmenter")
+    data.add_argument("--segmenter", metavar="RUN",
+                      help="with --lung-mask auto: a run of python -m experiments.segment")
     data.add_argument("--split-recipe", choices=tuple(RECIPES))
     data.add_argument("--balance", choices=BALANCE_MODES,
                       help="class_weights: every member weights its classes over its own "

@@ -265,7 +265,7 @@ CASES: list[tuple[str, Callable, Callable]] = [
     ("unknown-bundle-key", _edit(lambda c: c["bundle"].update(weights="elsewhere")),
      lambda d, o, f: f"{d}/config.json: bundle has unknown key 'weights' (known: "
                      f"format_version, kind, strategy, backbone, model, class_names, "
-                     f"preprocess, tasks, stacks, combiner, meta, train_hashes, files)"),
+                     f"preprocess, tasks, stacks, combiner, meta, train_hashes, segmenter, files)"),
     ("unknown-preprocess-key", _edit(lambda c: c["bundle"]["preprocess"].update(gamma=2)),
      lambda d, o, f: f"{d}/config.json: bundle.preprocess has unknown key 'gamma' (known: "
                      f"{KNOWN_PREPROCESS})"),

@@ -1,0 +1,420 @@
+"""Lung segmentation for datasets without masks: train a U-Net on the masks a dataset ships,
+save it as a bundle, and give any source the lung masks it predicts.
+
+    seg, metrics = train_segmenter(load_dataset("synthetic_cxr", count=400), out="runs/seg")
+    seg = load_segmenter("runs/seg")      # BundleError (one line) if missing or changed
+    masked = seg.source(dataset.source)   # examples gain the predicted "mask"
+
+A segmenter bundle:
+
+    RUN/config.json   {"segmenter": {"format_version", "kind": "segmenter", "config"
+                      (SegmenterConfig), "dataset", "files": SHA-256 manifest of params/},
+                      "metrics": {...}}; written last, atomically
+    RUN/params/       orbax checkpoint of the best epoch's {"params", "batch_stats"} (by
+                      validation Dice)
+    RUN/metrics.json  Dice on the held-out test split, the trivial masks' Dice, epoch records
+
+Its digest is the SHA-256 of config.json (which holds the manifest of params/): a classifier
+trained with `--lung-mask auto --segmenter RUN` records the path and this digest, and loading
+it refuses a segmenter that is missing or changed.
+
+Geometry: the segmenter sees an image as its PreprocessConfig makes it (padded to a square of
+`image_size`, like the classifiers); the probability map is cropped back to the image's content
+(the padding removed), resized bilinearly to the image's size and thresholded at 0.5, which
+gives a 0/255 mask as a dataset ships it. Splits are patient-grouped (`split_indices`).
+
+Where the masks are computed: for a built dataset (a source with `arrays_dir`) the probability
+maps of every example are computed once per (dataset build, segmenter digest) and kept in
+`<arrays_dir>/lung-masks-<digest[:16]>/maps/data/maps.npy` (built under a lock, renamed into
+place when complete); the masked source's own decode-once stores live beside it in
+`.../arrays/`, so masked images are cached per segmenter. Other sources (decoded files in
+predict) are segmented on every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from PIL import Image
+from tqdm.auto import tqdm
+
+from backbones import unet
+from data_pipeline import array_cache
+from data_pipeline.datasets import INCOMPLETE_PREFIX, Dataset, build_lock, remove_incomplete
+from data_pipeline.preprocess import PreprocessConfig
+from data_pipeline.splits import RECIPES, split_indices
+from ensembles import runs
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+THRESHOLD = 0.5
+_PREDICT_BATCH = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterConfig:
+    """The U-Net, its input size and how it is trained."""
+
+    image_size: int = 64
+    width: int = 16
+    levels: int = 4
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    split_recipe: str = "70/15/15"
+
+    def __post_init__(self):
+        for name in ("image_size", "width", "levels", "epochs", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"segmenter {name} must be an integer >= 1, got "
+                                 f"{getattr(self, name)!r}")
+        side = 2 ** (self.levels - 1)
+        if self.image_size % side or self.image_size < 8:
+            raise ValueError(f"segmenter image_size must be >= 8 and divisible by {side} "
+                             f"({self.levels} levels), got {self.image_size}")
+        if not 0 < self.lr <= 10:
+            raise ValueError(f"segmenter lr must be in (0, 10], got {self.lr}")
+        if self.split_recipe not in RECIPES:
+            raise ValueError(f"split_recipe {self.split_recipe!r} is not one of "
+                             f"{', '.join(RECIPES)}")
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        """How an image becomes the U-Net's input: padded square, 1 channel, [0, 1]."""
+        return PreprocessConfig(image_size=self.image_size, channels=1, normalization="unit")
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-image Dice 2|A n B| / (|A| + |B|) of boolean masks [N, ...]; 1 where both are empty."""
+    pred = np.asarray(pred, bool).reshape(len(pred), -1)
+    target = np.asarray(target, bool).reshape(len(target), -1)
+    inter, total = (pred & target).sum(1), pred.sum(1) + target.sum(1)
+    return np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+
+
+def fit_to_image(prob_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A uint8 [S, S] probability map (0-255) of a padded square -> uint8 0/255 mask
+    [H, W, 1] of the image of `shape` (`preprocess.resize`'s "pad" geometry undone)."""
+    h, w = shape
+    size = prob_map.shape[0]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    top, left = (size - nh) // 2, (size - nw) // 2
+    content = prob_map[top:top + nh, left:left + nw].astype(np.float32)
+    resized = np.asarray(Image.fromarray(content).resize((w, h), Image.Resampling.BILINEAR))
+    return np.where(resized > THRESHOLD * 255, 255, 0).astype(np.uint8)[..., None]
+
+
+class MaskedSource:
+    """Random access to `source` whose examples carry the segmenter's "mask" (replacing any
+    shipped one). `maps` is uint8 [N, S, S] (or the .npy file holding it, memory-mapped on
+    first use, so Grain workers receive the path rather than a copy)."""
+
+    def __init__(self, source, maps: np.ndarray | Path, digest: str,
+                 arrays_dir: Path | None = None):
+        self._source, self._maps, self.digest, self.arrays_dir = source, maps, digest, arrays_dir
+
+    @property
+    def maps(self) -> np.ndarray:
+        if isinstance(self._maps, Path):
+            self._maps = np.load(self._maps, mmap_mode="r")
+        return self._maps
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _masked(self, example: dict[str, Any], index: int) -> dict[str, Any]:
+        image = np.asarray(example["image"])
+        return {**example, "mask": fit_to_image(np.asarray(self.maps[index]), image.shape[:2])}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._masked(self._source[int(index)], int(index))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = [int(i) for i in indices]
+        examples = (self._source.__getitems__(indices) if hasattr(self._source, "__getitems__")
+                    else [self._source[i] for i in indices])
+        return [self._masked(e, i) for e, i in zip(examples, indices, strict=True)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if isinstance(state["_maps"], np.memmap):
+            state["_maps"] = Path(state["_maps"].filename)
+        return state
+
+    def __repr__(self) -> str:
+        return f"MaskedSource({self._source!r}, segmenter={self.digest[:16]})"
+
+
+@dataclasses.dataclass
+class Segmenter:
+    """A loaded (or just trained) lung segmenter."""
+
+    run_dir: Path
+    config: SegmenterConfig
+    variables: dict
+    digest: str                     # SHA-256 of its config.json
+
+    def __post_init__(self):
+        model = unet.create(width=self.config.width, levels=self.config.levels)
+        self._apply = jax.jit(lambda v, x: unet.probabilities(model.apply(v, x, train=False)))
+
+    def reference(self) -> dict[str, str]:
+        """What a classifier bundle records: {"path": absolute run folder, "sha256": digest}."""
+        return {"path": str(self.run_dir), "sha256": self.digest}
+
+    def probability_maps(self, prepared: np.ndarray, *, progress: bool = False) -> np.ndarray:
+        """uint8 [N, S, S] maps (probability x 255) of prepared uint8 [N, S, S, 1] inputs, in
+        batches of a fixed size (one compilation)."""
+        n, out = len(prepared), np.empty((len(prepared), *prepared.shape[1:3]), np.uint8)
+        for start in tqdm(range(0, n, _PREDICT_BATCH), desc="segmenting lungs",
+                          disable=not progress):
+            chunk = np.asarray(prepared[start:start + _PREDICT_BATCH], np.float32) / 255.0
+            padded = np.concatenate([chunk, np.zeros((_PREDICT_BATCH - len(chunk),
+                                                      *chunk.shape[1:]), np.float32)])
+            p = np.asarray(self._apply(self.variables, padded))[:len(chunk)]
+            out[start:start + len(chunk)] = np.rint(p * 255).astype(np.uint8)
+        return out
+
+    def masks(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """uint8 0/255 lung masks [H, W, 1] for raw uint8 HxWx1 images of any size."""
+        maps = self.probability_maps(_prepared(images, self.config.preprocess))
+        return [fit_to_image(m, np.asarray(im).shape[:2]) for m, im in zip(maps, images,
+                                                                            strict=True)]
+
+    def source(self, source, *, progress: bool = False) -> MaskedSource:
+        """`source` with the predicted masks (cached per dataset build; see the module doc)."""
+        if isinstance(source, MaskedSource) and source.digest == self.digest:
+            return source
+        arrays_dir = getattr(source, "arrays_dir", None)
+        if arrays_dir is None:
+            images = [source[i]["image"] for i in range(len(source))]
+            return MaskedSource(source, self.probability_maps(
+                _prepared(images, self.config.preprocess)), self.digest)
+        folder = Path(arrays_dir) / f"lung-masks-{self.digest[:16]}"
+        return MaskedSource(source, self._cached_maps(source, folder / "maps", progress),
+                            self.digest, folder / "arrays")
+
+    def _cached_maps(self, source, folder: Path, progress: bool) -> Path:
+        data = folder / "data"
+        if not data.is_dir():
+            with build_lock(folder):
+                if not data.is_dir():   # another process may have built it meanwhile
+                    remove_incomplete(folder)
+                    store = array_cache.cached_source(source, self.config.preprocess)
+                    maps = self.probability_maps(store.images, progress=progress)
+                    tmp = folder / f"{INCOMPLETE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+                    tmp.mkdir(parents=True)
+                    np.save(tmp / "maps.npy", maps)
+                    os.rename(tmp, data)
+        return data / "maps.npy"
+
+
+def _prepared(images: Sequence[np.ndarray], cfg: PreprocessConfig) -> np.ndarray:
+    return np.stack([array_cache.prepare_image(np.asarray(im), cfg) for im in images])
+
+
+class _MasksAsImages:
+    """A source's shipped masks as the "image" of each example, so the decode-once store
+    resizes (and caches) them exactly as it does the images."""
+
+    def __init__(self, source):
+        self._source = source
+        arrays_dir = getattr(source, "arrays_dir", None)
+        self.arrays_dir = None if arrays_dir is None else Path(arrays_dir) / "shipped-masks"
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._swap(self._source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self._swap(e) for e in self._source.__getitems__(indices)]
+
+    @staticmethod
+    def _swap(example: dict[str, Any]) -> dict[str, Any]:
+        return {**example, "image": example["mask"]}
+
+    def __repr__(self) -> str:
+        return f"_MasksAsImages({self._source!r})"
+
+
+def _arrays(source, cfg: PreprocessConfig) -> np.ndarray:
+    """uint8 [N, S, S, 1] prepared examples of `source` (from its store when it has one)."""
+    store = array_cache.cached_source(source, cfg)
+    if store is not None:
+        return np.asarray(store.images)
+    return _prepared([source[i]["image"] for i in range(len(source))], cfg)
+
+
+def training_arrays(dataset: Dataset, config: SegmenterConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, S, S, 1], lung masks bool [N, S, S]) at the segmenter's size;
+    ValueError when the dataset ships no masks."""
+    if not dataset.has_masks:
+        raise ValueError(f"dataset {dataset.name} ships no lung masks to train a segmenter on "
+                         f"(Kaggle v4's masks/ or synthetic_cxr do)")
+    images = _arrays(dataset.source, config.preprocess)
+    masks = _arrays(_MasksAsImages(dataset.source), config.preprocess)[..., 0] > THRESHOLD * 255
+    return images, masks
+
+
+def _loss(model, params, batch_stats, x, y):
+    """Binary cross-entropy + (1 - soft Dice): the first learns every pixel, the second the
+    overlap whatever the lung's share of the image."""
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                  mutable=["batch_stats"])
+    z = logits[..., 0]
+    p = jax.nn.sigmoid(z)
+    soft_dice = (2 * (p * y).sum((1, 2)) + 1) / (p.sum((1, 2)) + y.sum((1, 2)) + 1)
+    loss = optax.sigmoid_binary_cross_entropy(z, y).mean() + 1 - soft_dice.mean()
+    return loss, updates["batch_stats"]
+
+
+def constant_mask_baselines(train_masks: np.ndarray, test_masks: np.ndarray) -> dict[str, float]:
+    """Mean test Dice of the trivial masks: everything lung, and the best constant mask (the
+    training masks' pixel frequency thresholded where it does best on the training masks)."""
+    freq = train_masks.mean(0)
+    best = max(np.linspace(0.05, 0.95, 19),
+               key=lambda t: dice(np.broadcast_to(freq >= t, train_masks.shape),
+                                  train_masks).mean())
+    return {"all_lung": float(dice(np.ones_like(test_masks), test_masks).mean()),
+            "constant_mask": float(dice(np.broadcast_to(freq >= best, test_masks.shape),
+                                        test_masks).mean())}
+
+
+def train_segmenter(dataset: Dataset, config: SegmenterConfig = SegmenterConfig(), *,
+                    out: str | Path, progress: bool = True) -> tuple[Segmenter, dict]:
+    """Train on the training split's shipped masks, keep the epoch of best validation Dice,
+    measure Dice on the held-out test split and write the bundle into `out` (a new or empty
+    folder). Returns (the segmenter, metrics)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder")
+    images, masks = training_arrays(dataset, config)
+    splits = split_indices(dataset.labels, dataset.patient_ids, recipe=config.split_recipe,
+                           seed=config.seed)
+    train = splits["train"]
+    if len(train) < config.batch_size:
+        raise ValueError(f"the training split has {len(train)} examples, fewer than one batch "
+                         f"of {config.batch_size}")
+    model = unet.create(width=config.width, levels=config.levels)
+    key = jax.random.PRNGKey(config.seed)
+    s = config.image_size
+    variables = model.init(key, jnp.zeros((1, s, s, 1)), train=False)
+    tx = optax.adam(config.lr)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y):
+        (loss, stats), grads = jax.value_and_grad(
+            lambda p: _loss(model, p, stats, x, y), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    segmenter = Segmenter(out.absolute(), config, variables, digest="")
+    rng = np.random.default_rng(config.seed)
+    steps = len(train) // config.batch_size
+    best, best_dice, records = variables, -1.0, []
+    for epoch in tqdm(range(1, config.epochs + 1), desc="segmenter", disable=not progress):
+        order = rng.permutation(train)
+        losses = []
+        for b in range(steps):
+            rows = np.sort(order[b * config.batch_size:(b + 1) * config.batch_size])
+            params, stats, opt_state, loss = step(
+                params, stats, opt_state, images[rows].astype(np.float32) / 255.0,
+                masks[rows].astype(np.float32))
+            losses.append(float(loss))
+        segmenter.variables = {"params": params, "batch_stats": stats}
+        val = _dice_on(segmenter, images, masks, splits["val"])
+        records.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": val})
+        if val > best_dice:
+            best, best_dice = segmenter.variables, val
+    segmenter.variables = best
+    test = splits["test"]
+    metrics = {"dice": _dice_on(segmenter, images, masks, test), "test_images": len(test),
+               "val_dice": best_dice, "best_epoch": 1 + int(np.argmax([r["val_dice"]
+                                                                       for r in records])),
+               "trivial": constant_mask_baselines(masks[train], masks[test]),
+               "dataset": dataset.name, "split_sizes": {k: len(v) for k, v in splits.items()},
+               "records": records}
+    segmenter.digest = save_segmenter(out, segmenter, metrics)
+    return segmenter, metrics
+
+
+def _dice_on(segmenter: Segmenter, images: np.ndarray, masks: np.ndarray,
+             rows: np.ndarray) -> float:
+    """Mean Dice of the thresholded maps on images[rows] (at the segmenter's size)."""
+    maps = segmenter.probability_maps(images[rows])
+    return float(dice(maps > THRESHOLD * 255, masks[rows]).mean())
+
+
+def save_segmenter(out: Path, segmenter: Segmenter, metrics: dict) -> str:
+    """Write params/, metrics.json and (last, atomically) config.json; returns the digest."""
+    from ensembles.bundle import manifest   # the bundle module imports this one
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out.absolute() / PARAMS_DIR, segmenter.variables, force=True)
+    runs.write_json_atomic(out / "metrics.json", metrics)
+    section = {"format_version": FORMAT_VERSION, "kind": "segmenter",
+               "config": dataclasses.asdict(segmenter.config), "dataset": metrics["dataset"],
+               "files": manifest(out, [PARAMS_DIR])}
+    summary = {k: metrics[k] for k in ("dice", "test_images", "val_dice", "best_epoch",
+                                       "trivial")}
+    runs.write_json_atomic(out / CONFIG_FILE, {"segmenter": section, "metrics": summary})
+    return hashlib.sha256((out / CONFIG_FILE).read_bytes()).hexdigest()
+
+
+def load_segmenter(run: str | Path, expected_digest: str | None = None) -> Segmenter:
+    """The segmenter saved in `run`, after checking its files against the manifest (and its
+    config.json against `expected_digest`, what a classifier recorded); BundleError (one
+    line) when it is missing, not a segmenter, or changed."""
+    from ensembles.bundle import BundleError, manifest   # the bundle module imports this one
+    run = Path(run)
+    path = run / CONFIG_FILE
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise BundleError(f"segmenter {run}: cannot read {CONFIG_FILE} ({error.strerror})"
+                          ) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if expected_digest is not None and digest != expected_digest:
+        raise BundleError(f"segmenter {run} changed since this model was trained with it "
+                          f"({CONFIG_FILE} digest {digest[:12]}, recorded {expected_digest[:12]})")
+    try:
+        section = json.loads(raw)["segmenter"]
+        if section["kind"] != "segmenter" or section["format_version"] != FORMAT_VERSION:
+            raise ValueError("another kind or format version")
+        config = SegmenterConfig(**section["config"])
+        files = section["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise BundleError(f"{path} is not a segmenter bundle ({error})") from None
+    if not (run / PARAMS_DIR).is_dir():
+        raise BundleError(f"incomplete segmenter: {run / PARAMS_DIR} is missing")
+    found = manifest(run, [PARAMS_DIR])
+    for rel in sorted(set(found) | set(files)):
+        if found.get(rel) != files.get(rel):
+            raise BundleError(f"segmenter {run}: {rel} is missing, added or changed since it "
+                              f"was saved")
+    model = unet.create(width=config.width, levels=config.levels)
+    s = config.image_size
+    target = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, s, s, 1)),
+                                               train=False))
+    with ocp.StandardCheckpointer() as ckpt:
+        variables = ckpt.restore((run / PARAMS_DIR).absolute(), target)
+    return Segmenter(run.absolute(), config, variables, digest)
