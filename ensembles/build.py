@@ -81,9 +81,8 @@ def load_data(config: RunConfig) -> Dataset:
 
 def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
     """Dataset -> quality filter (on the unmasked images) -> lung masks -> patient-grouped
-    splits -> balancing ->
-    preprocessing (with normalization "dataset", the training split's mean/std); ValueError
-    if a batch cannot fill or the masks are missing."""
+    splits -> balancing -> preprocessing (with normalization "dataset", the training split's
+    mean/std); ValueError if a batch cannot fill or the masks are missing."""
     d, t = config.data, config.training
     dataset = dataset if dataset is not None else load_data(config)
     kept, quality = quality_filter.select(dataset, d, progress=t.progress)
