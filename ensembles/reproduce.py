@@ -220,15 +220,24 @@ def _weights_fallback(config: RunConfig) -> str | None:
 
 
 def plan(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | None = None,
-         overrides: dict[str, Any] | None = None) -> list[PlannedRun]:
-    """Every run of `recipe` at `scale`, configs checked and run folders free, before
-    anything trains. "cpu" and "full" need `data_dir`; at "cpu" missing ImageNet weights
-    fall back to a random initialisation (noted); at "full" they are an error."""
+         overrides: dict[str, Any] | None = None,
+         only: list[str] | None = None) -> list[PlannedRun]:
+    """Every run of `recipe` (or the runs named in `only`) at `scale`, configs checked and
+    run folders free, before anything trains. "cpu" and "full" need `data_dir`; at "cpu"
+    missing ImageNet weights fall back to a random initialisation (noted); at "full" they are
+    an error."""
     if scale != "tiny" and not data_dir:
         raise ValueError(f"scale {scale} runs on the recipe's dataset ({recipe.dataset}): "
                          f"give its folder (--data-dir)")
+    names = [r.name for r in recipe.runs]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown or (only is not None and not only):
+        raise ValueError(f"runs {unknown} are not in recipe {recipe.name}; it has "
+                         f"{', '.join(names)}")
     planned = []
     for run in recipe.runs:
+        if only is not None and run.name not in only:
+            continue
         settings, notes = run_settings(recipe, run, scale, overrides)
         if scale != "tiny":
             settings["data_dir"] = data_dir
@@ -253,13 +262,14 @@ def plan(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | None = 
 
 
 def reproduce(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | None = None,
-              overrides: dict[str, Any] | None = None) -> dict:
-    """Train every run of `recipe` at `scale` into out/<run>/ and write out/reproduction.md
-    and out/reproduction.json (the returned document: recipe, scale, runs with metrics)."""
+              overrides: dict[str, Any] | None = None, only: list[str] | None = None) -> dict:
+    """Train every run of `recipe` (or those in `only`) at `scale` into out/<run>/ and write
+    out/reproduction.md and out/reproduction.json (the returned document: recipe, scale,
+    runs with metrics, the runs left out)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty")
-    planned = plan(recipe, scale, out, data_dir=data_dir, overrides=overrides)
+    planned = plan(recipe, scale, out, data_dir=data_dir, overrides=overrides, only=only)
     results = []
     for p in planned:
         ens = Ensemble(config=p.config).fit(out=p.run_dir)
@@ -271,7 +281,8 @@ def reproduce(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | No
            "dataset": planned[0].config.data.dataset,
            "data_dir": data_dir if scale != "tiny" else None,
            "published": [dataclasses.asdict(p) for p in recipe.published],
-           "differences": list(recipe.differences), "runs": results}
+           "differences": list(recipe.differences), "runs": results,
+           "left_out": [r.name for r in recipe.runs if r.name not in {p.name for p in planned}]}
     runs.write_json_atomic(out / "reproduction.json", doc)
     (out / "reproduction.md").write_text(markdown(doc))
     return doc
@@ -328,6 +339,8 @@ def markdown(doc: dict) -> str:
               "## Runs", ""]
     lines += [f"- {r['name']}: `{r['run_dir']}` (config.json, metrics.json, report.md)"
               for r in doc["runs"]]
+    if doc["left_out"]:
+        lines.append(f"- not run this time: {', '.join(doc['left_out'])}")
     return "\n".join(lines) + "\n"
 
 

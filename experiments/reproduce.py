@@ -10,7 +10,8 @@ the published protocol on the recipe's dataset (`--data-dir`: the Kaggle COVID-1
 Radiography layout, or Kermany's chest_xray for chest_xray_pneumonia); `cpu` the same at 64 px
 for 5 epochs; `tiny` runs on the synthetic phantoms whatever `--data-dir` says (a few minutes
 on a CPU; its numbers mean nothing). `--image-size`, `--epochs` and `--batch-size` override the
-scale's values for every run.
+scale's values for every run; `--runs` trains some of the recipe's runs only (the others are
+listed as not run).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default runs/reproduce-NAME-SCALE-<UTC "
                                       "time>)")
     parser.add_argument("--cache-dir", help="where built datasets are cached")
+    parser.add_argument("--runs", type=lambda t: [n.strip() for n in t.split(",") if n.strip()],
+                        help="comma-separated runs of the recipe to train (default: all)")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         out = (Path(args.out) if args.out else
                runs.default_run_dir(f"reproduce-{args.name}", args.scale))
         doc = reproduce.reproduce(recipes[args.name], args.scale, out, data_dir=args.data_dir,
-                                  overrides=overrides)
+                                  overrides=overrides, only=args.runs)
     except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

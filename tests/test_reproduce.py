@@ -123,6 +123,10 @@ def test_weights_fall_back_only_below_full_scale(tmp_path, monkeypatch):
         rep.plan(recipe, "full", tmp_path / "out", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="give its folder"):
         rep.plan(recipe, "cpu", tmp_path / "out")
+    only = rep.plan(recipe, "tiny", tmp_path / "out", only=["b"])
+    assert [(p.name, p.run_dir) for p in only] == [("b", tmp_path / "out" / "b")]
+    with pytest.raises(ValueError, match=r"runs \['c'\] are not in recipe t; it has a, b"):
+        rep.plan(recipe, "tiny", tmp_path / "out", only=["a", "c"])
 
 
 def test_bad_recipes(tmp_path):
