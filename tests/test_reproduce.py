@@ -210,3 +210,23 @@ def test_recipe_runs_at_tiny_scale(name, tmp_path, cache_dir, capsys):
         assert (f"{key}={value}: not available in this version" in text) is not applied
     assert rep.PATIENT_CAVEAT in text and rep.SOURCE_CAVEAT in text and rep.TINY_NOTE in text
     assert re.search(r"at scale `tiny` on `synthetic_cxr`\.\n", text)
+
+
+def test_markdown_table_and_never_predicted():
+    metrics = {"accuracy": 0.75, "macro_f1": 0.5, "class_names": ["covid", "normal", "viral"],
+               "ci95": {"accuracy": [0.6, 0.9], "macro_f1": [0.25, 0.7]},
+               "confusion_matrix": [[2, 1, 0], [0, 4, 0], [0, 1, 0]]}
+    doc = {"recipe": "t", "title": "T", "scale": "cpu", "dataset": "covid19_radiography",
+           "data_dir": "/d", "published": [{"run": "a", "metric": "accuracy", "value": 0.9,
+                                            "test_size": 50, "note": ""}],
+           "differences": ["one"], "left_out": ["b"],
+           "runs": [{"name": "a", "run_dir": "/o/a", "strategy": "ovo", "backbone": "cnn16",
+                     "not_applied": ["x=1: not available in this version"],
+                     "metrics": metrics}]}
+    text = rep.markdown(doc)
+    assert rep.never_predicted(metrics) == ["viral"]
+    assert ("| a | ovo | cnn16 | accuracy 0.900 (50 test images) | 0.750 [0.600, 0.900] | "
+            "0.500 [0.250, 0.700] | 8 | viral |") in text
+    assert "- one\n" in text and "- a: x=1: not available in this version\n" in text
+    assert "- not run this time: b" in text and rep.TINY_NOTE not in text
+    assert "at scale `cpu` on `covid19_radiography` (`/d`)." in text
