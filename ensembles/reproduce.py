@@ -47,6 +47,8 @@ SCALES: dict[str, dict[str, Any]] = {
 TINY_STAND_IN = "simple_cnn"
 TINY_CUSTOM_CNN = {"width": 0.25}
 FIELDS = {f.name for kind in SECTIONS.values() for f in dataclasses.fields(kind)}
+# Settings whose change by a scale is not a protocol difference, or is reported on its own.
+UNREPORTED = {"data_dir", "cache_dir", "progress", "backbone", "pretrained"}
 
 PATIENT_CAVEAT = (
     "**Patient grouping.** Our splits are stratified and grouped by patient where the data "
@@ -182,8 +184,9 @@ def load_recipes(folder: str | Path) -> dict[str, Recipe]:
 def run_settings(recipe: Recipe, run: RecipeRun, scale: str,
                  overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
     """The settings of `run` at `scale` (the layering of the module docstring) and the notes
-    on settings not applied: [if_available] fields this RunConfig lacks, and ImageNet
-    weights at tiny scale."""
+    on settings not applied or changed: the tiny stand-in, ImageNet weights at tiny scale,
+    [if_available] fields this RunConfig lacks, and each setting that differs from the
+    published protocol ("image_size=224: 64 at scale cpu")."""
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
     settings = {"dataset": recipe.dataset, **recipe.settings, **run.settings}
@@ -206,6 +209,12 @@ def run_settings(recipe: Recipe, run: RecipeRun, scale: str,
             settings[key] = value
         else:
             notes.append(f"{key}={value}: not available in this version")
+    protocol = {"dataset": recipe.dataset, **recipe.settings, **run.settings,
+                **recipe.if_available, **recipe.scales.get("full", {}),
+                **run.scales.get("full", {})}
+    notes += [f"{key}={protocol.get(key, 'default')}: {value} at scale {scale}"
+              for key, value in settings.items()
+              if key not in UNREPORTED and protocol.get(key) != value]
     return settings, notes
 
 
@@ -332,7 +341,7 @@ def markdown(doc: dict) -> str:
                      f"{', '.join(never) if never else 'none'} |")
     lines += ["", "## Protocol differences we could not match", ""]
     lines += [f"- {d}" for d in doc["differences"]] or ["- none recorded"]
-    lines += ["", "## Settings not applied in this reproduction", ""]
+    lines += ["", "## Settings not applied, or changed by the scale, in this reproduction", ""]
     notes = [f"- {r['name']}: {n}" for r in doc["runs"] for n in r["not_applied"]]
     lines += notes or ["- none: every setting of the recipe was applied"]
     lines += ["", "## Caveats", "", f"- {PATIENT_CAVEAT}", f"- {SOURCE_CAVEAT}", "",
