@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+import backbones
 from backbones.pretrained import KERAS
 from ensembles import build, runs
 from ensembles.api import Ensemble
@@ -198,7 +199,8 @@ def run_settings(recipe: Recipe, run: RecipeRun, scale: str,
             settings["backbone"] = TINY_STAND_IN
             notes.append(f"backbone={backbone}: scale tiny trains {TINY_STAND_IN} in its place "
                          f"(scales cpu and full train {backbone})")
-        settings.update(TINY_CUSTOM_CNN)
+        if backbones.is_custom_cnn(settings.get("backbone", TINY_STAND_IN)):
+            settings.update(TINY_CUSTOM_CNN)
     settings.update({**recipe.scales.get(scale, {}), **run.scales.get(scale, {}),
                      **(overrides or {})})
     if wanted and not settings.get("pretrained"):

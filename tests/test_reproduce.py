@@ -107,6 +107,9 @@ def test_layering_and_notes(tmp_path):
                      "batch_size=default: 16 at scale cpu"]
     tiny_a, _ = rep.run_settings(recipe, a, "tiny", {"epochs": 2})
     assert (tiny_a["image_size"], tiny_a["width"], tiny_a["epochs"]) == (32, 0.25, 2)
+    other, _ = rep.run_settings(recipe, rep.RecipeRun("c", "single", {"backbone": "resnet18"},
+                                                      {}), "tiny")
+    assert other["backbone"] == "resnet18" and "width" not in other   # no width to scale
     cpu_a, _ = rep.run_settings(recipe, a, "cpu")
     assert (cpu_a["image_size"], cpu_a["epochs"]) == (64, 5)
 
