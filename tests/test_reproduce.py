@@ -70,8 +70,15 @@ def test_shipped_recipes():
     assert transfer.settings["balance"] == "downsample"
     assert transfer.settings["classes"] == ("covid", "normal", "viral_pneumonia")
     assert [r.strategy for r in RECIPES["resnet50-ova-ovo"].runs] == ["single", "ova", "ovo"]
-    assert RECIPES["cnn16-masked-brisque"].if_available == {"lung_mask": True,
-                                                            "quality_drop_worst": 0.05}
+    masked = RECIPES["cnn16-masked-brisque"]
+    assert masked.if_available == {"lung_mask": "dataset", "quality_drop_worst": 0.05}
+    # both fields exist now: applied, and a segmenter given by the caller wins over "dataset"
+    settings, notes = rep.run_settings(masked, masked.runs[0], "cpu")
+    assert settings["lung_mask"] == "dataset" and settings["quality_drop_worst"] == 0.05
+    assert not any("not available" in n for n in notes)
+    settings, _ = rep.run_settings(masked, masked.runs[0], "cpu",
+                                   {"lung_mask": "auto", "segmenter": "runs/seg"})
+    assert (settings["lung_mask"], settings["segmenter"]) == ("auto", "runs/seg")
 
 
 def test_list(capsys):
