@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -41,11 +39,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from data_pipeline.per_example import chunks, save_npz
+
 HASH_SIZE = 16                         # phash side: HASH_SIZE**2 = 256 bits
 WORDS = HASH_SIZE * HASH_SIZE // 64    # uint64 words per perceptual hash
 MAX_DISTANCE = 20                      # default near-duplicate threshold (bits of 256)
 CACHE_VERSION = 1                      # bump when either hash changes what it computes
-_CHUNK = 256                           # examples read per `__getitems__` call
 _BLOCK_WORDS = 1 << 22                 # query rows x reference rows x WORDS per block
 
 
@@ -159,7 +158,7 @@ def hash_dataset(ds, indices: np.ndarray | None = None, *, progress: bool = True
             todo = np.unique(indices[content[indices] == ""])
             if len(todo):
                 content[todo], perceptual[todo] = _hash_rows(ds.source, todo, progress)
-                _write_cache(path, content, perceptual)
+                save_npz(path, content=content, perceptual=perceptual)
     return ImageHashes(content[indices], perceptual[indices], np.asarray(ds.paths)[indices])
 
 
@@ -168,14 +167,11 @@ def _hash_rows(source, rows: np.ndarray, progress: bool) -> tuple[np.ndarray, np
     perceptual = np.empty((len(rows), WORDS), np.uint64)
     with tqdm(total=len(rows), desc=f"hashing {len(rows)} images", unit="img",
               disable=not progress) as bar:
-        for start in range(0, len(rows), _CHUNK):
-            batch = rows[start:start + _CHUNK].tolist()
-            examples = (source.__getitems__(batch) if hasattr(source, "__getitems__")
-                        else [source[i] for i in batch])
+        for start, examples in chunks(source, rows):
             for k, example in enumerate(examples, start):
                 content[k] = content_hash(example["image"])
                 perceptual[k] = perceptual_hash(example["image"])
-            bar.update(len(batch))
+            bar.update(len(examples))
     return content, perceptual
 
 
@@ -186,16 +182,6 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
             if f["content"].shape == (n,) and f["perceptual"].shape == (n, WORDS):
                 return f["content"].astype("U64"), f["perceptual"].astype(np.uint64)
     return np.full(n, "", "U64"), np.zeros((n, WORDS), np.uint64)
-
-
-def _write_cache(path: Path, content: np.ndarray, perceptual: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.npz")
-    try:
-        np.savez(tmp, content=content, perceptual=perceptual)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -30,14 +30,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import secrets
 import warnings
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage, special
 from tqdm.auto import tqdm
+
+from data_pipeline.per_example import chunks, save_npz
 
 MODEL_DIR = Path(__file__).with_name("brisque_live")
 CACHE_VERSION = 1                     # bump when the score changes what it computes
@@ -46,7 +46,6 @@ _SIGMA = 7 / 6                        # Gaussian window of the local mean and de
 _RADIUS = 3                           # 7x7 window
 _C = 1 / 255                          # stabilises the division on [0, 1] intensities
 _SHAPES = np.arange(0.2, 10, 0.001)   # the paper's grid of GGD / AGGD shapes
-_CHUNK = 256                          # examples read per `__getitems__` call
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -204,7 +203,7 @@ def score_dataset(ds, indices: np.ndarray | None = None, *, progress: bool = Tru
             todo = np.unique(indices[~done[indices]])
             scores[todo] = _score_rows(ds.source, todo, progress)
             done[todo] = True
-            _write_cache(path, scores, done)
+            save_npz(path, scores=scores, done=done)
     return scores[indices]
 
 
@@ -212,12 +211,9 @@ def _score_rows(source, rows: np.ndarray, progress: bool) -> np.ndarray:
     scores = np.empty(len(rows))
     with tqdm(total=len(rows), desc=f"BRISQUE of {len(rows)} images", unit="img",
               disable=not progress) as bar:
-        for start in range(0, len(rows), _CHUNK):
-            batch = rows[start:start + _CHUNK].tolist()
-            examples = (source.__getitems__(batch) if hasattr(source, "__getitems__")
-                        else [source[i] for i in batch])
-            scores[start:start + len(batch)] = [brisque(e["image"]) for e in examples]
-            bar.update(len(batch))
+        for start, examples in chunks(source, rows):
+            scores[start:start + len(examples)] = [brisque(e["image"]) for e in examples]
+            bar.update(len(examples))
     return scores
 
 
@@ -228,16 +224,6 @@ def _read_cache(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
             if f["scores"].shape == (n,) and f["done"].shape == (n,):
                 return f["scores"].astype(np.float64), f["done"].astype(bool)
     return np.full(n, np.nan), np.zeros(n, bool)
-
-
-def _write_cache(path: Path, scores: np.ndarray, done: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.npz")
-    try:
-        np.savez(tmp, scores=scores, done=done)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def quality_filter(scores: np.ndarray, *, quality_max: float | None = None,

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from backbones import unet
 from data_pipeline import array_cache
 from data_pipeline.datasets import INCOMPLETE_PREFIX, Dataset, build_lock, remove_incomplete
+from data_pipeline.per_example import get_examples
 from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import RECIPES, split_indices
 from ensembles import runs
@@ -146,9 +147,8 @@ class MaskedSource:
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         indices = [int(i) for i in indices]
-        examples = (self._source.__getitems__(indices) if hasattr(self._source, "__getitems__")
-                    else [self._source[i] for i in indices])
-        return [self._masked(e, i) for e, i in zip(examples, indices, strict=True)]
+        return [self._masked(e, i) for e, i in zip(get_examples(self._source, indices), indices,
+                                                   strict=True)]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
