@@ -76,8 +76,7 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
             "target": bundle.operating_point, "chosen_on": "training run's validation",
             "thresholds": p.thresholds,
             "evaluated": rates(y, p.proba[known], p.thresholds, bundle.class_names,
-                               patient_ids=dataset.patient_ids[p.indices[known]], seed=seed,
-                               n_bootstrap=n_bootstrap)}
+                               patient_ids=ids, seed=seed, n_bootstrap=n_bootstrap)}
     entry, seen = leakage.check_dataset(bundle.training_hashes(), dataset, p.indices[known])
     if seen.any():
         keep = ~seen

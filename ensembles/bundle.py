@@ -290,6 +290,7 @@ class StackBundle:
     components: list[Bundle]
     meta: MetaClassifier
     kind: str = "stack"
+    operating_point: None = None    # decided by the meta-classifier: no per-class thresholds
 
     def predict(self, source, indices, *, batch_size: int = 32, use_meta: bool = False,
                 label_names: Sequence[str] | None = None) -> Predictions:

@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         duplicates = leakage.column(bundle.training_hashes(),
                                     hasher.result([str(f) for f in kept]))
         table = [[*row, d] for row, d in zip(
-            rows(kept, predictions, getattr(bundle, "operating_point", None)),
+            rows(kept, predictions, bundle.operating_point),
             ["duplicate_of_training", *duplicates], strict=True)]
         if report is not None:
             write_predictions_page(report, table, overlays.tiles(predictions),
