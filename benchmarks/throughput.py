@@ -4,6 +4,7 @@
         [--precision fp32] [--parallel shard_map] [--mode train|infer] [--steps 5] \
         [--reference torch] [--json OUT]
     python -m benchmarks.throughput --rows     # issue #11's three rows against torch
+    python -m benchmarks.throughput --levers   # the rows: fp32 against bf16 and remat
 
 Images/s is the median over --repeats timings of --steps steps after a warm-up; compile
 time (the first call minus one steady step) is reported apart; FLOPs come from XLA's cost
@@ -12,11 +13,16 @@ of the same architecture (simple_cnn, cnn16, resnet50; linear head; SGD with mom
 JAX side) in the same process, alternating JAX and torch timings so that a change of load
 hits both, and prints the JAX / torch ratio with the load average; without torch installed
 it prints a skip. Both sides use every core of the process (torch's default threads).
+
+`--remat nothing|dots` wraps the model in `jax.checkpoint` (recompute every activation, or keep
+only matmul outputs, in the backward pass); `--levers` times, per row, the plain fp32 step
+against the bf16-compute and remat variants in one process, alternating, as ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -34,6 +40,8 @@ from backbones import training
 # the map allows it) and Keras-style ResNet50 (stride on the block's first 1x1, convs with
 # bias, BN eps 1.001e-5), each with the "linear" head: global average pool + Linear.
 TWINS = {"simple_cnn": (32, 64), "cnn16": (64, 64, 128, 128, 256, 256), "resnet50": None}
+REMAT = {"none": None, "nothing": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.checkpoint_dots}
 
 
 def torch_twin(name: str, channels: int, num_classes: int):
@@ -114,6 +122,9 @@ def jax_setup(args: argparse.Namespace) -> tuple[Call, dict]:
     shape = (args.batch_size, args.image_size, args.image_size, args.channels)
     tx = training.make_optimizer(training.OptimConfig(optimizer="sgd", learning_rate=1e-3))
     state = training.create_train_state(model, tx, jax.random.PRNGKey(0), (1, *shape[1:]))
+    if REMAT[args.remat] is not None:
+        state = state.replace(apply_fn=functools.partial(_remat_apply, model.apply,
+                                                         REMAT[args.remat]))
     dp = training.data_parallel(args.parallel)
     dp.check_batch_size(args.batch_size)
     rng = np.random.default_rng(0)
@@ -152,6 +163,11 @@ def jax_setup(args: argparse.Namespace) -> tuple[Call, dict]:
                   "device": str(jax.devices()[0].device_kind), "devices": dp.num_devices,
                   "parameters": sum(int(np.size(x)) for x in jax.tree.leaves(
                       (state.params, state.batch_stats)))}
+
+
+def _remat_apply(apply: Callable, policy: Callable, variables, images, **kw):
+    """`apply(variables, images, **kw)` under jax.checkpoint with `policy`."""
+    return jax.checkpoint(functools.partial(apply, **kw), policy=policy)(variables, images)
 
 
 def torch_setup(args: argparse.Namespace) -> tuple[Call, dict] | None:
@@ -237,6 +253,40 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
 ROWS = (("resnet50", 16), ("simple_cnn", 32), ("cnn16", 32))
 
 
+LEVERS = {"fp32": {}, "bf16": {"precision": "bf16"}, "remat nothing": {"remat": "nothing"},
+          "remat dots": {"remat": "dots"}}
+
+
+def run_levers(args: argparse.Namespace) -> list[dict]:
+    """Per row of ROWS, each lever's JAX step against the plain fp32 one, timings alternated
+    in one process; one markdown table of images/s and ratios."""
+    out = []
+    for backbone, batch_size in ROWS:
+        base = {**vars(args), "backbone": backbone, "batch_size": batch_size, "image_size": 64,
+                "mode": "train", "precision": "fp32", "remat": "none"}
+        setups = {name: jax_setup(argparse.Namespace(**{**base, **change}))
+                  for name, change in LEVERS.items()}
+        times: dict[str, list[float]] = {k: [] for k in setups}
+        load = [os.getloadavg()[0]]
+        for _ in range(args.repeats):
+            for name, (call, _) in setups.items():
+                times[name].append(_time(call, args.steps))
+        load.append(os.getloadavg()[0])
+        ips = {k: batch_size / statistics.median(v) for k, v in times.items()}
+        out.append({"backbone": backbone, "batch_size": batch_size, "images_per_s": ips,
+                    "load": load})
+    print("| row | " + " | ".join(f"{k} img/s" for k in LEVERS) + " | "
+          + " | ".join(f"{k} / fp32" for k in list(LEVERS)[1:]) + " | load avg (1 min) |")
+    print("|---|" + "---:|" * (2 * len(LEVERS) - 1) + "---|")
+    for r in out:
+        ips = r["images_per_s"]
+        print(f"| {r['backbone']} 64px b={r['batch_size']} | "
+              + " | ".join(f"{ips[k]:.1f}" for k in LEVERS) + " | "
+              + " | ".join(f"{ips[k] / ips['fp32']:.2f}" for k in list(LEVERS)[1:])
+              + f" | {r['load'][0]:.2f} -> {r['load'][1]:.2f} |")
+    return out
+
+
 def run_rows(args: argparse.Namespace) -> list[dict]:
     """Measure ROWS against the torch twins, one after another; print one markdown table."""
     out = []
@@ -267,6 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, default=3, choices=(1, 3))
     parser.add_argument("--num-classes", type=int, default=4)
     parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS)
+    parser.add_argument("--remat", default="none", choices=tuple(REMAT),
+                        help="jax.checkpoint policy around the model (a CPU lever, issue #11)")
     parser.add_argument("--parallel", default="shard_map", choices=training.PARALLEL_MODES)
     parser.add_argument("--mode", default="train", choices=("train", "infer"))
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
@@ -275,16 +327,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", action="store_true",
                         help="the three reference rows (resnet50 b16, simple_cnn b32, cnn16 b32, "
                              "64 px) against torch, one table")
+    parser.add_argument("--levers", action="store_true",
+                        help="the three rows: fp32 against bf16 compute and remat, one table")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    if not args.rows and not args.backbone:
-        parser.error("--backbone is required (or --rows)")
+    if not (args.rows or args.levers) and not args.backbone:
+        parser.error("--backbone is required (or --rows / --levers)")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.rows:
+    if args.levers:
+        results = run_levers(args)
+    elif args.rows:
         results = run_rows(args)
     else:
         if args.reference and args.backbone not in TWINS:

@@ -66,16 +66,26 @@ class EpochShuffleSampler:
     `index_shuffle` per record, about 0.3 ms, which alone caps a loader near 3,000 records/s
     per core). With `rngs` every position gets its own generator, Philox(seed + position), as
     with `IndexSampler` (for host augmentation; making one costs tens of microseconds).
-    Without `shuffle` each epoch is in order."""
+    Without `shuffle` each epoch is in order.
+
+    `epoch_records` (default `num_records`) sets how many positions make one epoch: the
+    positions read one stream of permutations, so an epoch of more records than there are
+    starts the next permutation and one of fewer leaves the rest of its permutation to the
+    next epoch (every member of an ensemble trains the same steps per epoch on its own
+    examples)."""
 
     def __init__(self, num_records: int, *, shuffle: bool, seed: int, num_epochs: int | None,
-                 rngs: bool):
+                 rngs: bool, epoch_records: int | None = None):
+        if epoch_records is not None and epoch_records < 1:
+            raise ValueError(f"epoch_records must be >= 1, got {epoch_records}")
         self._num_records, self._shuffle = num_records, shuffle
         self._seed, self._num_epochs, self._rngs = seed, num_epochs, rngs
+        self._epoch_records = num_records if epoch_records is None else epoch_records
         self._order: tuple[int, np.ndarray] | None = None   # (epoch, permutation)
 
     def __len__(self) -> int:
-        return sys.maxsize if self._num_epochs is None else self._num_records * self._num_epochs
+        return (sys.maxsize if self._num_epochs is None
+                else self._epoch_records * self._num_epochs)
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         if not 0 <= index < len(self):
@@ -93,8 +103,11 @@ class EpochShuffleSampler:
         return cached[1]
 
     def __repr__(self) -> str:
+        # epoch_records only when it differs: checkpoints compare this text on resume
+        extra = ("" if self._epoch_records == self._num_records
+                 else f", epoch_records={self._epoch_records}")
         return (f"EpochShuffleSampler(num_records={self._num_records}, shuffle={self._shuffle}, "
-                f"seed={self._seed}, num_epochs={self._num_epochs})")
+                f"seed={self._seed}, num_epochs={self._num_epochs}{extra})")
 
 
 class PaddedSource:
@@ -223,7 +236,8 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
                 augment: AugmentConfig | None = None, shuffle: bool = True, seed: int = 0,
                 num_epochs: int | None = 1, drop_remainder: bool = True, worker_count: int = 0,
                 shard_by_process: bool = True, cache_arrays: bool = True,
-                finish_on_host: bool = True) -> grain.DataLoader:
+                finish_on_host: bool = True, epoch_records: int | None = None
+                ) -> grain.DataLoader:
     """A Grain DataLoader over `source[indices]` yielding batches of
     {"image": float32 [B, S, S, C], "label": int32 [B], "index": int64 [B]}; with
     `finish_on_host=False` images stay uint8 [B, S, S, 1] (a quarter of the bytes to move, or
@@ -231,7 +245,9 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
 
     `index` is the example's position in `source`, so predictions map back to patient ids.
     Shuffling is global per epoch and deterministic by `seed`; `num_epochs=None` repeats
-    forever. Batches may span an epoch boundary. With `shard_by_process` each JAX process reads
+    forever. Batches may span an epoch boundary. `epoch_records` makes an epoch that many
+    draws from a stream of per-epoch permutations instead of one pass
+    (`EpochShuffleSampler`). With `shard_by_process` each JAX process reads
     its block of every global batch of `batch_size` (`ProcessBlockSampler`: batches of
     batch_size / process_count); with drop_remainder=False the processes' last batches are
     padded to full size with examples of index PAD (-1), which the consumer drops after
@@ -253,7 +269,8 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
     arrays = array_cache.cached_source(source, preprocess) if cache_arrays else None
     subset = SubsetSource(source if arrays is None else arrays, indices)
     sampler = EpochShuffleSampler(len(subset), shuffle=shuffle, seed=int(seed),
-                                  num_epochs=num_epochs, rngs=augment is not None)
+                                  num_epochs=num_epochs, rngs=augment is not None,
+                                  epoch_records=epoch_records)
     process, count = jax.process_index(), jax.process_count()
     if shard_by_process and count > 1:
         sampler = ProcessBlockSampler(sampler, batch_size=batch_size, process=process,

@@ -383,6 +383,9 @@ def _sections(cfg: RunConfig, tasks, variants: list[dict], calib: dict) -> dict[
     members = (f"{len(tasks.names)} member(s) ({', '.join(tasks.names)}), trained "
                f"{t.members} with per-member early stopping on {t.monitor} (patience "
                f"{t.early_stopping_patience})")
+    if t.member_data == "own":
+        members += ("; each member trained only on the classes it separates, the same steps "
+                    "per epoch for every member of a stack")
     if m.head_epochs:
         members += (f", in two phases: the head alone for {m.head_epochs} epoch(s) (logs in "
                     f"head/), then freeze {m.freeze} for up to {t.epochs} epoch(s) from each "

@@ -56,10 +56,12 @@ class Data:
                            preprocess=self.preprocess, shuffle=False, num_epochs=1,
                            drop_remainder=False)
 
-    def train_loader(self, config: RunConfig, indices: np.ndarray | None = None) -> Any:
+    def train_loader(self, config: RunConfig, indices: np.ndarray | None = None,
+                     epoch_records: int | None = None) -> Any:
         """All epochs' shuffled training batches in one (checkpointable) Grain iteration: uint8
         images that the train step finishes and augments on the device, or (without
-        `augment.DEFAULT_ON_DEVICE`) images finished and augmented on the host."""
+        `augment.DEFAULT_ON_DEVICE`) images finished and augmented on the host. An epoch is
+        `epoch_records` draws when given (a member's own examples), else one pass."""
         on_device = augment_lib.DEFAULT_ON_DEVICE
         return make_loader(self.dataset.source,
                            self.train_indices if indices is None else indices,
@@ -67,7 +69,7 @@ class Data:
                            augment=None if on_device else self.augment, shuffle=True,
                            seed=config.training.seed, num_epochs=config.training.epochs,
                            drop_remainder=True, worker_count=config.data.workers,
-                           finish_on_host=not on_device)
+                           finish_on_host=not on_device, epoch_records=epoch_records)
 
 
 def load_data(config: RunConfig) -> Dataset:

@@ -22,7 +22,7 @@ from backbones.training import distributed
 from data_pipeline.datasets import DATASETS
 from data_pipeline.preprocess import NORMALIZATIONS as _ALL_NORMALIZATIONS
 from data_pipeline.splits import RECIPES
-from ensembles.members import MEMBER_MODES
+from ensembles.members import MEMBER_DATA, MEMBER_MODES
 from ensembles.operating_points import parse_operating_point
 from ensembles.tasks import STRATEGIES
 
@@ -111,6 +111,7 @@ class TrainingConfig:
     early_stopping_patience: int = 3
     parallel: str = "shard_map"
     members: str = "auto"                    # stacked | sequential | auto
+    member_data: str = "auto"                # own | shared | auto (see resolve)
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
@@ -231,17 +232,25 @@ def resolve(config: RunConfig) -> RunConfig:
                              f"per-channel constants; use 3 channels or give a normalization "
                              f"(tf, unit or xray)")
         normalization = preset
-    members = config.training.members
+    members, member_data = config.training.members, config.training.member_data
+    ovo = config.ensemble.strategy == "ovo"
     if members == "auto":
+        # one after another where stacking saves nothing: a custom CNN on CPU, and OvO on CPU,
+        # whose members then draw only their own pair's examples (half the compute of K(K-1)/2
+        # members masking half of every shared batch)
         cpu = jax.default_backend() == "cpu"
-        members = "sequential" if cpu and backbones.is_custom_cnn(backbone) else "stacked"
+        members = ("sequential" if cpu and (backbones.is_custom_cnn(backbone) or ovo)
+                   else "stacked")
+    if member_data == "auto":
+        member_data = "own" if ovo and members == "sequential" else "shared"
     # The phantoms are drawn under random exposure, gamma, noise, blur and patient pose
     # already; augmenting them only slows the short first run. Real radiographs are augmented
     # unless told otherwise.
     augment = (config.data.dataset != "synthetic_cxr" if config.data.augment is None
                else config.data.augment)
     config = _apply(config, {"channels": channels, "normalization": normalization,
-                             "members": members, "augment": augment})
+                             "members": members, "member_data": member_data,
+                             "augment": augment})
     check(config)
     return config
 
@@ -263,7 +272,8 @@ def check(config: RunConfig) -> None:
                "schedule": (t.schedule, training.SCHEDULES),
                "monitor": (t.monitor, tuple(training.MONITORS)),
                "parallel": (t.parallel, training.PARALLEL_MODES),
-               "members": (t.members, MEMBER_MODES), "strategy": (e.strategy, STRATEGIES),
+               "members": (t.members, MEMBER_MODES), "member_data": (t.member_data, MEMBER_DATA),
+               "strategy": (e.strategy, STRATEGIES),
                "meta": (e.meta, ("none", *META_MODELS)),
                "ovo_decision": (e.ovo_decision, ("votes", "coupling"))}
     for name, (value, allowed) in choices.items():
@@ -277,6 +287,9 @@ def check(config: RunConfig) -> None:
     if (d.lung_mask == "auto") != (d.segmenter is not None):
         raise ValueError("lung_mask auto and segmenter RUN go together (the segmenter predicts "
                          "the masks)")
+    if t.member_data == "own" and t.members == "stacked":
+        raise ValueError("member_data own trains each member on its own examples, one after "
+                         "another: use members sequential (or member_data shared)")
     if e.meta_folds and (e.meta == "none" or e.meta_folds < 2):
         raise ValueError("meta_folds needs a meta-classifier and K >= 2 (0 fits it on the "
                          "validation outputs)")

@@ -65,14 +65,15 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
         kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
                       k=e.meta_folds, seed=config.training.seed)
     train_labels = data.dataset.labels[data.train_indices]
-    model, params = build.param_shapes(config)
-    steps = len(data.train_indices) // config.training.batch_size
-    for phase in phases(config):   # each phase's schedule and freeze policy fit the model
-        training.optim.make_schedule(build.optim_config(phase, steps))
-        training.trainable_modules(params, phase.model.freeze, model)
     tasks, stacks = strategy_lib.plan(e.strategy, data.class_names, train_labels,
                                       healthy=e.healthy, min_per_class=e.min_per_class,
                                       class_weighted=data.class_weighted)
+    model, params = build.param_shapes(config)
+    for stack in stacks:
+        steps, _ = _own_examples(config, data, stack, data.train_indices)
+        for phase in phases(config):   # each phase's schedule and freeze policy fit the model
+            training.optim.make_schedule(build.optim_config(phase, steps))
+            training.trainable_modules(params, phase.model.freeze, model)
     check_memory(config, stacks)
     return Plan(config, data, tasks, stacks)
 
@@ -119,17 +120,17 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.nda
     data, t = plan.data, config.training
     out.mkdir(parents=True, exist_ok=True)
     indices = data.train_indices if train_indices is None else train_indices
-    steps = len(indices) // t.batch_size
     parallel = training.data_parallel(t.parallel)
     parallel.check_batch_size(t.batch_size)
     trained = []
     with MetricWriter(out) as writer:
         for s, stack in enumerate(plan.stacks):
+            steps, shared, own = _stack_data(config, data, stack, indices)
             trained.append(members_lib.train_stack(
                 stack, make_state=build.make_state_fn(config, steps, pretrained=init is None),
                 train_step=build.make_train_step(config, data),
                 eval_step=training.make_eval_step(), parallel=parallel,
-                train_data=data.train_loader(config, indices),
+                train_data=shared, member_data=own,
                 val_data=data.eval_loader("val", t.batch_size),
                 config=build.fit_config(config, steps), key=jax.random.PRNGKey(t.seed),
                 member_names=plan.tasks.names, mode=t.members,
@@ -142,6 +143,27 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.nda
                     subtitle=f"{config.ensemble.strategy}, {config.model.backbone}: mean over "
                              f"{members} member(s), each on its own task")
     return trained
+
+
+def _own_examples(config: RunConfig, data: build.Data, stack: members_lib.Stack,
+                  indices: np.ndarray) -> tuple[int, list[np.ndarray] | None]:
+    """Steps per epoch, and each member's own examples with member_data "own" (else None)."""
+    batch = config.training.batch_size
+    if config.training.member_data != "own":
+        return len(indices) // batch, None
+    own, steps = members_lib.own_examples(stack, indices, data.dataset.labels, batch)
+    return steps, own
+
+
+def _stack_data(config: RunConfig, data: build.Data, stack: members_lib.Stack,
+                indices: np.ndarray) -> tuple[int, object, list | None]:
+    """Steps per epoch, then the shared loader, or one loader per member over its own
+    examples (`steps` batches an epoch) with member_data "own"."""
+    steps, own = _own_examples(config, data, stack, indices)
+    if own is None:
+        return steps, data.train_loader(config, indices), None
+    records = steps * config.training.batch_size
+    return steps, None, [data.train_loader(config, o, epoch_records=records) for o in own]
 
 
 def mean_history(trained: Sequence[members_lib.TrainedStack]) -> list[dict]:

@@ -14,6 +14,11 @@ K=3 cascade (2 and 2 classes) still trains as one stack.
 un-vmapped step (for backbones too big to hold M copies); it uses the same keys, batches and
 per-member early stopping, so both modes give the same members within float tolerance.
 
+With `member_data` "own" (sequential only) each member trains on its own examples, the
+classes its table row does not mask (an OvO member on its pair), for the same number of steps
+per epoch as every member of its stack (`own_examples`): one optimiser schedule, one compiled
+step, and no compute spent on examples weighted 0.
+
 `init_variables` starts the members from given weights instead of a fresh initialisation (the
 second phase of two-phase fine-tuning continues from the head-only phase's best variables).
 """
@@ -31,6 +36,7 @@ import numpy as np
 from backbones.training.loop import FitConfig, fit
 
 MEMBER_MODES = ("stacked", "sequential")
+MEMBER_DATA = ("own", "shared")
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,26 @@ def member_keys(key: jax.Array, members: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.fold_in(key, m) for m in members])
 
 
+def own_examples(stack: Stack, indices: np.ndarray, labels: np.ndarray, batch_size: int
+                 ) -> tuple[list[np.ndarray], int]:
+    """Each member's own training examples and the stack's common steps per epoch.
+
+    Member i keeps the entries of `indices` (duplicates from oversampling included) whose
+    class `labels[indices]` it does not mask; every member runs round(mean own count /
+    batch_size) steps per epoch (at least 1), so with balanced pairs each member's epoch is
+    one pass over its own examples, and otherwise the same number of steps for all.
+    """
+    indices = np.asarray(indices)
+    classes = np.asarray(labels)[indices]
+    own = [indices[stack.table[i][classes] >= 0] for i in range(stack.size)]
+    empty = [i for i, o in enumerate(own) if not len(o)]
+    if empty:
+        raise ValueError(f"member(s) {[stack.members[i] for i in empty]} have no training "
+                         "examples of their own")
+    steps = max(1, round(float(np.mean([len(o) for o in own])) / batch_size))
+    return own, steps
+
+
 # -- training ----------------------------------------------------------------------------
 
 
@@ -183,9 +209,10 @@ class TrainedStack:
 
 
 def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
-                eval_step: Callable, parallel, train_data: Iterable[dict],
+                eval_step: Callable, parallel, train_data: Iterable[dict] | None,
                 val_data: Iterable[dict] | None, config: FitConfig, key: jax.Array,
                 member_names: Sequence[str], mode: str = "stacked",
+                member_data: Sequence[Iterable[dict]] | None = None,
                 checkpoint_dir: Path | None = None, on_record: Callable | None = None,
                 init_variables: dict | None = None) -> TrainedStack:
     """Train the members of `stack` together (vmapped) or one after another (sequential),
@@ -201,6 +228,9 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
     init_variables: {"params", "batch_stats"} with a leading member axis [M_s, ...] (what
     TrainedStack.variables holds) replace the fresh initialisation (start_from; member i's
     slice in sequential mode); a checkpoint being resumed takes precedence over them.
+
+    member_data: one loader per member of the stack (sequential only), each member's own
+    batches (`own_examples`), in place of the shared `train_data`.
     """
     if mode not in MEMBER_MODES:
         raise ValueError(f"unknown member mode {mode!r}; choose one of {', '.join(MEMBER_MODES)}")
@@ -209,6 +239,9 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         if sizes != {(stack.size,)}:
             raise ValueError(f"init_variables need a leading member axis of {stack.size} (the "
                              f"stack's members); got leading shapes {sorted(sizes)}")
+    if member_data is not None and (mode != "sequential" or len(member_data) != stack.size):
+        raise ValueError(f"member_data needs mode sequential and one loader per member "
+                         f"({stack.size}); got mode {mode} and {len(member_data)}")
     keys = member_keys(key, stack.members)
     names = [member_names[m] for m in stack.members]
     common = {"parallel": parallel, "train_data": train_data, "val_data": val_data,
@@ -232,6 +265,8 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         state = init(keys[i])
         if init_variables is not None:
             state = start_from(state, unstack_tree(init_variables, i), stacked=False)
+        if member_data is not None:
+            common["train_data"] = member_data[i]
         result = fit(state, step=relabel_for_member(plain, stack.table[i], stack.class_weight[i]),
                      predict=lambda s, b: one(s, b)[None], table=stack.table[i:i + 1],
                      stacked=False, member_names=[names[i]],

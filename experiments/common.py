@@ -21,7 +21,7 @@ from ensembles import bundle as bundle_lib
 from ensembles.config import (
     BALANCE_MODES, LUNG_MASKS, META_MODELS, NORMALIZATIONS, SECTIONS, RunConfig, defaults_for,
     make_config)
-from ensembles.members import MEMBER_MODES
+from ensembles.members import MEMBER_DATA, MEMBER_MODES
 
 # What a CLI reports as `error: ...` with exit code 2 instead of a traceback: bad input
 # refused before training, a diverged run, a refused non-finite checkpoint, a bad bundle,
@@ -120,7 +120,13 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
     train.add_argument("--members", choices=("auto", *MEMBER_MODES),
                        help="train members together under vmap, or one after another; auto: "
                             "one after another for a custom CNN on CPU (faster there, "
-                            "benchmarks/ensemble_throughput.py), stacked otherwise")
+                            "benchmarks/ensemble_throughput.py) and for OvO on CPU, "
+                            "stacked otherwise")
+    train.add_argument("--member-data", choices=("auto", *MEMBER_DATA),
+                       help="own: each member trains only on the classes it separates (an "
+                            "OvO member on its pair), the same steps per epoch for all; shared: "
+                            "every member sees every batch, other classes weighted 0; auto: "
+                            "own for OvO trained one member after another")
     train.add_argument("--keep-checkpoints", type=int, help="latest epochs kept on disk")
     train.add_argument("--seed", type=int)
 

@@ -1,0 +1,128 @@
+"""Members on their own examples (`member_data` "own", the OvO default on CPU): the sampler's
+epochs of a given length, each member's examples and steps, the config rule, and a run that
+stops between members and resumes to the uninterrupted one."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import numpy as np
+import pytest
+from test_loader import PRE, SOURCE, SPLIT
+
+from data_pipeline.loader import EpochShuffleSampler, make_loader
+from ensembles import Ensemble, build, fitting, make_config
+from ensembles import members as members_lib
+
+OVO3 = np.array([[0, 1, -1], [0, -1, 1], [-1, 0, 1]], np.int32)   # pairs (0,1), (0,2), (1,2)
+TINY = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
+        "epochs": 2, "batch_size": 8, "n_bootstrap": 20, "early_stopping_patience": 0,
+        "progress": False, "classes": ("covid", "normal", "viral_pneumonia")}
+
+
+def _keys(sampler, n):
+    return [sampler[i].record_key for i in range(n)]
+
+
+def test_epoch_records_read_one_stream_of_permutations():
+    plain = EpochShuffleSampler(5, shuffle=True, seed=3, num_epochs=3, rngs=False)
+    short = EpochShuffleSampler(5, shuffle=True, seed=3, num_epochs=4, rngs=False,
+                                epoch_records=3)
+    assert len(short) == 12
+    keys = _keys(short, 12)
+    assert keys == _keys(plain, 12)                       # the same stream, cut differently
+    assert sorted(keys[:5]) == sorted(keys[5:10]) == list(range(5))
+    assert keys[:5] != keys[5:10]
+    # checkpoints compare the sampler's text: unchanged without epoch_records
+    assert repr(plain) == ("EpochShuffleSampler(num_records=5, shuffle=True, seed=3, "
+                           "num_epochs=3)")
+    assert "epoch_records=3" in repr(short)
+    with pytest.raises(ValueError, match="epoch_records must be >= 1"):
+        EpochShuffleSampler(5, shuffle=True, seed=3, num_epochs=1, rngs=False, epoch_records=0)
+
+
+def test_a_loader_with_epoch_records_resumes_exactly():
+    loader = make_loader(SOURCE, SPLIT, batch_size=4, preprocess=PRE, seed=3, num_epochs=3,
+                         epoch_records=16)             # 10 records, epochs of 16 draws
+    assert len(list(loader)) == 12
+    it = iter(loader)
+    for _ in range(5):
+        next(it)
+    state, rest = it.get_state(), list(it)
+    again = iter(loader)
+    again.set_state(state)
+    resumed = list(again)
+    assert len(rest) == len(resumed) == 7
+    for a, b in zip(rest, resumed, strict=True):
+        np.testing.assert_array_equal(a["index"], b["index"])
+
+
+def test_own_examples_are_each_members_classes_with_common_steps():
+    (stack,) = members_lib.plan_stacks([2, 2, 2], OVO3, [np.ones(2)] * 3)
+    labels = np.repeat([0, 1, 2], [10, 20, 30])
+    indices = np.concatenate([np.arange(60), [0, 0, 59]])     # oversampled duplicates stay
+    own, steps = members_lib.own_examples(stack, indices, labels, batch_size=8)
+    for o, pair in zip(own, [(0, 1), (0, 2), (1, 2)], strict=True):
+        expected = indices[np.isin(labels[indices], pair)]
+        np.testing.assert_array_equal(o, expected)
+    assert [len(o) for o in own] == [32, 43, 51]
+    assert steps == round(np.mean([32, 43, 51]) / 8) == 5
+    with pytest.raises(ValueError, match="no training examples of their own"):
+        members_lib.own_examples(stack, np.arange(10), labels, batch_size=8)
+
+
+def test_ovo_on_cpu_trains_members_one_by_one_on_their_own_pairs():
+    if jax.default_backend() != "cpu":
+        pytest.skip("the auto rule differs off CPU")
+    ovo = make_config("ovo", backbone="resnet50")
+    assert (ovo.training.members, ovo.training.member_data) == ("sequential", "own")
+    ova = make_config("ova", backbone="resnet50")
+    assert (ova.training.members, ova.training.member_data) == ("stacked", "shared")
+    stacked = make_config("ovo", backbone="resnet50", members="stacked")
+    assert stacked.training.member_data == "shared"
+    with pytest.raises(ValueError, match="member_data own .* use members sequential"):
+        make_config("ovo", members="stacked", member_data="own")
+
+
+def test_each_member_loader_yields_its_pair_for_the_common_steps(tmp_path):
+    config = make_config("ovo", cache_dir=str(tmp_path), **TINY)
+    data = build.build_data(config)
+    plan = fitting.plan_run(config, data)
+    (stack,) = plan.stacks
+    steps, shared, loaders = fitting._stack_data(config, data, stack, data.train_indices)
+    assert shared is None and len(loaders) == 3
+    labels = data.dataset.labels
+    own, expected_steps = members_lib.own_examples(stack, data.train_indices, labels, 8)
+    assert steps == expected_steps
+    for m, loader in enumerate(loaders):
+        batches = list(loader)
+        assert len(batches) == steps * config.training.epochs
+        seen = np.concatenate([b["index"] for b in batches[:steps]])
+        pair = np.flatnonzero(stack.table[m] >= 0)
+        assert np.isin(labels[seen], pair).all()
+        assert set(seen) <= set(own[m]) and len(set(seen)) == len(seen)   # one permutation
+
+
+@pytest.mark.slow
+def test_ovo_stopped_between_members_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    cache = str(tmp_path / "tfds")
+    full = Ensemble("ovo", cache_dir=cache, **TINY).fit(out=tmp_path / "full")
+    real_fit, calls = members_lib.fit, []
+
+    def stop_at_second_member(*args, **kw):
+        calls.append(kw["member_names"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kw)
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        patch.setattr(members_lib, "fit", stop_at_second_member)
+        with pytest.raises(KeyboardInterrupt):
+            Ensemble("ovo", cache_dir=cache, **TINY).fit(out=out)
+    resumed = Ensemble("ovo", cache_dir=cache, **TINY).fit(out=out, resume=True)
+    assert resumed.metrics_ == full.metrics_
+    chex.assert_trees_all_equal(resumed.bundle_.variables, full.bundle_.variables)
+    # the members differ: each learned its own pair
+    first = jax.tree.leaves(full.bundle_.variables)[0]
+    assert not np.allclose(first[0], first[1])
