@@ -2,7 +2,9 @@
 
 Classes are matched by canonical name: examples of a class the model does not know are left
 out of the metrics (counted, and where the model put them is reported); classes the model
-knows but the data lacks get no recall / ROC-AUC.
+knows but the data lacks get no recall / ROC-AUC. The BRISQUE quality filter
+(`ensembles.quality_filter`) can drop images first; which lung masks the model's inputs were
+given is recorded (`lung_masks_note`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from data_pipeline.datasets import Dataset
-from ensembles import leakage
+from ensembles import leakage, quality_filter
 from ensembles.bundle import Bundle, Predictions, StackBundle
 from ensembles.evaluation import chance_level, evaluate_predictions, includes_chance
 from ensembles.operating_points import rates
@@ -41,11 +43,34 @@ class Assessment(NamedTuple):
     predictions: Predictions
 
 
+def lung_masks_note(bundle: Bundle | StackBundle, data: str, *, given: bool = False) -> str:
+    """Which lung masks the model's inputs get on `data` (for a stack, per component);
+    `given`: the segmenter was given for this evaluation (evaluate's --segmenter)."""
+    if isinstance(bundle, StackBundle):
+        return "; ".join(f"{name}: {lung_masks_note(c, data, given=given)}"
+                         for name, c in zip(bundle.names, bundle.components, strict=True))
+    if not bundle.preprocess.lung_mask:
+        return "none (the model was trained on unmasked images)"
+    if bundle.segmenter is None:
+        return f"the lung masks {data} ships (the model was trained on its dataset's masks)"
+    seg = bundle.segmenter
+    return (f"predicted by the segmenter {seg.run_dir} (sha256 {seg.digest[:12]}; "
+            + ("given for this evaluation)" if given else "recorded in the bundle)"))
+
+
 def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.ndarray, *,
                     batch_size: int = 32, use_meta: bool = False, seed: int = 0,
-                    n_bootstrap: int = 1000) -> Assessment:
+                    n_bootstrap: int = 1000, quality_max: float | None = None,
+                    quality_drop_worst: float | None = None, segmenter_given: bool = False,
+                    progress: bool = False) -> Assessment:
     """The Assessment of `bundle` on dataset.source[indices], over the examples whose class
     the model knows.
+
+    `quality_max` / `quality_drop_worst` first drop images of `indices` by BRISQUE
+    (`quality_filter.filter_indices`; metrics["quality_filter"] lists them). A bundle trained
+    on its dataset's shipped lung masks needs a dataset with masks (ValueError otherwise: give
+    it a segmenter, `Bundle.with_segmenter`); metrics["evaluated_on"]["lung_masks"] says
+    which masks were used (`segmenter_given`: see `lung_masks_note`).
 
     metrics["leakage"] compares those examples with the bundle's training images
     (`leakage.check`) and, when some duplicate one, holds the metrics without them
@@ -54,6 +79,15 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
     if not match["mapping"]:
         raise ValueError(f"no class in common: model {list(bundle.class_names)}, data "
                          f"{list(dataset.class_names)}")
+    if bundle.needs_shipped_masks and not dataset.has_masks:
+        raise ValueError(f"{bundle.run_dir} was trained on the lung masks its dataset ships; "
+                         f"{dataset.name} ships none: give --segmenter RUN (a run of python "
+                         f"-m experiments.segment) to mask its images")
+    indices, quality = quality_filter.filter_indices(
+        dataset, indices, quality_max=quality_max, drop_worst=quality_drop_worst,
+        progress=progress)
+    if not len(indices):
+        raise ValueError(f"the quality filter dropped every image ({quality['count']})")
     p = bundle.predict(dataset.source, indices, batch_size=batch_size, use_meta=use_meta,
                        label_names=dataset.class_names)
     known = p.labels >= 0
@@ -85,8 +119,12 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
             seed=seed, y_pred=p.decisions[known][keep],
             n_bootstrap=n_bootstrap) if keep.any() else None
     metrics["leakage"] = entry
+    metrics["quality_filter"] = quality
     metrics["evaluated_on"] = {"dataset": dataset.name, "run": str(bundle.run_dir),
                                "examples": int(known.sum()),
+                               "quality_dropped": quality["count"],
+                               "lung_masks": lung_masks_note(bundle, dataset.name,
+                                                             given=segmenter_given),
                                "model_lacks": match["model_lacks"],
                                "data_lacks": match["data_lacks"],
                                "excluded_examples": unknown,

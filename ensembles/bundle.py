@@ -14,6 +14,8 @@ A run trained with `--lung-mask auto` records its segmenter in the section ("seg
 {"path": its absolute run folder, "sha256": the digest of its config.json}); loading the
 bundle loads that segmenter and refuses one that is missing or changed, and `predict` gives
 every image the segmenter's mask before the bundle's preprocessing masks it.
+`with_segmenter` swaps in another segmenter (evaluate's and predict's `--segmenter`: a run
+trained on a dataset's shipped masks applied to images that have none).
 
 A single model is a one-member ensemble (strategy "single"): its run is the same bundle.
 
@@ -69,7 +71,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,9 @@ from ensembles.meta import FILE_NAMES as META_FILE_NAMES
 from ensembles.meta import MetaClassifier
 from ensembles.operating_points import flag, parse_operating_point
 from ensembles.tasks import STRATEGIES, Tasks, make_tasks
+
+if TYPE_CHECKING:   # the segmenter module imports this one
+    from ensembles.segmenter import Segmenter
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -221,6 +226,20 @@ class Bundle:
         the run was trained on predicted masks, else unchanged."""
         return source if self.segmenter is None else self.segmenter.source(source)
 
+    @property
+    def needs_shipped_masks(self) -> bool:
+        """Trained on the lung masks its dataset shipped: every image needs its mask."""
+        return self.preprocess.lung_mask and self.segmenter is None
+
+    def with_segmenter(self, segmenter: Segmenter) -> Bundle:
+        """This bundle masking every image with `segmenter`'s masks in place of the dataset's
+        or the recorded segmenter's; ValueError for a run trained on unmasked images (masking
+        would change the input distribution it was trained on)."""
+        if not self.preprocess.lung_mask:
+            raise ValueError(f"--segmenter: {self.run_dir} was trained on unmasked images; "
+                             f"masking them would change the input it was trained on")
+        return dataclasses.replace(self, segmenter=segmenter)
+
     def lung_masks(self, images: Sequence[np.ndarray],
                    masks: Sequence[np.ndarray | None] | None = None) -> list | None:
         """The masks `preprocess` needs for raw images: None when the model masks nothing,
@@ -307,6 +326,21 @@ class StackBundle:
         return Predictions(self.class_names, proba, self.meta.classes_[proba.argmax(1)],
                            model_order(labels, label_names, self.class_names), idx,
                            decision_columns(None, [proba], self.class_names, use_meta=True))
+
+    @property
+    def needs_shipped_masks(self) -> bool:
+        """A component was trained on the lung masks its dataset shipped."""
+        return any(c.needs_shipped_masks for c in self.components)
+
+    def with_segmenter(self, segmenter: Segmenter) -> StackBundle:
+        """Every component trained on masked images masks with `segmenter`; ValueError when
+        none was (see `Bundle.with_segmenter`)."""
+        if not any(c.preprocess.lung_mask for c in self.components):
+            raise ValueError(f"--segmenter: no component of {self.run_dir} was trained on "
+                             f"masked images; masking them would change their input")
+        return dataclasses.replace(self, components=[
+            c.with_segmenter(segmenter) if c.preprocess.lung_mask else c
+            for c in self.components])
 
     def training_hashes(self) -> leakage.TrainingHashes | None:
         """Every component's training hashes together; None if a component has none."""

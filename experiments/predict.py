@@ -24,6 +24,17 @@ class and its probability in the corner (ensembles.overlay; not for stack runs o
 whose meta-classifier is not differentiable). Each PNG is named after its input's stem (plus
 a hash of its path where stems repeat) and written whole or not at all.
 
+--quality-max SCORE scores every decoded image by BRISQUE (`data_pipeline.quality`; not
+computed without the flag, it costs time): the CSV (and --report's table) gains a `brisque`
+column, and images above SCORE are skipped with the reason "quality: BRISQUE X > SCORE" and
+counted in the summary.
+
+Lung masks: a run trained with --lung-mask auto masks every image with its recorded
+segmenter. Decoded files ship no masks, so a run trained on a dataset's masks needs
+--segmenter RUN (a run of python -m experiments.segment), whose predicted masks it then uses
+(--segmenter also replaces an auto run's segmenter; it is refused for a run trained on
+unmasked images). The summary and --report say which masks were used.
+
 The CSV is written whole or not at all (a temporary file renamed over --csv). Exit code 2
 with `error: ...` when no input could be predicted or the run cannot be loaded.
 """
@@ -48,11 +59,14 @@ from data_pipeline.dicom import is_dicom
 from data_pipeline.hashing import Hasher
 from data_pipeline.layouts import classify, is_utf8, printable
 from ensembles import leakage
+from ensembles.assess import lung_masks_note
 from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
                               load_bundle)
 from ensembles.gallery import TILE_SIZE
 from ensembles.html_report import Tile, tile_caption, write_predictions_page
 from ensembles.overlay import bundle_overlays, overlay_names, write_png
+from ensembles.quality_filter import QualityGate
+from ensembles.segmenter import load_segmenter
 from experiments import common
 
 SUFFIXES = IMAGE_EXTENSIONS
@@ -119,6 +133,7 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
                   use_meta: bool = False, max_pixels: int | None = None,
                   skip_lateral: bool = True,
                   on_image: Callable[[np.ndarray], None] | None = None,
+                  gate: Callable[[np.ndarray], str | None] | None = None,
                   on_overlay: Callable[[Path, np.ndarray], None] | None = None
                   ) -> tuple[list[Path], Predictions, list[dict]]:
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
@@ -132,7 +147,8 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
     classifier's argmax with `use_meta` or for a stack run. `skip_lateral`: DICOM lateral
     views are skipped (see `data_pipeline.dicom`). At most CHUNK decoded images
     (and about CHUNK_PIXELS pixels) are held at once. `on_image` sees each decoded image
-    that is kept, in order."""
+    that is kept, in order. `gate` sees each decoded image first and returns None to keep
+    it or the reason it is skipped (`ensembles.quality_filter.QualityGate`)."""
     kept, skipped, chunks = [], [], []
     source: list[dict] = []
     pixels = 0
@@ -157,6 +173,9 @@ def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_
             image = decode_image(f, max_pixels=max_pixels, skip_lateral=skip_lateral)
         except DecodeError as error:
             skipped.append(_skip(f, str(error)))
+            continue
+        if gate is not None and (reason := gate(image)) is not None:
+            skipped.append(_skip(f, reason))
             continue
         source.append({"image": image, "label": 0})
         kept.append(f)
@@ -272,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-lateral", action="store_true",
                         help="also predict DICOM lateral views (ViewPosition LL/RL/...), "
                              "which are skipped by default: the models see frontal views")
+    parser.add_argument("--quality-max", type=float, metavar="SCORE",
+                        help="score each image by BRISQUE (a `brisque` column) and skip those "
+                             "above SCORE")
+    parser.add_argument("--segmenter", metavar="RUN",
+                        help="for a run trained on lung-masked images: mask with this "
+                             "segmenter's predicted masks (python -m experiments.segment)")
     args = parser.parse_args(argv)
     out = Path(args.csv) if args.csv else None
     gradcam = Path(args.gradcam) if args.gradcam else None
@@ -287,7 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report is not None:
             _check_csv_target(report, "--report")
             _check_gradcam_target(None, args.meta, "--report")
+        gate = QualityGate(args.quality_max) if args.quality_max is not None else None
         bundle = load_bundle(args.run)
+        if args.segmenter is not None:
+            bundle = bundle.with_segmenter(load_segmenter(args.segmenter))
+        elif bundle.needs_shipped_masks:
+            raise ValueError(f"{args.run} was trained on the lung masks its dataset ships; "
+                             f"image files have none: give --segmenter RUN (a run of python "
+                             f"-m experiments.segment)")
+        masks = lung_masks_note(bundle, "the image files", given=args.segmenter is not None)
         if (gradcam or report) and not isinstance(bundle, Bundle):
             raise ValueError("--gradcam and --report need an ensemble or single-model run; a "
                              "stack run decides by its meta-classifier, which is not "
@@ -300,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept, predictions, unread = predict_files(
             bundle, files, batch_size=args.batch_size, use_meta=args.meta,
             max_pixels=max_pixels, skip_lateral=not args.keep_lateral, on_image=hasher.add,
-            on_overlay=overlays.add if (gradcam or report) else None)
+            gate=gate, on_overlay=overlays.add if (gradcam or report) else None)
         skipped += unread
         for s in skipped:
             print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
@@ -309,14 +342,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"({len(skipped)} skipped)")
         duplicates = leakage.column(bundle.training_hashes(),
                                     hasher.result([str(f) for f in kept]))
+        table = rows(kept, predictions, bundle.operating_point)
+        if gate is not None:
+            table = [[*row, q] for row, q in zip(
+                table, ["brisque", *(f"{x:.3f}" for x in gate.scores)], strict=True)]
         table = [[*row, d] for row, d in zip(
-            rows(kept, predictions, bundle.operating_point),
-            ["duplicate_of_training", *duplicates], strict=True)]
+            table, ["duplicate_of_training", *duplicates], strict=True)]
+        notes = [f"{len(kept)} image(s) predicted, {len(skipped)} skipped"
+                 + (f" ({gate.refused} above BRISQUE {args.quality_max:g})" if gate else ""),
+                 _duplicates_note(duplicates), f"lung masks: {masks}"]
         if report is not None:
             write_predictions_page(report, table, overlays.tiles(predictions),
-                                   title=f"Predictions of {Path(args.run).name}",
-                                   notes=[f"{len(kept)} image(s) predicted, {len(skipped)} "
-                                          f"skipped", _duplicates_note(duplicates)])
+                                   title=f"Predictions of {Path(args.run).name}", notes=notes)
         if out is not None:
             write_csv_atomic(out, table)
         else:
@@ -327,8 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     n = len(skipped)
-    print(f"predicted {len(kept)} image(s), skipped {n} unreadable or non-image "
-          f"entr{'y' if n == 1 else 'ies'}; {_duplicates_note(duplicates)}"
+    q = gate.refused if gate else 0
+    print(f"predicted {len(kept)} image(s), skipped {n - q} unreadable or non-image "
+          f"entr{'y' if n - q == 1 else 'ies'}"
+          + (f" and {q} image(s) above BRISQUE {args.quality_max:g}" if gate else "")
+          + f"; {_duplicates_note(duplicates)}"
+          + ("" if masks.startswith("none") else f"; lung masks: {masks}")
           + (f"; csv: {out}" if out else "")
           + (f"; {len(kept)} Grad-CAM overlay(s) in {gradcam}" if gradcam else ""),
           file=sys.stderr)
