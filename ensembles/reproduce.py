@@ -187,7 +187,8 @@ def run_settings(recipe: Recipe, run: RecipeRun, scale: str,
     """The settings of `run` at `scale` (the layering of the module docstring) and the notes
     on settings not applied or changed: the tiny stand-in, ImageNet weights at tiny scale,
     [if_available] fields this RunConfig lacks, and each setting that differs from the
-    published protocol ("image_size=224: 64 at scale cpu")."""
+    published protocol ("image_size=224: 64 at scale cpu", or "image_size=224: 32 (the
+    caller's override) at scale cpu" for a setting in `overrides`)."""
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
     settings = {"dataset": recipe.dataset, **recipe.settings, **run.settings}
@@ -216,7 +217,9 @@ def run_settings(recipe: Recipe, run: RecipeRun, scale: str,
     protocol = {"dataset": recipe.dataset, **recipe.settings, **run.settings,
                 **recipe.if_available, **recipe.scales.get("full", {}),
                 **run.scales.get("full", {})}
-    notes += [f"{key}={protocol.get(key, 'default')}: {value} at scale {scale}"
+    by_caller = " (the caller's override)"
+    notes += [f"{key}={protocol.get(key, 'default')}: {value}"
+              f"{by_caller if key in (overrides or {}) else ''} at scale {scale}"
               for key, value in settings.items()
               if key not in UNREPORTED and protocol.get(key) != value]
     return settings, notes

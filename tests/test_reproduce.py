@@ -112,6 +112,9 @@ def test_layering_and_notes(tmp_path):
     assert notes == ["no_such_field=0.1: not available in this version",
                      "image_size=224: 72 at scale cpu", "epochs=30: 5 at scale cpu",
                      "batch_size=default: 16 at scale cpu"]
+    _, notes = rep.run_settings(recipe, b, "cpu", {"image_size": 32})
+    assert notes[1:3] == ["image_size=224: 32 (the caller's override) at scale cpu",
+                          "epochs=30: 5 at scale cpu"]
     tiny_a, _ = rep.run_settings(recipe, a, "tiny", {"epochs": 2})
     assert (tiny_a["image_size"], tiny_a["width"], tiny_a["epochs"]) == (32, 0.25, 2)
     other, _ = rep.run_settings(recipe, rep.RecipeRun("c", "single", {"backbone": "resnet18"},
