@@ -47,12 +47,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Changes to a family's defaults for one strategy, measured the same way: a cascade trains 2
 # ImageNet-architecture members where OvA trains 4, so in less wall time its members get twice
-# the epochs (at 5 they were still improving and 2 of 3 seeds ended under macro-F1 0.8). OvO's
-# 6 members each train on their own pair (half the data, member_data "own"), at 5 epochs still
-# improving (seed 0: macro-F1 0.763), so they get 8.
+# the epochs (at 5 they were still improving and 2 of 3 seeds ended under macro-F1 0.8).
 STRATEGY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("imagenet", "cascade"): {"epochs": 10},
-    ("imagenet", "ovo"): {"epochs": 8},
 }
 
 
@@ -238,13 +235,12 @@ def resolve(config: RunConfig) -> RunConfig:
     members, member_data = config.training.members, config.training.member_data
     ovo = config.ensemble.strategy == "ovo"
     if members == "auto":
-        # one after another where stacking saves nothing: a custom CNN on CPU, and OvO on CPU,
-        # whose members then draw only their own pair's examples (half the compute of K(K-1)/2
-        # members masking half of every shared batch)
         cpu = jax.default_backend() == "cpu"
-        members = ("sequential" if cpu and (backbones.is_custom_cnn(backbone) or ovo)
-                   else "stacked")
+        members = "sequential" if cpu and backbones.is_custom_cnn(backbone) else "stacked"
     if member_data == "auto":
+        # OvO members trained one after another draw only their own pair's examples: half the
+        # compute of K(K-1)/2 members masking half of every shared batch. Stacked members
+        # share one image batch, so they keep the shared data.
         member_data = "own" if ovo and members == "sequential" else "shared"
     # The phantoms are drawn under random exposure, gamma, noise, blur and patient pose
     # already; augmenting them only slows the short first run. Real radiographs are augmented

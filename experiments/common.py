@@ -120,8 +120,7 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
     train.add_argument("--members", choices=("auto", *MEMBER_MODES),
                        help="train members together under vmap, or one after another; auto: "
                             "one after another for a custom CNN on CPU (faster there, "
-                            "benchmarks/ensemble_throughput.py) and for OvO on CPU, "
-                            "stacked otherwise")
+                            "benchmarks/ensemble_throughput.py), stacked otherwise")
     train.add_argument("--member-data", choices=("auto", *MEMBER_DATA),
                        help="own: each member trains only on the classes it separates (an "
                             "OvO member on its pair), the same steps per epoch for all; shared: "

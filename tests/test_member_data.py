@@ -71,15 +71,16 @@ def test_own_examples_are_each_members_classes_with_common_steps():
         members_lib.own_examples(stack, np.arange(10), labels, batch_size=8)
 
 
-def test_ovo_on_cpu_trains_members_one_by_one_on_their_own_pairs():
+def test_ovo_members_one_after_another_draw_their_own_pairs():
     if jax.default_backend() != "cpu":
-        pytest.skip("the auto rule differs off CPU")
-    ovo = make_config("ovo", backbone="resnet50")
-    assert (ovo.training.members, ovo.training.member_data) == ("sequential", "own")
-    ova = make_config("ova", backbone="resnet50")
-    assert (ova.training.members, ova.training.member_data) == ("stacked", "shared")
-    stacked = make_config("ovo", backbone="resnet50", members="stacked")
-    assert stacked.training.member_data == "shared"
+        pytest.skip("--members auto differs off CPU")
+    cnn = make_config("ovo", backbone="simple_cnn")       # custom CNN on CPU: sequential
+    assert (cnn.training.members, cnn.training.member_data) == ("sequential", "own")
+    assert make_config("ova", backbone="simple_cnn").training.member_data == "shared"
+    resnet = make_config("ovo", backbone="resnet50")      # stacked: one shared image batch
+    assert (resnet.training.members, resnet.training.member_data) == ("stacked", "shared")
+    own = make_config("ovo", backbone="resnet50", members="sequential")
+    assert own.training.member_data == "own"
     with pytest.raises(ValueError, match="member_data own .* use members sequential"):
         make_config("ovo", members="stacked", member_data="own")
 
