@@ -169,6 +169,8 @@ class RunConfig:
             unknown = sorted(set(values) - fields)
             if unknown:
                 raise ValueError(f"config section {name!r} has unknown settings {unknown}")
+            if name == "training":   # written before member_data existed: shared batches
+                values.setdefault("member_data", "shared")
             if name == "data" and values.get("classes") is not None:
                 values["classes"] = tuple(values["classes"])
             sections[name] = kind(**values)

@@ -11,7 +11,7 @@ import pytest
 from test_loader import PRE, SOURCE, SPLIT
 
 from data_pipeline.loader import EpochShuffleSampler, make_loader
-from ensembles import Ensemble, build, fitting, make_config
+from ensembles import Ensemble, RunConfig, build, fitting, make_config
 from ensembles import members as members_lib
 
 OVO3 = np.array([[0, 1, -1], [0, -1, 1], [-1, 0, 1]], np.int32)   # pairs (0,1), (0,2), (1,2)
@@ -127,3 +127,11 @@ def test_ovo_stopped_between_members_resumes_to_the_uninterrupted_run(tmp_path, 
     # the members differ: each learned its own pair
     first = jax.tree.leaves(full.bundle_.variables)[0]
     assert not np.allclose(first[0], first[1])
+
+
+def test_a_config_written_before_member_data_reads_as_shared_batches():
+    doc = make_config("ova", backbone="simple_cnn").to_dict()
+    del doc["training"]["member_data"]
+    old = RunConfig.from_dict(doc)
+    assert old.training.member_data == "shared"
+    assert old.differences(make_config("ova", backbone="simple_cnn")) == []
