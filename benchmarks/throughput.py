@@ -202,6 +202,19 @@ def torch_setup(args: argparse.Namespace) -> tuple[Call, dict] | None:
                       b.numel() for n, b in model.named_buffers() if "running" in n)}
 
 
+def _alternate(setups: dict[str, tuple[Call, dict]], repeats: int, steps: int
+               ) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per step of every setup, `repeats` timings each, taken in turn so that a change
+    of load hits all of them; and the 1-minute load average before and after."""
+    times: dict[str, list[float]] = {k: [] for k in setups}
+    load = [os.getloadavg()[0]]
+    for _ in range(repeats):
+        for name, (call, _) in setups.items():
+            times[name].append(_time(call, steps))
+    load.append(os.getloadavg()[0])
+    return times, load
+
+
 def measure(args: argparse.Namespace) -> dict:
     """Time the JAX step (and the torch twin), alternating their timings so load hits both.
 
@@ -212,12 +225,7 @@ def measure(args: argparse.Namespace) -> dict:
     if args.reference:
         setups["torch"] = torch_setup(args)
     setups = {k: v for k, v in setups.items() if v}
-    times: dict[str, list[float]] = {k: [] for k in setups}
-    load = [os.getloadavg()[0]]
-    for _ in range(args.repeats):
-        for name, (call, _) in setups.items():
-            times[name].append(_time(call, args.steps))
-    load.append(os.getloadavg()[0])
+    times, load = _alternate(setups, args.repeats, args.steps)
     results: dict = {"config": vars(args), "load": load, "cores": len(os.sched_getaffinity(0))}
     for name, (_, info) in setups.items():
         step_s = statistics.median(times[name])
@@ -266,12 +274,7 @@ def run_levers(args: argparse.Namespace) -> list[dict]:
                 "mode": "train", "precision": "fp32", "remat": "none"}
         setups = {name: jax_setup(argparse.Namespace(**{**base, **change}))
                   for name, change in LEVERS.items()}
-        times: dict[str, list[float]] = {k: [] for k in setups}
-        load = [os.getloadavg()[0]]
-        for _ in range(args.repeats):
-            for name, (call, _) in setups.items():
-                times[name].append(_time(call, args.steps))
-        load.append(os.getloadavg()[0])
+        times, load = _alternate(setups, args.repeats, args.steps)
         ips = {k: batch_size / statistics.median(v) for k, v in times.items()}
         out.append({"backbone": backbone, "batch_size": batch_size, "images_per_s": ips,
                     "load": load})
