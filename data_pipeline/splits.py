@@ -11,10 +11,14 @@ patient groups (largest first, equal sizes in seeded random order) go to the spl
 overshoot least, ties to the split that is proportionally least filled. Without patient ids
 every group is one example and each class hits its target exactly. `kfold_indices` uses
 scikit-learn's `StratifiedGroupKFold`, which fits that job.
+
+The recipe "source" keeps a dataset's own test folder (Kermany's `test/`) as the test split,
+as the papers on that data report, and splits the rest 85/15 into train/val the same way.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,6 +33,9 @@ RECIPES: dict[str, tuple[float, float, float]] = {
     "80/20-70/30": (0.80 * 0.70, 0.80 * 0.30, 0.20),
     "70/30-75/25": (0.70 * 0.75, 0.70 * 0.25, 0.30),
 }
+SOURCE = "source"   # the dataset's own test folder; the rest split train/val
+SPLIT_RECIPES: tuple[str, ...] = (*RECIPES, SOURCE)
+SOURCE_VAL_SHARE = 0.15   # of the images outside the source's test folder
 
 
 def _as_arrays(labels, patient_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -155,3 +162,33 @@ def kfold_indices(labels, patient_ids, *, k: int = 5,
     folds = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=seed)
     return [(np.sort(tr).astype(np.int64), np.sort(va).astype(np.int64))
             for tr, va in folds.split(np.zeros(len(labels)), labels, groups)]
+
+
+def source_split_indices(labels, patient_ids, source_splits, *,
+                         seed: int = 0) -> dict[str, np.ndarray]:
+    """{"train", "val", "test"}: test is the source's own `test` folder; everything else (its
+    train and val folders: Kermany's val holds 16 images) splits into train/val as
+    `split_indices` does, with SOURCE_VAL_SHARE for val. Images of a patient who also has
+    images in the test folder are left out of train and val (a warning counts them), so the
+    splits stay patient-disjoint. ValueError when the dataset has no test folder."""
+    labels, patient_ids = _as_arrays(labels, patient_ids)
+    source_splits = np.asarray(source_splits, dtype=str)
+    if source_splits.shape != labels.shape:
+        raise ValueError(f"source_splits has {len(source_splits)} entries but labels has "
+                         f"{len(labels)}")
+    test = np.flatnonzero(source_splits == "test").astype(np.int64)
+    if not len(test):
+        raise ValueError("split recipe source: this dataset has no test folder of its own "
+                         "(a Kermany layout has train/ and test/); use another --split-recipe")
+    test_patients = {str(p) for p in patient_ids[test] if p}
+    rest = np.flatnonzero(source_splits != "test")
+    shared = np.array([bool(patient_ids[i]) and str(patient_ids[i]) in test_patients
+                       for i in rest], dtype=bool)
+    if shared.any():
+        warnings.warn(f"split recipe source: {int(shared.sum())} image(s) outside the test "
+                      f"folder belong to patients in it; left out of train and val",
+                      stacklevel=2)
+    rest = rest[~shared]
+    inner = split_indices(labels[rest], patient_ids[rest], seed=seed,
+                          ratios=(1 - SOURCE_VAL_SHARE, SOURCE_VAL_SHARE, 0.0))
+    return {"train": rest[inner["train"]], "val": rest[inner["val"]], "test": test}

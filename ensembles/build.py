@@ -23,7 +23,7 @@ from data_pipeline.balance import balance_indices
 from data_pipeline.datasets import Dataset, load_dataset
 from data_pipeline.loader import finish, make_loader
 from data_pipeline.preprocess import PreprocessConfig
-from data_pipeline.splits import split_indices
+from data_pipeline.splits import SOURCE, source_split_indices, split_indices
 from ensembles import quality_filter
 from ensembles.config import RunConfig
 from ensembles.segmenter import Segmenter, load_segmenter
@@ -96,9 +96,13 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
     elif d.lung_mask == "dataset" and not dataset.has_masks:
         raise ValueError(f"lung_mask dataset: {dataset.name} ships no lung masks; use "
                          f"--lung-mask auto --segmenter RUN (python -m experiments.segment)")
-    splits = {k: kept[v] for k, v in split_indices(
-        dataset.labels[kept], dataset.patient_ids[kept], recipe=d.split_recipe,
-        seed=t.seed).items()}
+    if d.split_recipe == SOURCE:
+        local = source_split_indices(dataset.labels[kept], dataset.patient_ids[kept],
+                                     dataset.source_splits[kept], seed=t.seed)
+    else:
+        local = split_indices(dataset.labels[kept], dataset.patient_ids[kept],
+                              recipe=d.split_recipe, seed=t.seed)
+    splits = {k: kept[v] for k, v in local.items()}
     train = splits["train"]
     if d.balance in ("downsample", "oversample"):
         train = balance_indices(train, dataset.labels, mode=d.balance, seed=t.seed)

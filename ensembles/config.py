@@ -21,7 +21,7 @@ from backbones import training
 from backbones.training import distributed
 from data_pipeline.datasets import DATASETS
 from data_pipeline.preprocess import NORMALIZATIONS as _ALL_NORMALIZATIONS
-from data_pipeline.splits import RECIPES
+from data_pipeline.splits import SPLIT_RECIPES
 from ensembles.members import MEMBER_DATA, MEMBER_MODES
 from ensembles.operating_points import parse_operating_point
 from ensembles.tasks import STRATEGIES
@@ -263,7 +263,8 @@ def check(config: RunConfig) -> None:
                         ("image_size", d.image_size), ("count", d.count)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1")
-    choices = {"dataset": (d.dataset, DATASETS), "split_recipe": (d.split_recipe, RECIPES),
+    choices = {"dataset": (d.dataset, DATASETS),
+               "split_recipe": (d.split_recipe, SPLIT_RECIPES),
                "balance": (d.balance, BALANCE_MODES),
                "normalization": (d.normalization, NORMALIZATIONS),
                "lung_mask": (d.lung_mask, LUNG_MASKS),

@@ -16,7 +16,7 @@ from pathlib import Path
 import backbones
 from backbones import training
 from data_pipeline.datasets import DATASETS
-from data_pipeline.splits import RECIPES
+from data_pipeline.splits import SPLIT_RECIPES
 from ensembles import bundle as bundle_lib
 from ensembles.config import (
     BALANCE_MODES, LUNG_MASKS, META_MODELS, NORMALIZATIONS, SECTIONS, RunConfig, defaults_for,
@@ -73,7 +73,9 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
                            "(--lung-mask alone), or auto: masks predicted by --segmenter")
     data.add_argument("--segmenter", metavar="RUN",
                       help="with --lung-mask auto: a run of python -m experiments.segment")
-    data.add_argument("--split-recipe", choices=tuple(RECIPES))
+    data.add_argument("--split-recipe", choices=SPLIT_RECIPES,
+                      help="train/val/test shares, patient-grouped; source: the dataset's own "
+                           "test folder (Kermany's test/) is the test split, the rest 85/15")
     data.add_argument("--balance", choices=BALANCE_MODES,
                       help="class_weights: every member weights its classes over its own "
                            "training examples")

@@ -7,7 +7,13 @@ import csv
 import numpy as np
 import pytest
 
-from data_pipeline.splits import RECIPES, kfold_indices, split_indices
+from data_pipeline.splits import (
+    RECIPES,
+    SOURCE_VAL_SHARE,
+    kfold_indices,
+    source_split_indices,
+    split_indices,
+)
 
 
 def _no_overlap_and_complete(split: dict[str, np.ndarray], n: int) -> None:
@@ -139,3 +145,61 @@ def test_real_manifest_split_is_patient_disjoint(shared_data):
     for name, want in (("train", 67), ("val", 29), ("test", 24)):
         counts = np.bincount(labels[split[name]], minlength=len(names))
         assert np.all(np.abs(counts - want) <= 1), (name, counts)
+
+
+def _source_data():
+    """Patient data with a test folder (every 5th patient's images) and a train folder; two
+    patients of the test folder also have images in the train folder (returned)."""
+    labels, pids = _patient_data(seed=1)
+    patient_no = np.array([int(p[1:]) if p else -1 for p in pids])
+    source = np.where((patient_no >= 0) & (patient_no % 5 == 0), "test", "train").astype(object)
+    source[np.flatnonzero(pids == "")[:20]] = "test"
+    twice = [p for p in ("p0", "p5", "p10", "p15", "p20") if (pids == p).sum() >= 2][:2]
+    for p in twice:           # one image of each in the train folder, the others in test
+        source[np.flatnonzero(pids == p)[:1]] = "train"
+    return labels, pids, source.astype(str), set(twice)
+
+
+def test_source_split_keeps_the_test_folder_and_splits_the_rest_by_patient():
+    labels, pids, source, twice = _source_data()
+    with pytest.warns(UserWarning, match=r"2 image\(s\) outside the test folder"):
+        split = source_split_indices(labels, pids, source, seed=0)
+    assert np.array_equal(split["test"], np.flatnonzero(source == "test"))
+    shared = [i for i in np.flatnonzero(source == "train") if pids[i] in twice]
+    assert len(shared) == 2 and not set(shared) & set(np.concatenate(list(split.values())))
+    rest = np.concatenate([split["train"], split["val"]])
+    assert sorted(rest.tolist()) == sorted(set(np.flatnonzero(source == "train")) - set(shared))
+    sets = [set(pids[idx]) - {""} for idx in split.values()]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    for c in range(4):
+        n_val = (labels[split["val"]] == c).sum()
+        n_rest = (labels[rest] == c).sum()
+        assert abs(n_val - SOURCE_VAL_SHARE * n_rest) <= 3, (c, n_val, n_rest)
+    again = source_split_indices(labels, pids, source, seed=0)
+    other = source_split_indices(labels, pids, source, seed=1)
+    assert all(np.array_equal(split[k], again[k]) for k in split)
+    assert np.array_equal(other["test"], split["test"])
+    assert not np.array_equal(other["val"], split["val"])
+
+
+def test_source_split_needs_a_test_folder():
+    labels, pids, source, _ = _source_data()
+    with pytest.raises(ValueError, match="no test folder of its own"):
+        source_split_indices(labels, pids, np.full(len(labels), ""), seed=0)
+    with pytest.raises(ValueError, match="source_splits has 3 entries"):
+        source_split_indices(labels, pids, source[:3], seed=0)
+
+
+@pytest.mark.real_data
+def test_kermany_source_split_is_the_published_test_folder(shared_data):
+    """cxr-kermany's own split: 495 test images, the 1,905 others split 85/15 by patient."""
+    with open(shared_data / "cxr-kermany" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = sorted({r["label"] for r in rows})
+    labels = np.array([names.index(r["label"]) for r in rows])
+    pids = np.array([r["patient_id"] for r in rows], dtype=object)
+    source = np.array([r["split"] for r in rows])
+    split = source_split_indices(labels, pids, source, seed=0)
+    assert len(split["test"]) == 495
+    assert len(split["train"]) + len(split["val"]) == 1905
+    assert abs(len(split["val"]) - SOURCE_VAL_SHARE * 1905) <= 10
