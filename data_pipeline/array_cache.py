@@ -121,9 +121,11 @@ class ArraySource:
         return self._stands_for
 
 
-def cached_source(source, cfg: PreprocessConfig) -> ArraySource | None:
+def cached_source(source, cfg: PreprocessConfig, *, progress: bool = True
+                  ) -> ArraySource | None:
     """The store of `source` for `cfg`, built on first use (under a lock, with a progress
-    bar); None for a source without `arrays_dir` (in-memory examples, a bare TFDS source)."""
+    bar unless `progress` is False); None for a source without `arrays_dir` (in-memory
+    examples, a bare TFDS source)."""
     arrays_dir = getattr(source, "arrays_dir", None)
     if arrays_dir is None:
         return None
@@ -133,7 +135,7 @@ def cached_source(source, cfg: PreprocessConfig) -> ArraySource | None:
         with build_lock(folder):
             if not data.is_dir():   # another process may have built it while we waited
                 remove_incomplete(folder)
-                _build(source, cfg, folder, data)
+                _build(source, cfg, folder, data, progress)
     manifest = json.loads((data / "manifest.json").read_text())
     shape = [len(source), cfg.image_size, cfg.image_size, 1]
     if manifest["shape"] != shape:
@@ -142,7 +144,7 @@ def cached_source(source, cfg: PreprocessConfig) -> ArraySource | None:
     return ArraySource(data, len(source), repr(source))
 
 
-def _build(source, cfg: PreprocessConfig, folder: Path, data: Path) -> None:
+def _build(source, cfg: PreprocessConfig, folder: Path, data: Path, progress: bool) -> None:
     """Decode and prepare every example of `source` into `incomplete.*`, then rename to `data`."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{INCOMPLETE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
@@ -151,7 +153,8 @@ def _build(source, cfg: PreprocessConfig, folder: Path, data: Path) -> None:
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                        shape=(n, size, size, 1))
     labels, ids = np.empty(n, np.int64), []
-    with tqdm(total=n, desc=f"caching {n} images at {size}px", unit="img") as bar:
+    with tqdm(total=n, desc=f"caching {n} images at {size}px", unit="img",
+              disable=not progress) as bar:
         for start in range(0, n, _CHUNK):
             stop = min(start + _CHUNK, n)
             for i, example in enumerate(source.__getitems__(range(start, stop)), start):

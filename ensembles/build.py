@@ -111,6 +111,9 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
                          f"of {t.batch_size}; lower the batch size")
     preprocess = PreprocessConfig(image_size=d.image_size, channels=d.channels, clahe=d.clahe,
                                   lung_mask=d.lung_mask != "none")
+    # Build the decode-once store here, so that --no-progress also silences its bar (the
+    # loaders then find it built).
+    array_cache.cached_source(dataset.source, preprocess, progress=t.progress)
     if d.normalization == "dataset":
         mean, std = array_cache.mean_std(dataset.source, splits["train"], preprocess)
         preprocess = dataclasses.replace(preprocess, normalization="dataset", mean=mean, std=std)

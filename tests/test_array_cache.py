@@ -169,7 +169,7 @@ def test_a_second_builder_waits_for_the_lock_then_reuses(ds, monkeypatch):
         waiter.start()
         time.sleep(0.3)
         assert waiter.is_alive() and "store" not in result
-        array_cache._build(ds.source, cfg, folder, folder / "data")
+        array_cache._build(ds.source, cfg, folder, folder / "data", False)
         _forbid_decoding(monkeypatch)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -219,3 +219,24 @@ def test_benchmark_runs_at_tiny_size(tmp_path):
                    row["decode_per_core"]) > 0
         assert row["cores_for_target"] == pytest.approx(
             result["config"]["target"] / row["cached_per_core"])
+
+
+def test_progress_false_builds_the_store_without_a_bar(ds, capfd):
+    """--no-progress reaches the store's build (build_data passes the run's progress)."""
+    quiet = cached_source(ds.source, PreprocessConfig(image_size=9), progress=False)
+    assert "caching" not in capfd.readouterr().err
+    loud = cached_source(ds.source, PreprocessConfig(image_size=11))
+    assert "caching 12 images at 11px" in capfd.readouterr().err
+    assert quiet.folder != loud.folder and (quiet.folder / "images.npy").is_file()
+
+
+def test_a_run_without_progress_builds_its_store_silently(cache, capfd, monkeypatch):
+    """build_data builds the store itself, with the run's progress setting."""
+    from ensembles import build
+    from ensembles.config import make_config, resolve
+    config = resolve(make_config("single", backbone="simple_cnn", count=12, image_size=13,
+                                 cache_dir=str(cache), batch_size=4, progress=False))
+    data = build.build_data(config)
+    assert "caching" not in capfd.readouterr().err
+    _forbid_decoding(monkeypatch)   # built by build_data: found, not decoded again
+    assert array_cache.cached_source(data.dataset.source, data.preprocess) is not None
