@@ -104,3 +104,71 @@ def test_tests_against_the_baseline_with_holm_per_backbone():
     assert by["ova", "cnn"]["p"] == 0.25 and by["ova", "cnn"]["p_holm"] == 0.5
     # differences +0.01, 0, -0.01: every flip reaches |mean| 0 -> p = 1
     assert by["ova+meta", "cnn"]["p"] == 1.0 and by["ova+meta", "cnn"]["p_holm"] == 1.0
+
+
+CLASSES = ("covid", "normal", "viral_pneumonia")   # cascade: normal (1) is the healthy class
+
+
+def _fake_run(path, strategy, val, y_val, test, **settings):
+    """A run folder with only what the analysis reads: config.json and outputs.npz."""
+    path.mkdir()
+    config = make_config(strategy, backbone="simple_cnn", **settings)
+    (path / "config.json").write_text(json.dumps({"config": config.to_dict()}))
+    np.savez(path / "outputs.npz", class_names=np.array(CLASSES),
+             train_indices=np.arange(100, 110), val_index=np.arange(len(y_val)),
+             val_label=np.asarray(y_val), test_label=np.zeros(len(test[0]), int),
+             **{f"val_member_{m}": v for m, v in enumerate(val)},
+             **{f"test_member_{m}": t for m, t in enumerate(test)})
+    return path
+
+
+def _pairs(rows):
+    """Per-member [N, 2] outputs from rows of (P(i) of pair 0, pair 1, pair 2)."""
+    r = np.asarray(rows, float)
+    return [np.stack([r[:, m], 1 - r[:, m]], axis=1) for m in range(r.shape[1])]
+
+
+def test_ovo_variants_votes_and_coupling(tmp_path):
+    # pairs (covid, normal), (covid, viral), (normal, viral): covid narrowly wins both its
+    # pairs (2 votes: "ovo-votes" says covid), normal crushes viral, so coupling puts the
+    # most mass on normal
+    test = _pairs([[0.51, 0.51, 0.99], [0.1, 0.9, 0.9]])
+    val = _pairs([[0.9, 0.9, 0.5], [0.1, 0.5, 0.9], [0.5, 0.1, 0.1]] * 2)
+    run = _fake_run(tmp_path / "ovo", "ovo", val, [0, 1, 2] * 2, test, ovo_decision="coupling")
+    assert comparison.own_variant(run) == "ovo-coupling"
+    v = {x.name: x for x in comparison.variants(run)}
+    assert list(v) == ["ovo-votes", "ovo-coupling", "ovo+meta"]
+    # second example: normal beats covid (0.9) and viral (0.9 of its pair): 2 votes
+    assert v["ovo-votes"].test_pred.tolist() == [0, 1]
+    assert v["ovo-coupling"].test_pred.tolist() == [1, 1]
+    np.testing.assert_array_equal(v["ovo-votes"].test_proba, v["ovo-coupling"].test_proba)
+    assert v["ovo-coupling"].test_proba[0].argmax() == 1
+
+
+def test_cascade_tuned_threshold_and_meta_by_hand(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    # stage 1 P(sick) of the 4 sick validation examples: 0.9, 0.8, 0.3, 0.2; target 0.75 keeps
+    # ceil(0.75 * 4) = 3 of them: threshold 0.3
+    s_val = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.05])
+    y_val = np.array([0, 2, 0, 2, 1, 1])
+    q_val = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6], [0.5, 0.5], [0.5, 0.5]])
+    s_test, q_test = np.array([0.4, 0.6, 0.1]), np.array([[0.3, 0.7], [0.9, 0.1], [0.2, 0.8]])
+    val = [np.stack([1 - s_val, s_val], 1), q_val]
+    test = [np.stack([1 - s_test, s_test], 1), q_test]
+    run = _fake_run(tmp_path / "cascade", "cascade", val, y_val, test, target_sensitivity=0.75)
+    v = {x.name: x for x in comparison.variants(run)}
+    assert list(v) == ["cascade", "cascade-tuned", "cascade+meta"]
+    assert v["cascade"].test_pred.tolist() == [1, 0, 1]          # sick from 0.5
+    assert v["cascade-tuned"].test_pred.tolist() == [2, 0, 1]    # sick from 0.3
+    # +meta: scikit-learn's logistic regression on the concatenated validation outputs
+    x_val, x_test = np.concatenate(val, axis=1), np.concatenate(test, axis=1)
+    ref = LogisticRegression(C=1.0, max_iter=2000).fit(x_val, y_val).predict_proba(x_test)
+    np.testing.assert_allclose(v["cascade+meta"].test_proba, ref, atol=1e-6)
+    np.testing.assert_array_equal(v["cascade+meta"].test_pred, ref.argmax(1))
+    # a validation row that was a training example is refused
+    z = dict(np.load(run / "outputs.npz"))
+    z["train_indices"] = np.array([3, 100])
+    np.savez(run / "outputs.npz", **z)
+    with pytest.raises(ValueError, match="leakage: 1 of 6"):
+        comparison.variants(run)
