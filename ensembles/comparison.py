@@ -14,6 +14,8 @@ sensitivity / specificity, macro ROC-AUC, ECE before and after temperature scali
 Variants of one (backbone, seed) share the test examples, so each is tested against the
 baseline variant there (McNemar, patient-grouped paired bootstrap), and across seeds by an
 exact sign-flip test of the per-seed macro-F1 differences; Holm adjusts each family.
+`cross_set` evaluates a run's bundle (its own rule) on another dataset, with the leakage
+check against the run's training images.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.datasets import Dataset
 from ensembles import runs
+from ensembles.assess import evaluate_bundle
+from ensembles.bundle import load_bundle
 from ensembles.calibration import TemperatureScaling, expected_calibration_error
 from ensembles.config import RunConfig
 from ensembles.evaluation import evaluate_predictions
@@ -252,3 +257,24 @@ def summarise(rows: list[dict], metrics: Sequence[str]) -> list[dict]:
                             for c in group[0]["per_class"]}
         out.append(row)
     return out
+
+
+def cross_set(run_dir: Path, dataset: Dataset, *, seed: int, batch_size: int = 32,
+              n_bootstrap: int = 1000) -> dict:
+    """The run's bundle (its own rule) on every image of `dataset` whose class it knows
+    (`ensembles.assess.evaluate_bundle`): macro-F1 with its 95% CI, and the images that
+    duplicate one of the run's training / validation images (exact or perceptual-hash near),
+    and the macro-F1 without them (None when every image is one)."""
+    m = evaluate_bundle(load_bundle(run_dir), dataset, np.arange(len(dataset.source)),
+                        batch_size=batch_size, seed=seed, n_bootstrap=n_bootstrap).metrics
+    leak = m["leakage"]
+    without = leak.get("without_duplicates")
+    examples = m["evaluated_on"]["examples"]
+    return {"dataset": dataset.name, "examples": examples, "accuracy": m["accuracy"],
+            "macro_f1": m["macro_f1"], "macro_f1_ci95": (m["ci95"] or {}).get("macro_f1"),
+            "leakage_checked": bool(leak.get("checked")),
+            "duplicated_images": (examples - (without["n_examples"] if without else 0)
+                                  if leak.get("duplicates") else 0),
+            "exact": leak.get("exact"), "near": leak.get("near"),
+            "macro_f1_without_duplicates": (without["macro_f1"] if without else None)
+            if leak.get("duplicates") else m["macro_f1"]}

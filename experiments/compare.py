@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_pipeline.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
 from ensembles import Ensemble, Stack  # noqa: E402
 from ensembles import bundle as bundle_lib  # noqa: E402
 from ensembles import comparison  # noqa: E402
@@ -165,16 +166,20 @@ def run_all(planned: list[Planned], *, reuse: bool = False) -> None:
             Ensemble(config=run.config).fit(out=run.run_dir, resume=action == "resume")
 
 
-def analyse(planned: list[Planned]) -> dict:
-    """Every run's variants scored (seed 0 with bootstrap CIs), summarised over seeds and
-    tested against the first strategy's own rule, per seed and across seeds."""
+def analyse(planned: list[Planned], cross: Dataset | None = None) -> dict:
+    """Every run's variants scored (the first seed with bootstrap CIs), summarised over seeds
+    and tested against the first strategy's own rule, per seed and across seeds; with
+    `cross`, every run's bundle evaluated on that dataset too."""
     rows = [row for p in planned for row in comparison.analyse_run(
         p.run_dir, backbone=p.backbone, seed=p.seed,
         n_bootstrap=N_BOOTSTRAP if p.seed == min(q.seed for q in planned) else 0)]
     baseline = comparison.own_variant(planned[0].run_dir)
     curves = {(p.strategy, p.backbone): comparison.learning_curves(p.run_dir)
               for p in planned if p.seed == planned[0].seed and p.strategy != "stack"}
-    return {"rows": rows, "baseline": baseline,
+    cross_rows = [] if cross is None else [
+        {"strategy": p.strategy, "backbone": p.backbone, "seed": p.seed, "run": str(p.run_dir),
+         **comparison.cross_set(p.run_dir, cross, seed=p.seed)} for p in planned]
+    return {"rows": rows, "baseline": baseline, "cross_set": cross_rows,
             "summary": comparison.summarise(rows, (*METRICS, *COST)),
             "paired": comparison.paired_tests(rows, baseline),
             "across_seeds": comparison.across_seed_tests(rows, baseline), "curves": curves}
@@ -252,11 +257,35 @@ def markdown(result: dict) -> str:
         lines += [f"| {t['variant']} | {t['backbone']} | {len(t['seeds'])} | "
                   f"{t['mean_diff']:+.3f} | {t['p']:.3g} | {t['p_holm']:.3g} | "
                   f"{t['min_p']:.3g} |" for t in result["across_seeds"]]
+    if result["cross_set"]:
+        lines += ["", *_cross_markdown(result["cross_set"])]
     if result["paired"] or result["across_seeds"]:
         lines += ["", f"Holm family: per backbone, every comparison against {baseline} on that "
                   "backbone; per-seed tests: every (variant, seed) pair, McNemar and bootstrap "
                   "adjusted separately; across seeds: every variant."]
     return "\n".join(lines) + "\n"
+
+
+def _cross_markdown(cross: list[dict]) -> list[str]:
+    """The cross-set table: per (strategy, backbone), macro-F1 over seeds and duplicates."""
+    lines = [f"## Cross-set macro-F1 ({cross[0]['dataset']}, every image of a class the "
+             "model knows; each run's own rule)", "",
+             "Duplicates: images of the cross set that are exact or near (perceptual hash) "
+             "copies of a run's training / validation images (`ensembles.leakage`); these two "
+             "columns list each seed.", "",
+             "| strategy | backbone | images | macro-F1 | duplicated images | macro-F1 "
+             "without duplicates |", "|---|---|---|---|---|---|"]
+    for s, b in dict.fromkeys((c["strategy"], c["backbone"]) for c in cross):
+        group = sorted((c for c in cross if (c["strategy"], c["backbone"]) == (s, b)),
+                       key=lambda c: c["seed"])
+        f1 = np.array([c["macro_f1"] for c in group])
+        dup = ", ".join(str(c["duplicated_images"]) if c["leakage_checked"] else "not checked"
+                        for c in group)
+        clean = ", ".join(_f(c["macro_f1_without_duplicates"]) for c in group)
+        lines.append(f"| {s} | {b} | {group[0]['examples']} | "
+                     f"{_mean_std((f1.mean(), f1.std()))}{_ci(group[0]['macro_f1_ci95'])} | "
+                     f"{dup} | {clean} |")
+    return lines
 
 
 def write_outputs(out: Path, result: dict) -> None:
@@ -277,7 +306,8 @@ def write_outputs(out: Path, result: dict) -> None:
              for r in rows]
     (out / "compare.json").write_text(json.dumps(
         {"baseline": result["baseline"], "runs": plain, "summary": summary,
-         "paired": result["paired"], "across_seeds": result["across_seeds"]},
+         "paired": result["paired"], "across_seeds": result["across_seeds"],
+         "cross_set": result["cross_set"]},
         indent=1, default=float))
     _plot_summary(summary, out / "compare.png")
     _plot_curves(result["curves"], out / "compare_curves.png")
@@ -344,6 +374,19 @@ def _names(text: str, what: str, allowed=None) -> list[str]:
     return names
 
 
+def _option(text: str) -> tuple[str, int | float | str]:
+    """KEY=VALUE of --cross-option, the value as int, float or text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--cross-option {text!r}: give KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     # allow_abbrev=False: --seed / --backbone are refused training flags, not --seeds /
     # --backbones abbreviated
@@ -359,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep runs already finished in --compare-out (same settings, "
                              "checked), resume interrupted ones and train only the missing "
                              "ones: resumes a comparison")
+    parser.add_argument("--cross-dataset", choices=DATASETS, default=None,
+                        help="also evaluate every run's bundle on this whole dataset, with "
+                             "the leakage check against its training images")
+    parser.add_argument("--cross-data-dir", default=None,
+                        help="the cross set's folder (built under the runs' --cache-dir)")
+    parser.add_argument("--cross-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a load_dataset option of the cross set (e.g. num_classes=2); "
+                             "repeatable")
     args, flags = parser.parse_known_args(argv)
     try:
         strategies = _names(args.strategies, "strategy", STRATEGIES)
@@ -369,12 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         out = (Path(args.compare_out) if args.compare_out else
                runs_lib.default_run_dir("compare", "all"))
         planned = plan(strategies, _names(args.backbones, "backbones"), args.seeds, out, flags)
+        cross = None if args.cross_dataset is None else load_dataset(   # checked first
+            args.cross_dataset, data_dir=args.cross_data_dir,
+            cache_dir=planned[0].config.data.cache_dir,
+            **dict(_option(o) for o in args.cross_option))
         out.mkdir(parents=True, exist_ok=True)
         run_all(planned, reuse=args.reuse)
+        write_outputs(out, analyse(planned, cross))
     except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    write_outputs(out, analyse(planned))
     print((out / "compare.md").read_text())
     print(f"report: {out / 'compare.md'}")
     return 0

@@ -38,7 +38,10 @@ def test_compare_tiny(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = compare.main(["--strategies", "single,ovo,cascade,stack", "--backbones",
                          "simple_cnn", "--seeds", "1", "--compare-out", str(out), *TINY,
-                         "--meta", "logreg", "--cache-dir", str(tmp_path / "tfds")])
+                         "--meta", "logreg", "--cache-dir", str(tmp_path / "tfds"),
+                         # the cross set: the training data itself (same seed, count, size)
+                         "--cross-dataset", "synthetic_cxr", "--cross-option", "count=120",
+                         "--cross-option", "image_size=16"])
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {out / 'compare.md'}"
     rows = list(csv.DictReader((out / "compare.csv").open()))
@@ -102,6 +105,14 @@ def test_compare_tiny(tmp_path, capsys):
             float(by[t["variant"]]["macro_f1"]) - metrics["single"]["macro_f1"], abs=1e-9)
         assert t["diff_ci95"][0] <= t["macro_f1_diff"] <= t["diff_ci95"][1]
         assert t["mcnemar_p"] <= t["mcnemar_p_holm"] <= 1
+    # cross set: every training / validation image is found; the rest is the test split
+    assert [c["strategy"] for c in doc["cross_set"]] == ["single", "ovo", "cascade", "stack"]
+    for c in doc["cross_set"]:
+        z = np.load(out / f"{c['strategy']}-simple_cnn-seed0" / "outputs.npz")
+        assert c["examples"] == 120 and c["leakage_checked"]
+        assert c["duplicated_images"] == len(np.unique(z["train_indices"])) + len(z["val_index"])
+        assert c["macro_f1_without_duplicates"] == pytest.approx(metrics[c["strategy"]]["macro_f1"])
+    assert "## Cross-set macro-F1 (synthetic_cxr" in (out / "compare.md").read_text()
     # one seed: the sign-flip test cannot reject (p = 1 for any difference)
     assert {(t["p"], t["min_p"]) for t in doc["across_seeds"]} == {(1.0, 1.0)}
     for f in ("compare.png", "compare_curves.png"):
