@@ -193,3 +193,11 @@ def test_reuse_keeps_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     # without --reuse, finished runs are refused before anything trains
     assert compare.main(argv) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_a_bad_cross_option_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert compare.main(["--strategies", "single", "--compare-out", str(out),
+                         "--cross-dataset", "synthetic_cxr", "--cross-option", "count"]) == 2
+    assert "--cross-option 'count': give KEY=VALUE" in capsys.readouterr().err
+    assert not out.exists()
