@@ -3,10 +3,14 @@
 McNemar's test compares error rates through the discordant pairs; the paired bootstrap compares
 any metric of `ensembles.evaluation.bootstrap_metrics` (accuracy, macro F1, macro ROC-AUC)
 by resampling examples, or whole patients when patient ids are known, with the same draws for
-both predictors so their correlation is kept.
+both predictors so their correlation is kept. Across seeds, `sign_flip_test` is an exact paired
+permutation test of per-seed differences; `holm` adjusts a family of p-values.
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import binomtest, chi2
@@ -93,3 +97,35 @@ def paired_bootstrap(y_true, proba_a, proba_b, *, metric: str = "macro_f1", pati
     return {"metric": metric, "a": float(a), "b": float(b), "difference": d,
             "ci95": [float(lo), float(hi)], "p_value": float(p), "n_resamples": int(len(diffs)),
             "unit": unit_kind}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (NaN stays NaN, out of the
+    family): sorted ascending, p_(i) * (m - i + 1), made monotone by a running max, capped at 1.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must be a 1-D list in [0, 1], got {p_values!r}")
+    adjusted = np.full(len(p), np.nan)
+    kept = np.flatnonzero(~np.isnan(p))
+    order = kept[np.argsort(p[kept], kind="stable")]
+    m = len(order)
+    steps = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    adjusted[order] = np.minimum(steps, 1.0)
+    return adjusted.tolist()
+
+
+def sign_flip_test(differences: Sequence[float]) -> dict:
+    """Exact two-sided paired permutation test of mean(differences) = 0 (e.g. one macro-F1
+    difference per seed): every one of the 2^n sign flips is equally likely under the null;
+    p = share of flips whose |mean| is at least the observed one. With n seeds the smallest
+    possible p is 2 / 2^n (0.25 for 3 seeds): few seeds cannot show significance."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0 or not np.all(np.isfinite(d)) or len(d) > 20:
+        raise ValueError(f"need 1 to 20 finite differences, got {differences!r}")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    flipped = np.abs(signs @ d) / len(d)
+    observed = abs(d.mean())
+    p = float(np.mean(flipped >= observed - 1e-12))
+    return {"n": len(d), "mean_difference": float(d.mean()), "p_value": p,
+            "min_p": 2 / 2 ** len(d)}

@@ -8,13 +8,20 @@ backbone takes its family's defaults for the flags not given. Every run's config
 runs train through `ensembles.Ensemble` and "stack" through `ensembles.Stack`.
 
 Each (backbone, seed) trains every strategy on the same split (the seed also picks the split),
-so strategies are paired on identical test examples: McNemar's test on the decisions and a
-paired bootstrap of macro-F1 (patient-grouped when ids exist) against the first strategy.
+so strategies are paired on identical test examples. The analysis (`ensembles.comparison`)
+reads the finished run folders only: every run's decision rules ("ovo-votes" / "ovo-coupling",
+"cascade" / "cascade-tuned", "<strategy>+meta": a logistic meta-classifier on the run's
+validation member outputs) are scored as their own rows and tested against the first
+strategy's own rule: McNemar and a paired bootstrap of macro-F1 (patient-grouped when ids
+exist) per seed, an exact sign-flip test across seeds, Holm-adjusted per backbone.
 "stack" is the meta-classifier over that backbone's other runs (fitted on validation outputs).
-Writes compare.csv (one row per run), compare.md (mean ± std over seeds, seed-0 bootstrap CI,
-paired tests) and compare.png (macro-F1 per strategy and backbone). `--reuse` resumes an
-interrupted comparison: finished runs in --compare-out are kept once their saved config is
-checked against this command's (RunConfig.differences), interrupted runs are resumed.
+Writes compare.csv (one row per run x variant), compare.md (mean ± std over seeds, first-seed
+bootstrap CI, per-class sensitivity / specificity, calibration, training cost, tests),
+compare.json, compare.png (macro-F1 per variant and backbone) and compare_curves.png (each
+member's validation macro-F1 per epoch, first seed). `--reuse` resumes an interrupted
+comparison, or rewrites the analysis of a finished one without training: finished runs in
+--compare-out are kept once their saved config is checked against this command's
+(RunConfig.differences), interrupted runs are resumed.
 """
 
 from __future__ import annotations
@@ -30,17 +37,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_pipeline.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
 from ensembles import Ensemble, Stack  # noqa: E402
 from ensembles import bundle as bundle_lib  # noqa: E402
+from ensembles import comparison  # noqa: E402
 from ensembles import runs as runs_lib  # noqa: E402
 from ensembles.config import META_MODELS, RunConfig, resolve  # noqa: E402
-from ensembles.stats import mcnemar, paired_bootstrap  # noqa: E402
 from experiments import common  # noqa: E402
 
 STRATEGIES = ("single", "ova", "ovo", "cascade", "stack")
-METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece")
+METRICS = ("accuracy", "macro_f1", "roc_auc_macro", "ece_before", "ece_after")
+COST = ("member_epochs", "train_seconds")
+N_BOOTSTRAP = 1000   # the first seed's CIs
 DESCRIPTION = "Every strategy x backbone x seed, compared on paired test examples."
 STACK_META = "logreg"
 # Flags the comparison sets per run itself (--backbones, --seeds, --compare-out, --reuse).
@@ -139,12 +150,10 @@ def decide(planned: list[Planned], run: Planned, reuse: bool) -> str:
     return action
 
 
-def run_all(planned: list[Planned], *, reuse: bool = False) -> list[dict]:
-    """Train/evaluate every planned run (every run checked first); one record per run with
-    its metrics and outputs. With `reuse`, finished runs are kept and interrupted ones
-    resumed."""
+def run_all(planned: list[Planned], *, reuse: bool = False) -> None:
+    """Train every planned run (every run checked first). With `reuse`, finished runs are
+    kept and interrupted ones resumed."""
     actions = [decide(planned, run, reuse) for run in planned]
-    records = []
     for run, action in zip(planned, actions, strict=True):
         if action == "reuse":
             print(f"reusing {run.run_dir}", file=sys.stderr)
@@ -155,99 +164,202 @@ def run_all(planned: list[Planned], *, reuse: bool = False) -> list[dict]:
             print(f"{'resuming' if action == 'resume' else 'training'} {run.run_dir}",
                   file=sys.stderr)
             Ensemble(config=run.config).fit(out=run.run_dir, resume=action == "resume")
-        metrics = json.loads((run.run_dir / "metrics.json").read_text())
-        z = np.load(run.run_dir / "outputs.npz")
-        records.append({"strategy": run.strategy, "backbone": run.backbone, "seed": run.seed,
-                        "run": str(run.run_dir), "metrics": metrics,
-                        "y": z["test_label"], "proba": z["test_proba"], "pred": z["test_pred"],
-                        "ids": z["test_patient_id"] if "test_patient_id" in z else None})
-    return records
 
 
-def paired_tests(records: list[dict], baseline: str) -> list[dict]:
-    """Each strategy vs `baseline` on the same (backbone, seed) test examples."""
-    index = {(r["strategy"], r["backbone"], r["seed"]): r for r in records}
-    rows = []
-    for r in records:
-        base = index.get((baseline, r["backbone"], r["seed"]))
-        if base is None or r["strategy"] == baseline:
-            continue
-        m = mcnemar(r["y"], r["pred"], base["pred"])
-        b = paired_bootstrap(r["y"], r["proba"], base["proba"], metric="macro_f1",
-                             patient_ids=r["ids"], n_bootstrap=500, seed=r["seed"],
-                             pred_a=r["pred"], pred_b=base["pred"])
-        rows.append({"strategy": r["strategy"], "baseline": baseline,
-                     "backbone": r["backbone"], "seed": r["seed"],
-                     "mcnemar_p": m["p_value"], "macro_f1_diff": b["difference"],
-                     "diff_ci95": b["ci95"], "bootstrap_p": b["p_value"]})
-    return rows
+def analyse(planned: list[Planned], cross: Dataset | None = None) -> dict:
+    """Every run's variants scored (the first seed with bootstrap CIs), summarised over seeds
+    and tested against the first strategy's own rule, per seed and across seeds; with
+    `cross`, every run's bundle evaluated on that dataset too."""
+    rows = [row for p in planned for row in comparison.analyse_run(
+        p.run_dir, backbone=p.backbone, seed=p.seed,
+        n_bootstrap=N_BOOTSTRAP if p.seed == min(q.seed for q in planned) else 0)]
+    baseline = comparison.own_variant(planned[0].run_dir)
+    curves = {(p.strategy, p.backbone): comparison.learning_curves(p.run_dir)
+              for p in planned if p.seed == planned[0].seed and p.strategy != "stack"}
+    cross_rows = [] if cross is None else [
+        {"strategy": p.strategy, "backbone": p.backbone, "seed": p.seed, "run": str(p.run_dir),
+         **comparison.cross_set(p.run_dir, cross, seed=p.seed)} for p in planned]
+    return {"rows": rows, "baseline": baseline, "cross_set": cross_rows,
+            "summary": comparison.summarise(rows, (*METRICS, *COST)),
+            "paired": comparison.paired_tests(rows, baseline),
+            "across_seeds": comparison.across_seed_tests(rows, baseline), "curves": curves}
 
 
-def summarise(records: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per (strategy, backbone), with seed 0's bootstrap CIs."""
-    rows = []
-    keys = dict.fromkeys((r["strategy"], r["backbone"]) for r in records)
-    for s, b in keys:
-        group = [r for r in records if r["strategy"] == s and r["backbone"] == b]
-        row = {"strategy": s, "backbone": b, "seeds": len(group)}
-        for k in METRICS:
-            v = np.array([np.nan if r["metrics"].get(k) is None else r["metrics"][k]
-                          for r in group], float)
-            row[k] = (float(np.nanmean(v)), float(np.nanstd(v)))
-            ci = group[0]["metrics"].get("ci95", {}).get(k)
-            row[f"{k}_ci95_seed0"] = ci
-        rows.append(row)
-    return rows
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{x:.{digits}f}"
 
 
-def write_outputs(out: Path, records, summary, tests) -> None:
+def _mean_std(pair, digits: int = 3) -> str:
+    return "n/a" if pair[0] is None else f"{_f(pair[0], digits)} ± {_f(pair[1], digits)}"
+
+
+def _ci(c) -> str:
+    return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
+
+
+def markdown(result: dict) -> str:
+    """compare.md: results, per-class, calibration, cost and test tables."""
+    summary, baseline = result["summary"], result["baseline"]
+    classes = list(summary[0]["per_class"])
+    lines = ["# Strategy comparison", "",
+             "Mean ± std over seeds; brackets: the first seed's 95% bootstrap CI (patients "
+             "resampled when ids exist). Every variant is a decision rule recomputed from its "
+             "run's saved validation / test member outputs (no retraining). \"X+meta\": a "
+             "logistic meta-classifier fitted on the run's validation member outputs (not "
+             "out-of-fold: that would need extra trainings per member).", "",
+             "| variant | backbone | seeds | accuracy | macro-F1 | ROC-AUC (macro) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['backbone']} | {r['seeds']} | " + " | ".join(
+        _mean_std(r[k]) + _ci(r[f"{k}_ci95_seed0"]) for k in METRICS[:3]) + " |"
+        for r in summary]
+    lines += ["", "## Per-class sensitivity / specificity (test, mean over seeds)", "",
+              "| variant | backbone | " + " | ".join(f"{c} sens / spec" for c in classes) + " |",
+              "|---|---|" + "---|" * len(classes)]
+    lines += [f"| {r['variant']} | {r['backbone']} | " + " | ".join(
+        f"{_f(r['per_class'][c]['sensitivity'])} / {_f(r['per_class'][c]['specificity'])}"
+        for c in classes) + " |" for r in summary]
+    lines += ["", "## Calibration (test ECE, 15 bins)", "",
+              "Temperature fitted per variant on its validation combined probabilities "
+              "(log-probabilities as logits). For \"+meta\" variants those are the meta-"
+              "classifier's own training rows, so its temperature is fitted in-sample; a stack "
+              "run saves no validation probabilities (n/a).", "",
+              "| variant | backbone | ECE before | ECE after temperature scaling |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['backbone']} | {_mean_std(r['ece_before'])} | "
+              f"{_mean_std(r['ece_after'])} |" for r in summary]
+    lines += ["", "## Training cost per run (mean ± std over seeds)", "",
+              "Member-epochs: one per member per epoch trained (stacked members count while "
+              "their stack trains); seconds: the training loops' time summed over epochs "
+              "(validation, evaluation and compilation outside the loop not included). "
+              "Variants of a run share its cost (a meta-classifier fit on validation outputs "
+              "is negligible); a stack costs the runs it stacks.", "",
+              "| strategy | backbone | member-epochs | training seconds |", "|---|---|---|---|"]
+    lines += [f"| {s} | {b} | {_mean_std(r['member_epochs'], 1)} | "
+              f"{_mean_std(r['train_seconds'], 1)} |"
+              for (s, b), r in {(r["strategy"], r["backbone"]): r for r in summary}.items()]
+    if result["paired"]:
+        lines += ["", f"## Paired tests against {baseline} (same test examples, per seed)", "",
+                  "| variant | backbone | seed | macro-F1 diff [95% CI] | bootstrap p | Holm | "
+                  "McNemar p | Holm |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['variant']} | {t['backbone']} | {t['seed']} | "
+                  f"{t['macro_f1_diff']:+.3f} [{t['diff_ci95'][0]:+.3f}, "
+                  f"{t['diff_ci95'][1]:+.3f}] | {t['bootstrap_p']:.3g} | "
+                  f"{t['bootstrap_p_holm']:.3g} | {t['mcnemar_p']:.3g} | "
+                  f"{t['mcnemar_p_holm']:.3g} |" for t in result["paired"]]
+    if result["across_seeds"]:
+        lines += ["", f"## Across seeds: macro-F1 difference against {baseline}", "",
+                  "Exact two-sided sign-flip permutation test of the per-seed differences (no "
+                  "normality assumed, which a t-test on 3 values could not check); with n seeds "
+                  "its smallest possible p is 2 / 2^n (0.25 for 3 seeds), so it cannot reach "
+                  "significance at 0.05 below 6 seeds.", "",
+                  "| variant | backbone | seeds | mean diff | sign-flip p | Holm | smallest "
+                  "possible p |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['variant']} | {t['backbone']} | {len(t['seeds'])} | "
+                  f"{t['mean_diff']:+.3f} | {t['p']:.3g} | {t['p_holm']:.3g} | "
+                  f"{t['min_p']:.3g} |" for t in result["across_seeds"]]
+    if result["cross_set"]:
+        lines += ["", *_cross_markdown(result["cross_set"])]
+    if result["paired"] or result["across_seeds"]:
+        lines += ["", f"Holm family: per backbone, every comparison against {baseline} on that "
+                  "backbone; per-seed tests: every (variant, seed) pair, McNemar and bootstrap "
+                  "adjusted separately; across seeds: every variant."]
+    return "\n".join(lines) + "\n"
+
+
+def _cross_markdown(cross: list[dict]) -> list[str]:
+    """The cross-set table: per (strategy, backbone), macro-F1 over seeds and duplicates."""
+    lines = [f"## Cross-set macro-F1 ({cross[0]['dataset']}, every image of a class the "
+             "model knows; each run's own rule)", "",
+             "Duplicates: images of the cross set that are exact or near (perceptual hash) "
+             "copies of a run's training / validation images (`ensembles.leakage`); these two "
+             "columns list each seed.", "",
+             "| strategy | backbone | images | macro-F1 | duplicated images | macro-F1 "
+             "without duplicates |", "|---|---|---|---|---|---|"]
+    for s, b in dict.fromkeys((c["strategy"], c["backbone"]) for c in cross):
+        group = sorted((c for c in cross if (c["strategy"], c["backbone"]) == (s, b)),
+                       key=lambda c: c["seed"])
+        f1 = np.array([c["macro_f1"] for c in group])
+        dup = ", ".join(str(c["duplicated_images"]) if c["leakage_checked"] else "not checked"
+                        for c in group)
+        clean = ", ".join(_f(c["macro_f1_without_duplicates"]) for c in group)
+        lines.append(f"| {s} | {b} | {group[0]['examples']} | "
+                     f"{_mean_std((f1.mean(), f1.std()))}{_ci(group[0]['macro_f1_ci95'])} | "
+                     f"{dup} | {clean} |")
+    return lines
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    """compare.csv, compare.md, compare.json, compare.png and compare_curves.png."""
+    rows, summary = result["rows"], result["summary"]
+    classes = list(rows[0]["per_class"])
+    columns = ["strategy", "variant", "backbone", "seed", *METRICS, "temperature", *COST]
     with (out / "compare.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["strategy", "backbone", "seed", *METRICS, "run"])
-        for r in records:
-            w.writerow([r["strategy"], r["backbone"], r["seed"],
-                        *(r["metrics"].get(k) for k in METRICS), r["run"]])
+        w.writerow([*columns, *(f"{s}_{c}" for c in classes
+                                for s in ("sensitivity", "specificity")), "run"])
+        for r in rows:
+            w.writerow([*(r[k] for k in columns), *(r["per_class"][c][s] for c in classes
+                                                     for s in ("sensitivity", "specificity")),
+                        r["run"]])
+    (out / "compare.md").write_text(markdown(result))
+    plain = [{k: v for k, v in r.items() if k not in ("y", "proba", "pred", "ids")}
+             for r in rows]
+    (out / "compare.json").write_text(json.dumps(
+        {"baseline": result["baseline"], "runs": plain, "summary": summary,
+         "paired": result["paired"], "across_seeds": result["across_seeds"],
+         "cross_set": result["cross_set"]},
+        indent=1, default=float))
+    _plot_summary(summary, out / "compare.png")
+    _plot_curves(result["curves"], out / "compare_curves.png")
 
-    def f(x):
-        return "n/a" if x is None or np.isnan(x) else f"{x:.3f}"
 
-    def ci(c):
-        return "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"
-
-    lines = ["# Strategy comparison", "",
-             "Mean ± std over seeds; brackets: seed 0's 95% bootstrap CI.", "",
-             "| strategy | backbone | seeds | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
-    for r in summary:
-        cells = [f"{f(r[k][0])} ± {f(r[k][1])}{ci(r[f'{k}_ci95_seed0'])}" for k in METRICS]
-        lines.append(f"| {r['strategy']} | {r['backbone']} | {r['seeds']} | "
-                     + " | ".join(cells) + " |")
-    if tests:
-        lines += ["", f"## Paired tests against {tests[0]['baseline']} (same test examples)", "",
-                  "| strategy | backbone | seed | macro-F1 diff [95% CI] | bootstrap p | "
-                  "McNemar p |", "|---|---|---|---|---|---|"]
-        lines += [f"| {t['strategy']} | {t['backbone']} | {t['seed']} | "
-                  f"{t['macro_f1_diff']:+.3f} [{t['diff_ci95'][0]:+.3f}, "
-                  f"{t['diff_ci95'][1]:+.3f}] | {t['bootstrap_p']:.3g} | {t['mcnemar_p']:.3g} |"
-                  for t in tests]
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    (out / "compare.json").write_text(json.dumps({"summary": summary, "paired": tests},
-                                                 indent=1, default=float))
-    strategies = list(dict.fromkeys(r["strategy"] for r in summary))
+def _plot_summary(summary: list[dict], path: Path) -> None:
+    """Macro-F1 per variant and backbone: mean ± std over seeds (bars), first seed's 95% CI
+    (black)."""
+    variants = list(dict.fromkeys(r["variant"] for r in summary))
     bbs = list(dict.fromkeys(r["backbone"] for r in summary))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(strategies), 4))
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(variants), 4.5))
     width = 0.8 / len(bbs)
     for i, b in enumerate(bbs):
-        rows = {r["strategy"]: r["macro_f1"] for r in summary if r["backbone"] == b}
-        x = np.arange(len(strategies)) + i * width
-        ax.bar(x, [rows.get(s, (np.nan,))[0] for s in strategies], width,
-               yerr=[rows.get(s, (0, 0))[1] for s in strategies], label=b, capsize=3)
-    ax.set_xticks(np.arange(len(strategies)) + width * (len(bbs) - 1) / 2, strategies)
-    ax.set_ylabel("test macro-F1 (mean ± std over seeds)")
+        rows = {r["variant"]: r for r in summary if r["backbone"] == b}
+        x = np.arange(len(variants)) + i * width
+        mean = [rows[v]["macro_f1"][0] if v in rows else np.nan for v in variants]
+        ax.bar(x, mean, width, yerr=[rows[v]["macro_f1"][1] if v in rows else 0
+                                     for v in variants], label=b, capsize=3, alpha=0.8)
+        for xi, v in zip(x, variants, strict=True):
+            ci = rows[v]["macro_f1_ci95_seed0"] if v in rows else None
+            if ci:
+                ax.plot([xi + width / 4] * 2, ci, color="k", lw=1)
+    ax.set_xticks(np.arange(len(variants)) + width * (len(bbs) - 1) / 2, variants,
+                  rotation=30, ha="right")
+    ax.set_ylabel("test macro-F1: mean ± std over seeds\n(black: first seed's 95% CI)")
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=100)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(curves: dict, path: Path) -> None:
+    """Validation macro-F1 per epoch of every member, one panel per (strategy, backbone)."""
+    keys = list(curves)
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for member, points in curves[key].items():
+            e, v = zip(*points, strict=True)
+            ax.plot(e, v, marker=".", label=member)
+        ax.set_title(f"{key[0]}, {key[1]} (first seed)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("validation macro-F1 (member's task)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -260,6 +372,19 @@ def _names(text: str, what: str, allowed=None) -> list[str]:
     if len(set(names)) != len(names):
         raise ValueError(f"--{what}: {', '.join(names)} repeats a name")
     return names
+
+
+def _option(text: str) -> tuple[str, int | float | str]:
+    """KEY=VALUE of --cross-option, the value as int, float or text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--cross-option {text!r}: give KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep runs already finished in --compare-out (same settings, "
                              "checked), resume interrupted ones and train only the missing "
                              "ones: resumes a comparison")
+    parser.add_argument("--cross-dataset", choices=DATASETS, default=None,
+                        help="also evaluate every run's bundle on this whole dataset, with "
+                             "the leakage check against its training images")
+    parser.add_argument("--cross-data-dir", default=None,
+                        help="the cross set's folder (built under the runs' --cache-dir)")
+    parser.add_argument("--cross-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a load_dataset option of the cross set (e.g. num_classes=2); "
+                             "repeatable")
     args, flags = parser.parse_known_args(argv)
     try:
         strategies = _names(args.strategies, "strategy", STRATEGIES)
@@ -287,14 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         out = (Path(args.compare_out) if args.compare_out else
                runs_lib.default_run_dir("compare", "all"))
         planned = plan(strategies, _names(args.backbones, "backbones"), args.seeds, out, flags)
+        cross = None if args.cross_dataset is None else load_dataset(   # checked first
+            args.cross_dataset, data_dir=args.cross_data_dir,
+            cache_dir=planned[0].config.data.cache_dir,
+            **dict(_option(o) for o in args.cross_option))
         out.mkdir(parents=True, exist_ok=True)
-        records = run_all(planned, reuse=args.reuse)
+        run_all(planned, reuse=args.reuse)
+        write_outputs(out, analyse(planned, cross))
     except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summary = summarise(records)
-    tests = paired_tests(records, strategies[0])
-    write_outputs(out, records, summary, tests)
     print((out / "compare.md").read_text())
     print(f"report: {out / 'compare.md'}")
     return 0
