@@ -8,7 +8,8 @@
 image size, trained for the full schedule with early stopping off, its validation loss and
 macro-F1 per epoch in curves.png and its test macro-F1 in curves.md. `compare` runs
 `experiments.compare` with those settings (SETTINGS) on the dataset's own test folder (495
-images) and every strategy; `--reuse` resumes either where it stopped.
+images) and every strategy, then evaluates every run on cxr-mini's Kermany images
+(CROSS_DIR); `--reuse` resumes either where it stopped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ SETTINGS = ["--dataset", "chest_xray_pneumonia", "--split-recipe", "source",
             "--image-size", "32", "--batch-size", "32", "--epochs", "20",
             "--early-stopping-patience", "20", "--no-progress"]
 CURVES = {"simple_cnn": (32, 48), "cnn16": (32,)}
+# The cross-set check: the Kermany images of cxr-mini (same hospital, other images; the
+# leakage check counts any that duplicate a training image).
+CROSS_DIR = Path("../shared/data/cxr-mini-kermany")
 
 
 def _flags(data_dir: Path, image_size: int | None = None) -> list[str]:
@@ -111,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "compare":
         defaults = ["--strategies", "single,ova,ovo,cascade,stack",
                     "--backbones", "simple_cnn,cnn16", "--seeds", "3",
-                    "--compare-out", "runs/kermany-compare"]
+                    "--compare-out", "runs/kermany-compare",
+                    "--cross-dataset", "chest_xray_pneumonia",
+                    "--cross-data-dir", str(CROSS_DIR)]
         return compare.main([*defaults, *_flags(args.data_dir), *rest,
                              *(["--reuse"] if args.reuse else [])])
     if rest:

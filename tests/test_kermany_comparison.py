@@ -14,6 +14,7 @@ def test_compare_runs_experiments_compare_with_the_chosen_settings(tmp_path, mon
     assert flags["--split-recipe"] == "source" and flags["--image-size"] == "32"
     assert flags["--epochs"] == "20" and flags["--early-stopping-patience"] == "20"
     assert flags["--data-dir"] == str(tmp_path)
+    assert flags["--cross-data-dir"] == str(kc.CROSS_DIR)
     # the caller's flags come after the defaults, so argparse keeps them
     assert flags["--seeds"] == "1" and argv[-1] == "--reuse"
 
