@@ -317,9 +317,23 @@ def remove_incomplete(folder: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _tfds_bars(enable: bool):
+    """tfds's own build bars ("Generating splits...") off for one build when `enable` is
+    False; tfds keeps the switch global, so it is switched back on afterwards."""
+    if enable:
+        yield
+        return
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(True)
+
+
 def load_dataset(name: str, *, data_dir: str | Path | None = None,
                  classes: Sequence[str] | None = None, cache_dir: str | Path | None = None,
-                 **options) -> Dataset:
+                 progress: bool = True, **options) -> Dataset:
     """Build (once, cached) and open a dataset by name; see docs/interfaces.md.
 
     Options: synthetic_cxr count=1000, image_size=128, seed=0; chest_xray_pneumonia
@@ -334,13 +348,14 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
 
     Every entry under a folder source is either an example or in `Dataset.skipped` with its
     reason (see `data_pipeline.layouts`); one bad file never aborts the build.
+    `progress=False` silences tfds's bars while it builds.
     """
     opts = _options(name, options)
     if isinstance(classes, str):
         classes = [c for c in classes.split(",") if c.strip()]
     build_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     builder, folder = _builder(name, data_dir, classes, build_root, opts)
-    with build_lock(folder):
+    with build_lock(folder), _tfds_bars(progress):
         remove_incomplete(folder)
         builder.download_and_prepare()  # reuses the build when another holder finished it
     # Read through a generic read-only builder: it pickles (Grain workers) by its folder alone.

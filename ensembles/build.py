@@ -78,7 +78,7 @@ def load_data(config: RunConfig) -> Dataset:
     options = ({"count": d.count, "image_size": d.image_size, "seed": config.training.seed}
                if d.dataset == "synthetic_cxr" else {})
     return load_dataset(d.dataset, data_dir=d.data_dir, classes=d.classes,
-                        cache_dir=d.cache_dir, **options)
+                        cache_dir=d.cache_dir, progress=config.training.progress, **options)
 
 
 def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:

@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         cross = None if args.cross_dataset is None else load_dataset(   # checked first
             args.cross_dataset, data_dir=args.cross_data_dir,
             cache_dir=planned[0].config.data.cache_dir,
+            progress=planned[0].config.training.progress,
             **dict(_option(o) for o in args.cross_option))
         out.mkdir(parents=True, exist_ok=True)
         run_all(planned, reuse=args.reuse)

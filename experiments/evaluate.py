@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bundle = bundle.with_segmenter(load_segmenter(args.segmenter))
         options = {"skip_lateral": False} if args.keep_lateral else {}
         dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                               **options)
+                               progress=args.progress, **options)
         metrics, y, proba, known = evaluate_bundle(
             bundle, dataset, np.arange(len(dataset.source)), batch_size=args.batch_size,
             use_meta=args.meta, seed=args.seed, n_bootstrap=args.n_bootstrap,

@@ -239,3 +239,12 @@ def test_cache_inside_the_data_folder_still_hits(tmp_path, monkeypatch):
     again = load_dataset("image_folder", data_dir=root, cache_dir=root / ".cache",
                          classes=["normal", "covid"])
     assert again.build_dir == first.build_dir
+
+
+def test_progress_false_silences_the_tfds_build_bars(tmp_path, capfd):
+    load_dataset("synthetic_cxr", cache_dir=tmp_path / "quiet", count=4, image_size=16,
+                 progress=False)
+    assert "Generating splits" not in capfd.readouterr().err
+    # the switch is tfds's global one: it is back on for the next build
+    load_dataset("synthetic_cxr", cache_dir=tmp_path / "loud", count=4, image_size=16)
+    assert "Generating splits" in capfd.readouterr().err
