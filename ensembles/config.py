@@ -240,10 +240,10 @@ def resolve(config: RunConfig) -> RunConfig:
         cpu = jax.default_backend() == "cpu"
         members = "sequential" if cpu and backbones.is_custom_cnn(backbone) else "stacked"
     if member_data == "auto":
-        # OvO members trained one after another draw only their own pair's examples: half the
-        # compute of K(K-1)/2 members masking half of every shared batch. Stacked members
-        # share one image batch, so they keep the shared data.
-        member_data = "own" if ovo and members == "sequential" else "shared"
+        # OvO members draw only their own pair's examples (one after another, or stacked with
+        # a batch each): half the compute of K(K-1)/2 members masking half of every shared
+        # batch. Other strategies' members see most classes, so they share the batches.
+        member_data = "own" if ovo else "shared"
     # The phantoms are drawn under random exposure, gamma, noise, blur and patient pose
     # already; augmenting them only slows the short first run. Real radiographs are augmented
     # unless told otherwise.
@@ -289,9 +289,6 @@ def check(config: RunConfig) -> None:
     if (d.lung_mask == "auto") != (d.segmenter is not None):
         raise ValueError("lung_mask auto and segmenter RUN go together (the segmenter predicts "
                          "the masks)")
-    if t.member_data == "own" and t.members == "stacked":
-        raise ValueError("member_data own trains each member on its own examples, one after "
-                         "another: use members sequential (or member_data shared)")
     if e.meta_folds and (e.meta == "none" or e.meta_folds < 2):
         raise ValueError("meta_folds needs a meta-classifier and K >= 2 (0 fits it on the "
                          "validation outputs)")

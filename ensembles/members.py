@@ -14,10 +14,13 @@ K=3 cascade (2 and 2 classes) still trains as one stack.
 un-vmapped step (for backbones too big to hold M copies); it uses the same keys, batches and
 per-member early stopping, so both modes give the same members within float tolerance.
 
-With `member_data` "own" (sequential only) each member trains on its own examples, the
-classes its table row does not mask (an OvO member on its pair), for the same number of steps
-per epoch as every member of its stack (`own_examples`): one optimiser schedule, one compiled
-step, and no compute spent on examples weighted 0.
+With `member_data` "own" each member trains on its own examples, the classes its table row
+does not mask (an OvO member on its pair), for the same number of steps per epoch as every
+member of its stack (`own_examples`): one optimiser schedule, one compiled step, and no
+compute spent on examples weighted 0. Sequential members each iterate their own loader;
+stacked members get one batch from each loader per step, stacked on axis 1 (`MemberBatches`:
+image [B, M, ...], label [B, M]) so the data axis stays first for the parallel wrappers, and
+the vmapped step maps the image over axis 1 instead of sharing it.
 
 `init_variables` starts the members from given weights instead of a fresh initialisation (the
 second phase of two-phase fine-tuning continues from the head-only phase's best variables).
@@ -25,7 +28,8 @@ second phase of two-phase fine-tuning continues from the head-only phase's best 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from backbones.training.checkpoint import checkpointable
 from backbones.training.loop import FitConfig, fit
 
 MEMBER_MODES = ("stacked", "sequential")
@@ -77,31 +82,42 @@ def plan_stacks(num_classes: Sequence[int], table: np.ndarray, class_weight: Seq
 
 def member_targets(labels: jax.Array, table: jax.Array, class_weight: jax.Array,
                    weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Member labels and weights [M, B] from original labels [B], on device.
+    """Member labels and weights [M, B] from original labels, on device: [B] when every
+    member sees the batch, [B, M] when column m is member m's own batch (`MemberBatches`).
 
     A masked example (table entry -1) gets label 0 and weight 0, so it adds nothing to the
-    loss or the accuracy; `weight` (e.g. 0 for padding) multiplies every member's weight.
+    loss or the accuracy; `weight` (e.g. 0 for padding, shaped like `labels`) multiplies the
+    weights.
     """
-    member_label = jnp.asarray(table)[:, labels]
+    table = jnp.asarray(table)
+    if labels.ndim == 2:
+        member_label = jnp.take_along_axis(table, labels.T, axis=1)
+        weight = None if weight is None else weight.T
+    else:
+        member_label = table[:, labels]
+        weight = None if weight is None else weight[None, :]
     keep = member_label >= 0
     safe = jnp.where(keep, member_label, 0)
     w = jnp.take_along_axis(jnp.asarray(class_weight), safe, axis=1) * keep
     if weight is not None:
-        w = w * weight[None, :]
+        w = w * weight
     return safe.astype(jnp.int32), w.astype(jnp.float32)
 
 
-def stacked_train_step(train_step: Callable, table: np.ndarray, class_weight: np.ndarray
-                       ) -> Callable:
+def stacked_train_step(train_step: Callable, table: np.ndarray, class_weight: np.ndarray,
+                       *, own_batches: bool = False) -> Callable:
     """A per-shard step over a stacked state that looks like a single-model step to the wrapper.
 
     The batch is the ordinary {"image", "label"[, "weight"]} with original labels; member
     labels and weights are derived inside, then `train_step` runs under `jax.vmap` with the
-    state and targets on axis 0 and the image shared. Metrics come back per member, [M].
+    state and targets on axis 0 and the image shared, or with `own_batches` (image
+    [B, M, ...], label [B, M]: `MemberBatches`) member m's image column m. Metrics come back
+    per member, [M].
     """
     table = jnp.asarray(table, jnp.int32)
     class_weight = jnp.asarray(class_weight, jnp.float32)
-    vstep = jax.vmap(train_step, in_axes=(0, {"image": None, "label": 0, "weight": 0}))
+    image_axis = 1 if own_batches else None
+    vstep = jax.vmap(train_step, in_axes=(0, {"image": image_axis, "label": 0, "weight": 0}))
 
     def step(state, batch):
         labels, weights = member_targets(batch["label"], table, class_weight, batch.get("weight"))
@@ -163,6 +179,65 @@ def own_examples(stack: Stack, indices: np.ndarray, labels: np.ndarray, batch_si
                          "examples of their own")
     steps = max(1, round(float(np.mean([len(o) for o in own])) / batch_size))
     return own, steps
+
+
+class MemberBatches:
+    """Re-iterable: per step one batch from each member's loader, every leaf stacked on axis
+    1 ([B, M, ...]: the data axis stays first, where the parallel wrappers split it).
+
+    Iterating it iterates every loader afresh, as a sequential run iterates each member's
+    loader; the iterator saves and restores the position of all members' Grain iterators
+    when they all can (`CheckpointableStackedIterator`), so a stacked run resumes exactly.
+    """
+
+    def __init__(self, loaders: Sequence[Iterable[dict]]):
+        if not loaders:
+            raise ValueError("MemberBatches needs at least one member loader")
+        self.loaders = tuple(loaders)
+
+    def __iter__(self) -> Iterator[dict]:
+        iterators = [iter(loader) for loader in self.loaders]
+        if all(checkpointable(it) for it in iterators):
+            return CheckpointableStackedIterator(iterators)
+        return StackedIterator(iterators)
+
+
+class StackedIterator:
+    """The next batch of every member iterator, stacked on axis 1; stops when any stops."""
+
+    def __init__(self, iterators: Sequence[Iterator[dict]]):
+        self._iterators = list(iterators)
+
+    def __iter__(self) -> StackedIterator:
+        return self
+
+    def __next__(self) -> dict:
+        batches = [next(it) for it in self._iterators]
+        return {k: np.stack([np.asarray(b[k]) for b in batches], axis=1) for k in batches[0]}
+
+
+class CheckpointableStackedIterator(StackedIterator):
+    """A `StackedIterator` over Grain DataLoader iterators (states as JSON bytes), with the
+    protocol Grain's orbax handler calls: one JSON list of the members' states."""
+
+    def get_state(self) -> bytes:
+        return json.dumps([it.get_state().decode() for it in self._iterators]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state.decode())
+        if len(states) != len(self._iterators):
+            raise ValueError(f"the saved data position holds {len(states)} member iterators; "
+                             f"this stack has {len(self._iterators)}")
+        for it, member_state in zip(self._iterators, states, strict=True):
+            it.set_state(member_state.encode())
+
+    def start_prefetch(self) -> None:
+        """Let every member iterator start reading (Grain's handler calls this after a
+        restore)."""
+        for it in self._iterators:
+            start = getattr(it, "start_prefetch", None)
+            if start is not None:
+                start()
 
 
 # -- training ----------------------------------------------------------------------------
@@ -229,8 +304,9 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
     TrainedStack.variables holds) replace the fresh initialisation (start_from; member i's
     slice in sequential mode); a checkpoint being resumed takes precedence over them.
 
-    member_data: one loader per member of the stack (sequential only), each member's own
-    batches (`own_examples`), in place of the shared `train_data`.
+    member_data: one loader per member of the stack, each member's own batches
+    (`own_examples`), in place of the shared `train_data`: iterated by its member when
+    sequential, all together (`MemberBatches`) when stacked.
     """
     if mode not in MEMBER_MODES:
         raise ValueError(f"unknown member mode {mode!r}; choose one of {', '.join(MEMBER_MODES)}")
@@ -239,9 +315,9 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         if sizes != {(stack.size,)}:
             raise ValueError(f"init_variables need a leading member axis of {stack.size} (the "
                              f"stack's members); got leading shapes {sorted(sizes)}")
-    if member_data is not None and (mode != "sequential" or len(member_data) != stack.size):
-        raise ValueError(f"member_data needs mode sequential and one loader per member "
-                         f"({stack.size}); got mode {mode} and {len(member_data)}")
+    if member_data is not None and len(member_data) != stack.size:
+        raise ValueError(f"member_data needs one loader per member ({stack.size}); got "
+                         f"{len(member_data)}")
     keys = member_keys(key, stack.members)
     names = [member_names[m] for m in stack.members]
     common = {"parallel": parallel, "train_data": train_data, "val_data": val_data,
@@ -250,8 +326,11 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
         state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
         if init_variables is not None:
             state = start_from(state, init_variables, stacked=True)
+        if member_data is not None:
+            common["train_data"] = MemberBatches(member_data)
         result = fit(state, step=parallel.train(stacked_train_step(
-                         train_step, stack.table, stack.class_weight)),
+                         train_step, stack.table, stack.class_weight,
+                         own_batches=member_data is not None)),
                      predict=parallel.predict(stacked_eval_step(eval_step), out_axis=1),
                      table=stack.table, stacked=True, member_names=names,
                      checkpoint_dir=checkpoint_dir,

@@ -1,6 +1,7 @@
-"""Members on their own examples (`member_data` "own", the OvO default on CPU): the sampler's
-epochs of a given length, each member's examples and steps, the config rule, and a run that
-stops between members and resumes to the uninterrupted one."""
+"""Members on their own examples (`member_data` "own", the OvO default): the sampler's epochs
+of a given length, each member's examples and steps, the config rule, stacked members' batches
+(`MemberBatches`), and runs that stop (between members, or mid-stack) and resume to the
+uninterrupted one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from test_loader import PRE, SOURCE, SPLIT
 
+from backbones.training.checkpoint import Checkpointer
 from data_pipeline.loader import EpochShuffleSampler, make_loader
 from ensembles import Ensemble, RunConfig, build, fitting, make_config
 from ensembles import members as members_lib
@@ -71,18 +73,19 @@ def test_own_examples_are_each_members_classes_with_common_steps():
         members_lib.own_examples(stack, np.arange(10), labels, batch_size=8)
 
 
-def test_ovo_members_one_after_another_draw_their_own_pairs():
+def test_ovo_members_draw_their_own_pairs_in_both_member_modes():
     if jax.default_backend() != "cpu":
         pytest.skip("--members auto differs off CPU")
     cnn = make_config("ovo", backbone="simple_cnn")       # custom CNN on CPU: sequential
     assert (cnn.training.members, cnn.training.member_data) == ("sequential", "own")
     assert make_config("ova", backbone="simple_cnn").training.member_data == "shared"
-    resnet = make_config("ovo", backbone="resnet50")      # stacked: one shared image batch
-    assert (resnet.training.members, resnet.training.member_data) == ("stacked", "shared")
-    own = make_config("ovo", backbone="resnet50", members="sequential")
-    assert own.training.member_data == "own"
-    with pytest.raises(ValueError, match="member_data own .* use members sequential"):
-        make_config("ovo", members="stacked", member_data="own")
+    resnet = make_config("ovo", backbone="resnet50")      # stacked, a batch per member
+    assert (resnet.training.members, resnet.training.member_data) == ("stacked", "own")
+    for members in ("stacked", "sequential"):
+        assert make_config("ovo", members=members).training.member_data == "own"
+        assert make_config("ova", members=members).training.member_data == "shared"
+    shared = make_config("ovo", members="stacked", member_data="shared")
+    assert shared.training.member_data == "shared"
 
 
 def test_each_member_loader_yields_its_pair_for_the_common_steps(tmp_path):
@@ -102,6 +105,53 @@ def test_each_member_loader_yields_its_pair_for_the_common_steps(tmp_path):
         pair = np.flatnonzero(stack.table[m] >= 0)
         assert np.isin(labels[seen], pair).all()
         assert set(seen) <= set(own[m]) and len(set(seen)) == len(seen)   # one permutation
+
+
+def test_member_batches_stack_each_members_batch_and_resume_exactly():
+    loaders = [make_loader(SOURCE, SPLIT[m::2], batch_size=2, preprocess=PRE, seed=3,
+                           num_epochs=2, epoch_records=4) for m in range(2)]
+    batches = list(members_lib.MemberBatches(loaders))
+    assert len(batches) == 4
+    for b, *own in zip(batches, *loaders, strict=True):
+        assert b["image"].shape == (2, 2, *own[0]["image"].shape[1:])
+        for m in range(2):
+            np.testing.assert_array_equal(b["index"][:, m], own[m]["index"])
+            np.testing.assert_array_equal(b["label"][:, m], own[m]["label"])
+    it = iter(members_lib.MemberBatches(loaders))
+    next(it)
+    state, rest = it.get_state(), list(it)
+    again = iter(members_lib.MemberBatches(loaders))
+    again.set_state(state)
+    resumed = list(again)
+    assert len(rest) == len(resumed) == 3
+    for a, b in zip(rest, resumed, strict=True):
+        np.testing.assert_array_equal(a["index"], b["index"])
+    with pytest.raises(ValueError, match="holds 2 member iterators; this stack has 1"):
+        iter(members_lib.MemberBatches(loaders[:1])).set_state(state)
+
+
+@pytest.mark.slow
+def test_stacked_own_stopped_after_an_epoch_resumes_to_the_uninterrupted_run(tmp_path,
+                                                                              monkeypatch):
+    """The data position of every member's loader is in the checkpoint (MemberBatches)."""
+    cache, settings = str(tmp_path / "tfds"), {**TINY, "members": "stacked"}
+    full = Ensemble("ovo", cache_dir=cache, **settings).fit(out=tmp_path / "full")
+    assert full.config.training.member_data == "own"
+    real_save = Checkpointer.save
+
+    def stop_after_epoch_1(self, epoch, *args, **kw):
+        real_save(self, epoch, *args, **kw)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpointer, "save", stop_after_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            Ensemble("ovo", cache_dir=cache, **settings).fit(out=out)
+    resumed = Ensemble("ovo", cache_dir=cache, **settings).fit(out=out, resume=True)
+    assert resumed.metrics_ == full.metrics_
+    chex.assert_trees_all_equal(resumed.bundle_.variables, full.bundle_.variables)
 
 
 @pytest.mark.slow

@@ -72,10 +72,11 @@ def _config(epochs=2, patience=0):
                      progress=False)
 
 
-def _train(data, mode, stack, *, epochs=2, make_state=_make_state, **kw):
+def _train(data, mode, stack, *, epochs=2, make_state=_make_state, train_step=None, **kw):
     train, val = _batches(data, epochs=epochs)
     return members.train_stack(
-        stack, make_state=make_state, train_step=make_train_step(), eval_step=make_eval_step(),
+        stack, make_state=make_state, train_step=train_step or make_train_step(),
+        eval_step=make_eval_step(),
         parallel=data_parallel("shard_map"), train_data=train, val_data=val,
         config=_config(epochs), key=jax.random.PRNGKey(0), member_names=NAMES, mode=mode, **kw)
 
@@ -111,6 +112,54 @@ def test_stacked_equals_sequential(data):
     # the members learned something different from each other and from the initial state
     p = jax.tree.leaves(a.variables["params"])[0]
     assert not np.allclose(p[0], p[1])
+
+
+def _own_batches(data, member, epochs=2, n_train=64):
+    """Member `member`'s own batches: its unmasked training examples, a fresh permutation
+    (seeded by epoch and member) per pass, the common 64 // BATCH steps an epoch."""
+    x, y = data
+    own = np.flatnonzero(TABLE[member][y[:n_train]] >= 0)
+    rng = np.random.default_rng(member)
+    stream = np.concatenate([rng.permutation(own) for _ in range(epochs * n_train // len(own)
+                                                                  + 1)])
+
+    def train():
+        for s in range(0, epochs * n_train, BATCH):
+            idx = stream[s:s + BATCH]
+            yield {"image": x[idx], "label": y[idx]}
+
+    return Batches(train)
+
+
+def _jitter(key, images):
+    """An on-device 'augmentation' that uses its key, so per-member keys must agree."""
+    return images + 0.05 * jax.random.normal(key, images.shape)
+
+
+def test_member_targets_of_own_batches_use_each_members_column():
+    labels = np.array([[0, 1, 2, 1], [2, 0, 1, 2]])            # [B=2, M=4]
+    padding = np.array([[1, 1, 1, 0], [1, 1, 1, 1]])           # member 3's first example
+    member_labels, weights = members.member_targets(
+        labels, TABLE, np.stack(WEIGHTS).astype(np.float32), padding)
+    np.testing.assert_array_equal(member_labels, [[1, 0], [1, 0], [1, 0], [0, 1]])
+    np.testing.assert_allclose(weights, [[1.5, .75], [1.5, .75], [1.5, .75], [0, 1]])
+
+
+def test_stacked_own_batches_equal_sequential_own(data):
+    """Each stacked member trains on its own batch (MemberBatches, image [B, M, ...]) and
+    matches the member trained alone on the same batches with the same keys."""
+    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    own = [_own_batches(data, m) for m in range(4)]
+    step = make_train_step(prepare=_jitter)
+    a = _train(data, "stacked", stack, member_data=own, train_step=step)
+    b = _train(data, "sequential", stack, member_data=own, train_step=step)
+    chex.assert_trees_all_close(a.variables, b.variables, atol=2e-5, rtol=1e-4)
+    seq = {k: np.array([[r[k][0] for r in b.records if r["members"] == [name]]
+                        for name in NAMES]).T for k in ("train_loss", "val_loss")}
+    for k, v in seq.items():
+        np.testing.assert_allclose([r[k] for r in a.records], v, rtol=1e-4, err_msg=k)
+    first = a.records[0]                  # every member's own images count: 4 steps x B x M
+    assert first["images_per_s"] * first["seconds"] == pytest.approx(4 * BATCH * 4)
 
 
 def test_batch_norm_members_stacked_equal_sequential(data):

@@ -281,8 +281,10 @@ def _train_epoch(replicated: Any, step: Callable, data: Any, config: FitConfig, 
                  step_count: int, names: Sequence[str], checkpointer: Checkpointer | None,
                  desc: str, compiles: bool) -> tuple[Any, int, dict]:
     """One epoch of steps; returns the state, the step count and the epoch's train metrics
-    (per member, example-weighted means), images/s and step time. When the first step
-    `compiles`, the bar says so (XLA takes seconds to a minute at 0 steps done)."""
+    (per member, example-weighted means), images/s and step time. images/s counts the
+    images the loader delivered: B a step, B x M when M stacked members each have their own
+    batch (labels [B, M]). When the first step `compiles`, the bar says so (XLA takes seconds
+    to a minute at 0 steps done)."""
     start = time.perf_counter()
     loss, correct, count, images = 0.0, 0.0, 0.0, 0
     bar = tqdm(range(config.steps_per_epoch), total=config.steps_per_epoch,
@@ -305,7 +307,7 @@ def _train_epoch(replicated: Any, step: Callable, data: Any, config: FitConfig, 
         loss = loss + metrics["loss"] * metrics["count"]
         correct = correct + metrics["accuracy"] * metrics["count"]
         count = count + metrics["count"]
-        images += len(batch["label"])
+        images += int(np.size(batch["label"]))
         bar.set_postfix(loss=f"{float(np.mean(loss / np.maximum(count, 1))):.4f}")
     seconds = time.perf_counter() - start
     count = np.maximum(count, 1e-12)
