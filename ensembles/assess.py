@@ -111,7 +111,8 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
             "thresholds": p.thresholds,
             "evaluated": rates(y, p.proba[known], p.thresholds, bundle.class_names,
                                patient_ids=ids, seed=seed, n_bootstrap=n_bootstrap)}
-    entry, seen = leakage.check_dataset(bundle.training_hashes(), dataset, p.indices[known])
+    entry, seen = leakage.check_dataset(bundle.training_hashes(), dataset, p.indices[known],
+                                        progress=progress)
     if seen.any():
         keep = ~seen
         entry["without_duplicates"] = evaluate_predictions(

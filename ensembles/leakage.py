@@ -93,12 +93,15 @@ def check(training: TrainingHashes, evaluated: ImageHashes, *,
 
 
 def check_dataset(training: TrainingHashes | None, dataset, indices: np.ndarray, *,
-                  max_distance: int = MAX_DISTANCE) -> tuple[dict, np.ndarray]:
-    """`check` on dataset.source[indices] (hashed once per build); without training hashes
-    {"checked": False, "reason": NO_HASHES} and nothing marked (nor hashed)."""
+                  max_distance: int = MAX_DISTANCE, progress: bool = True
+                  ) -> tuple[dict, np.ndarray]:
+    """`check` on dataset.source[indices] (hashed once per build, with a bar unless
+    `progress` is False); without training hashes {"checked": False, "reason": NO_HASHES} and
+    nothing marked (nor hashed)."""
     if training is None:
         return {"checked": False, "reason": NO_HASHES}, np.zeros(len(indices), bool)
-    return check(training, hash_dataset(dataset, indices), max_distance=max_distance)
+    return check(training, hash_dataset(dataset, indices, progress=progress),
+                 max_distance=max_distance)
 
 
 def column(training: TrainingHashes | None, evaluated: ImageHashes, *,

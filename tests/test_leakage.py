@@ -202,6 +202,16 @@ def test_evaluate_reports_the_training_images_it_was_given(run, folder, tmp_path
     assert line.endswith(f"report: {out}/report.md")
 
 
+def test_evaluate_without_progress_draws_no_bar(run, folder, tmp_path, capfd):
+    """--no-progress: neither tfds's build bars nor the leakage check's hashing bar."""
+    root, _ = folder
+    assert evaluate.main(["--run", str(run), "--dataset", "image_folder", "--data-dir",
+                          str(root), "--cache-dir", str(tmp_path / "tfds"), "--out",
+                          str(tmp_path / "eval"), "--n-bootstrap", "0", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert "hashing" not in err and "Generating splits" not in err and "it/s" not in err
+
+
 def test_predict_marks_duplicates_in_the_csv(run, folder, tmp_path, capsys):
     root, copies = folder
     out = tmp_path / "p.csv"
