@@ -127,7 +127,7 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
                        help="own: each member trains only on the classes it separates (an "
                             "OvO member on its pair), the same steps per epoch for all; shared: "
                             "every member sees every batch, other classes weighted 0; auto: "
-                            "own for OvO, shared otherwise")
+                            "own for OvO trained one member after another, shared otherwise")
     train.add_argument("--keep-checkpoints", type=int, help="latest epochs kept on disk")
     train.add_argument("--seed", type=int)
 

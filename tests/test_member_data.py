@@ -1,6 +1,6 @@
-"""Members on their own examples (`member_data` "own", the OvO default): the sampler's epochs
-of a given length, each member's examples and steps, the config rule, stacked members' batches
-(`MemberBatches`), and runs that stop (between members, or mid-stack) and resume to the
+"""Members on their own examples (`member_data` "own", the OvO default on CPU): the sampler's
+epochs of a given length, each member's examples and steps, the config rule, stacked members'
+batches (`MemberBatches`), and runs that stop (between members, or mid-stack) and resume to the
 uninterrupted one."""
 
 from __future__ import annotations
@@ -73,19 +73,19 @@ def test_own_examples_are_each_members_classes_with_common_steps():
         members_lib.own_examples(stack, np.arange(10), labels, batch_size=8)
 
 
-def test_ovo_members_draw_their_own_pairs_in_both_member_modes():
+def test_ovo_members_one_after_another_draw_their_own_pairs():
     if jax.default_backend() != "cpu":
         pytest.skip("--members auto differs off CPU")
     cnn = make_config("ovo", backbone="simple_cnn")       # custom CNN on CPU: sequential
     assert (cnn.training.members, cnn.training.member_data) == ("sequential", "own")
     assert make_config("ova", backbone="simple_cnn").training.member_data == "shared"
-    resnet = make_config("ovo", backbone="resnet50")      # stacked, a batch per member
-    assert (resnet.training.members, resnet.training.member_data) == ("stacked", "own")
-    for members in ("stacked", "sequential"):
-        assert make_config("ovo", members=members).training.member_data == "own"
+    resnet = make_config("ovo", backbone="resnet50")      # stacked: shared batches by default
+    assert (resnet.training.members, resnet.training.member_data) == ("stacked", "shared")
+    assert make_config("ovo", members="sequential").training.member_data == "own"
+    for members in ("stacked", "sequential"):             # own is a choice in both modes
+        own = make_config("ovo", members=members, member_data="own")
+        assert (own.training.members, own.training.member_data) == (members, "own")
         assert make_config("ova", members=members).training.member_data == "shared"
-    shared = make_config("ovo", members="stacked", member_data="shared")
-    assert shared.training.member_data == "shared"
 
 
 def test_each_member_loader_yields_its_pair_for_the_common_steps(tmp_path):
@@ -134,7 +134,7 @@ def test_member_batches_stack_each_members_batch_and_resume_exactly():
 def test_stacked_own_stopped_after_an_epoch_resumes_to_the_uninterrupted_run(tmp_path,
                                                                               monkeypatch):
     """The data position of every member's loader is in the checkpoint (MemberBatches)."""
-    cache, settings = str(tmp_path / "tfds"), {**TINY, "members": "stacked"}
+    cache, settings = str(tmp_path / "tfds"), {**TINY, "members": "stacked", "member_data": "own"}
     full = Ensemble("ovo", cache_dir=cache, **settings).fit(out=tmp_path / "full")
     assert full.config.training.member_data == "own"
     real_save = Checkpointer.save
