@@ -237,14 +237,19 @@ def resolve(config: RunConfig) -> RunConfig:
     members, member_data = config.training.members, config.training.member_data
     ovo = config.ensemble.strategy == "ovo"
     if members == "auto":
-        cpu = jax.default_backend() == "cpu"
-        members = "sequential" if cpu and backbones.is_custom_cnn(backbone) else "stacked"
+        # On CPU every backbone trains its members one after another: vmapped members become
+        # grouped convolutions there, slower than K plain steps (ResNet50, 32 px, batch 16, on
+        # 2026-12-03's Xeon: stacked 0.79x / 0.73x / 0.61x the sequential speed for K = 2, 4,
+        # 6; `benchmarks/ensemble_throughput.py`). Accelerators keep the stacked members.
+        members = "sequential" if jax.default_backend() == "cpu" else "stacked"
     if member_data == "auto":
-        # OvO members trained one after another draw only their own pair's examples: half the
-        # compute of K(K-1)/2 members masking half of every shared batch. Stacked members keep
-        # the shared batches: with a batch of their own (own, batch 8) ResNet50's first-run
-        # OvO took 8.9 min but reached macro-F1 0.757 (one seed; shared batch 16: 0.804).
-        member_data = "own" if ovo and members == "sequential" else "shared"
+        # A custom CNN's OvO members trained one after another draw only their own pair's
+        # examples: half the compute of masking half of every shared batch. The ImageNet
+        # architectures keep shared batches: on their own pairs, ResNet50's first-run OvO
+        # reached macro-F1 0.767 in 5.2 min (seed 0) against 0.802 in 7.6 min with shared
+        # batches (`benchmarks/first_run.py`; stacked own batches of 8: 0.729-0.806).
+        member_data = ("own" if ovo and members == "sequential"
+                       and backbones.is_custom_cnn(backbone) else "shared")
     # The phantoms are drawn under random exposure, gamma, noise, blur and patient pose
     # already; augmenting them only slows the short first run. Real radiographs are augmented
     # unless told otherwise.

@@ -79,8 +79,10 @@ def test_ovo_members_one_after_another_draw_their_own_pairs():
     cnn = make_config("ovo", backbone="simple_cnn")       # custom CNN on CPU: sequential
     assert (cnn.training.members, cnn.training.member_data) == ("sequential", "own")
     assert make_config("ova", backbone="simple_cnn").training.member_data == "shared"
-    resnet = make_config("ovo", backbone="resnet50")      # stacked: shared batches by default
-    assert (resnet.training.members, resnet.training.member_data) == ("stacked", "shared")
+    resnet = make_config("ovo", backbone="resnet50")      # ImageNet families: shared batches
+    assert (resnet.training.members, resnet.training.member_data) == ("sequential", "shared")
+    stacked = make_config("ovo", backbone="resnet50", members="stacked")
+    assert stacked.training.member_data == "shared"
     assert make_config("ovo", members="sequential").training.member_data == "own"
     for members in ("stacked", "sequential"):             # own is a choice in both modes
         own = make_config("ovo", members=members, member_data="own")
