@@ -1,7 +1,7 @@
 """Where a CPU train step spends its time: sub-function timings and an XLA op profile.
 
     python -m benchmarks.profile_step --backbone resnet50 --batch-size 16 --image-size 64 \
-        [--precision fp32] [--steps 3] [--repeats 3] [--trace-dir /tmp/trace]
+        [--precision fp32] [--convolutions default|ynnpack|eigen] [--steps 3] [--repeats 3]
 
 Times, interleaved in one process so that load changes hit each alike: the forward pass
 (train mode, + loss), forward + backward (`jax.grad`), the optimiser update alone, and the
@@ -34,8 +34,8 @@ from jax.sharding import PartitionSpec as P
 
 import backbones
 from backbones import training
-from backbones.training.parallel import EIGEN_CONV_OPTIONS, DataParallel
-from benchmarks.throughput import torch_twin
+from backbones.training.parallel import DataParallel
+from benchmarks.throughput import CONVOLUTIONS, torch_twin
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][\w-]*)\(")
 _CALLS = re.compile(r"calls=%([\w.-]+)")
@@ -170,8 +170,8 @@ def jax_calls(args: argparse.Namespace) -> tuple[dict[str, Callable[[], object]]
     batch = {"image": rng.normal(size=shape).astype(np.float32),
              "label": (np.arange(args.batch_size) % args.num_classes).astype(np.int32),
              "weight": np.ones(args.batch_size, np.float32)}
-    options = EIGEN_CONV_OPTIONS if args.eigen_conv else None
-    dp = DataParallel("shard_map", tuple(jax.devices()[:1]), tuple((options or {}).items()))
+    dp = DataParallel("shard_map", tuple(jax.devices()[:1]), CONVOLUTIONS[args.convolutions])
+    options = dict(dp.compiler_options) or None
     step_fn = training.make_train_step()
     hlo = jax.jit(jax.shard_map(
         step_fn, mesh=dp.mesh, in_specs=(P(), P("batch")), out_specs=(P(), P()),
@@ -242,8 +242,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--eigen-conv", action="store_true",
-                        help="compile with parallel.EIGEN_CONV_OPTIONS (XLA's own convolutions)")
+    parser.add_argument("--convolutions", default="default", choices=tuple(CONVOLUTIONS),
+                        help="XLA:CPU's convolution library (default: the engine's, Eigen on CPU)")
     return parser.parse_args(argv)
 
 
@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     seconds = interleaved(calls, args.steps, args.repeats)
     print(f"{args.backbone} b={args.batch_size} {args.image_size}px {args.precision}, "
+          f"{args.convolutions} convolutions, "
           f"load {load:.1f}->{os.getloadavg()[0]:.1f}")
     print("| part | ms | images/s |\n|---|---:|---:|")
     for k, s in seconds.items():

@@ -4,7 +4,7 @@
         [--precision fp32] [--parallel shard_map] [--mode train|infer] [--steps 5] \
         [--reference torch] [--json OUT]
     python -m benchmarks.throughput --rows     # issue #11's three rows against torch
-    python -m benchmarks.throughput --levers   # the rows: fp32 against bf16 and remat
+    python -m benchmarks.throughput --levers   # the rows: fp32 against bf16, remat, YNNPACK
 
 Images/s is the median over --repeats timings of --steps steps after a warm-up; compile
 time (the first call minus one steady step) is reported apart; FLOPs come from XLA's cost
@@ -15,8 +15,10 @@ hits both, and prints the JAX / torch ratio with the load average; without torch
 it prints a skip. Both sides use every core of the process (torch's default threads).
 
 `--remat nothing|dots` wraps the model in `jax.checkpoint` (recompute every activation, or keep
-only matmul outputs, in the backward pass); `--levers` times, per row, the plain fp32 step
-against the bf16-compute and remat variants in one process, alternating, as ratios.
+only matmul outputs, in the backward pass); `--convolutions ynnpack|eigen` forces one CPU
+convolution library (default: the engine's, `parallel.default_compiler_options()`: Eigen on
+CPU); `--levers` times, per row, the default fp32 step against the bf16-compute, remat and
+YNNPACK-convolution variants in one process, alternating, as ratios.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from jax.sharding import PartitionSpec as P
 
 import backbones
 from backbones import training
+from backbones.training.parallel import EIGEN_CONV_OPTIONS, DataParallel
+
+# --convolutions: the engine's default (None), or XLA:CPU's YNNPACK or Eigen convolutions.
+CONVOLUTIONS = {"default": None, "ynnpack": (), "eigen": tuple(EIGEN_CONV_OPTIONS.items())}
 
 # Plain conv stacks of backbones/cnns.py (3x3 'same' conv + ReLU, 2x2 max-pool per block while
 # the map allows it) and Keras-style ResNet50 (stride on the block's first 1x1, convs with
@@ -125,7 +131,7 @@ def jax_setup(args: argparse.Namespace) -> tuple[Call, dict]:
     if REMAT[args.remat] is not None:
         state = state.replace(apply_fn=functools.partial(_remat_apply, model.apply,
                                                          REMAT[args.remat]))
-    dp = training.data_parallel(args.parallel)
+    dp = DataParallel(args.parallel, compiler_options=CONVOLUTIONS[args.convolutions])
     dp.check_batch_size(args.batch_size)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=shape).astype(np.float32),
@@ -136,7 +142,8 @@ def jax_setup(args: argparse.Namespace) -> tuple[Call, dict]:
     per_device = jax.jit(jax.shard_map(
         step_fn, mesh=training.data_parallel("shard_map", jax.devices()[:1]).mesh,
         in_specs=(P(), P("batch")),
-        out_specs=(P(), P()) if args.mode == "train" else P("batch"), check_vma=False))
+        out_specs=(P(), P()) if args.mode == "train" else P("batch"), check_vma=False),
+        compiler_options=dict(dp.compiler_options) or None)
     local = {k: v[:args.batch_size // dp.num_devices] for k, v in batch.items()}
     cost = per_device.lower(state, local).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -262,7 +269,7 @@ ROWS = (("resnet50", 16), ("simple_cnn", 32), ("cnn16", 32))
 
 
 LEVERS = {"fp32": {}, "bf16": {"precision": "bf16"}, "remat nothing": {"remat": "nothing"},
-          "remat dots": {"remat": "dots"}}
+          "remat dots": {"remat": "dots"}, "ynnpack conv": {"convolutions": "ynnpack"}}
 
 
 def run_levers(args: argparse.Namespace) -> list[dict]:
@@ -271,7 +278,8 @@ def run_levers(args: argparse.Namespace) -> list[dict]:
     out = []
     for backbone, batch_size in ROWS:
         base = {**vars(args), "backbone": backbone, "batch_size": batch_size, "image_size": 64,
-                "mode": "train", "precision": "fp32", "remat": "none"}
+                "mode": "train", "precision": "fp32", "remat": "none",
+                "convolutions": "default"}
         setups = {name: jax_setup(argparse.Namespace(**{**base, **change}))
                   for name, change in LEVERS.items()}
         times, load = _alternate(setups, args.repeats, args.steps)
@@ -322,6 +330,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS)
     parser.add_argument("--remat", default="none", choices=tuple(REMAT),
                         help="jax.checkpoint policy around the model (a CPU lever, issue #11)")
+    parser.add_argument("--convolutions", default="default", choices=tuple(CONVOLUTIONS),
+                        help="XLA:CPU's convolution library (a CPU lever, issue #11)")
     parser.add_argument("--parallel", default="shard_map", choices=training.PARALLEL_MODES)
     parser.add_argument("--mode", default="train", choices=("train", "infer"))
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
@@ -331,7 +341,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the three reference rows (resnet50 b16, simple_cnn b32, cnn16 b32, "
                              "64 px) against torch, one table")
     parser.add_argument("--levers", action="store_true",
-                        help="the three rows: fp32 against bf16 compute and remat, one table")
+                        help="the three rows: fp32 against bf16 compute, remat and YNNPACK "
+                             "convolutions, one table")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if not (args.rows or args.levers) and not args.backbone:

@@ -5,7 +5,7 @@ The wrapper takes ANY per-shard function `f(state, batch)` that reduces over the
 the batch axis sits in each batch leaf (`batch_axes`, a pytree prefix of the batch: 0 for
 [B, ...], 1 for labels stacked as [M, B]). The state is replicated on every device: under
 shard_map as one array with a replicated sharding, under pmap with a leading device axis.
-`compiler_options` go to XLA with the shard_map train step (e.g. `EIGEN_CONV_OPTIONS`).
+`compiler_options` go to XLA with the shard_map steps; by default `EIGEN_CONV_OPTIONS` on CPU.
 """
 
 from __future__ import annotations
@@ -24,11 +24,17 @@ AXIS = "batch"
 
 # XLA:CPU hands convolutions to YNNPACK, which computes a filter gradient (a convolution whose
 # window is the whole feature map) 2-5x slower than XLA's own (Eigen) convolution. These options
-# keep YNNPACK for dots and reductions only: faster CPU train steps (compare with
-# `benchmarks/profile_step.py --eigen-conv`), but not the default, because stacked (vmapped)
-# members then no longer train exactly like sequential ones (tests/test_members.py).
+# keep YNNPACK for dots and reductions only, and are the CPU default: train steps 2.21x
+# (simple_cnn), 1.77x (cnn16) and 1.25x (ResNet50) faster, 64 px, on 2026-12-03's Xeon
+# (`benchmarks/throughput.py --levers`); the same numbers within float tolerance
+# (tests/test_cpu_fast_path.py).
 EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                       "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def default_compiler_options() -> tuple[tuple[str, str], ...]:
+    """`EIGEN_CONV_OPTIONS` on the CPU backend, nothing on accelerators."""
+    return tuple(EIGEN_CONV_OPTIONS.items()) if jax.default_backend() == "cpu" else ()
 
 
 def _spec(axis: int | None) -> P:
@@ -42,7 +48,8 @@ class DataParallel:
 
     mode: str = "shard_map"
     devices: tuple[Any, ...] = ()
-    compiler_options: tuple[tuple[str, str], ...] = ()   # hashable: (option, value) pairs
+    # hashable (option, value) pairs; None: default_compiler_options()
+    compiler_options: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self):
         if self.mode not in PARALLEL_MODES:
@@ -54,6 +61,8 @@ class DataParallel:
         if not self.devices:
             object.__setattr__(self, "devices", tuple(sorted(
                 jax.devices(), key=lambda d: (d.process_index, d.id))))
+        if self.compiler_options is None:
+            object.__setattr__(self, "compiler_options", default_compiler_options())
 
     @property
     def num_devices(self) -> int:
@@ -146,7 +155,8 @@ class DataParallel:
         else:
             mapped = jax.jit(jax.shard_map(
                 eval_fn, mesh=self.mesh, in_specs=(P(), jax.tree.map(_spec, batch_axes)),
-                out_specs=_spec(out_axis), check_vma=False))
+                out_specs=_spec(out_axis), check_vma=False),
+                compiler_options=dict(self.compiler_options) or None)
 
             def call(state, batch):
                 return mapped(state, self._place(batch, batch_axes))
@@ -163,8 +173,9 @@ class DataParallel:
         return run
 
 
-def data_parallel(mode: str = "shard_map", devices: Sequence[Any] | None = None
-                  ) -> DataParallel:
+def data_parallel(mode: str = "shard_map", devices: Sequence[Any] | None = None,
+                  compiler_options: dict[str, str] | None = None) -> DataParallel:
     """The DataParallel for `--parallel MODE` over `devices` (default all processes'
-    devices)."""
-    return DataParallel(mode, tuple(devices or ()))
+    devices), compiled with `compiler_options` (default: `default_compiler_options()`)."""
+    options = None if compiler_options is None else tuple(compiler_options.items())
+    return DataParallel(mode, tuple(devices or ()), options)
