@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -325,7 +325,7 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
     if mode == "stacked":
         # XLA's Eigen convolutions (the CPU default) compute vmapped convolutions ~3e-3 off
         # YNNPACK's after 4 steps, where plain ones agree to 3e-7: stacked members keep YNNPACK.
-        parallel = replace(parallel, compiler_options=())
+        ynnpack = ()
         state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
         if init_variables is not None:
             state = start_from(state, init_variables, stacked=True)
@@ -333,8 +333,9 @@ def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
             common["train_data"] = MemberBatches(member_data)
         result = fit(state, step=parallel.train(stacked_train_step(
                          train_step, stack.table, stack.class_weight,
-                         own_batches=member_data is not None)),
-                     predict=parallel.predict(stacked_eval_step(eval_step), out_axis=1),
+                         own_batches=member_data is not None), compiler_options=ynnpack),
+                     predict=parallel.predict(stacked_eval_step(eval_step), out_axis=1,
+                                              compiler_options=ynnpack),
                      table=stack.table, stacked=True, member_names=names,
                      checkpoint_dir=checkpoint_dir,
                      desc=f"{len(names)} members ({', '.join(names)})", **common)

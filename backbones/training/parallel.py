@@ -115,9 +115,17 @@ class DataParallel:
         return jax.tree.map(lambda a, sub: jax.device_put(
             sub, NamedSharding(self.mesh, _spec(a))), batch_axes, batch)
 
-    def train(self, step_fn: Callable, *, batch_axes: Any = 0, donate: bool = True
+    def _options(self, override: tuple[tuple[str, str], ...] | None) -> dict[str, str] | None:
+        """XLA options for one shard_map step: `override`, else this wrapper's; None if empty."""
+        return dict(self.compiler_options if override is None else override) or None
+
+    def train(self, step_fn: Callable, *, batch_axes: Any = 0, donate: bool = True,
+              compiler_options: tuple[tuple[str, str], ...] | None = None
               ) -> Callable[[Any, Any], tuple[Any, Any]]:
-        """Wrap `step_fn(state, batch) -> (state, metrics)`; metrics come back as one copy."""
+        """Wrap `step_fn(state, batch) -> (state, metrics)`; metrics come back as one copy.
+
+        `compiler_options` replace this wrapper's for this step only (shard_map).
+        """
         donate_argnums = (0,) if donate else ()
         if self.mode == "pmap":
             mapped = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, batch_axes), out_axes=0,
@@ -131,16 +139,18 @@ class DataParallel:
             mapped = jax.jit(jax.shard_map(
                 step_fn, mesh=self.mesh, in_specs=(P(), jax.tree.map(_spec, batch_axes)),
                 out_specs=(P(), P()), check_vma=False), donate_argnums=donate_argnums,
-                compiler_options=dict(self.compiler_options) or None)
+                compiler_options=self._options(compiler_options))
 
             def run(state, batch):
                 self.check_batch_size(self._batch_size(batch, batch_axes))
                 return mapped(state, self._place(batch, batch_axes))
         return run
 
-    def predict(self, eval_fn: Callable, *, batch_axes: Any = 0, out_axis: int = 0
+    def predict(self, eval_fn: Callable, *, batch_axes: Any = 0, out_axis: int = 0,
+                compiler_options: tuple[tuple[str, str], ...] | None = None
                 ) -> Callable[[Any, Any], jax.Array]:
-        """Wrap `eval_fn(state, batch) -> outputs` sharded on `out_axis`.
+        """Wrap `eval_fn(state, batch) -> outputs` sharded on `out_axis` (`compiler_options`:
+        as in `train`).
 
         Batches that do not divide by the device count (a last evaluation batch) are
         padded by repeating their last example and the padding is cut from the output.
@@ -156,7 +166,7 @@ class DataParallel:
             mapped = jax.jit(jax.shard_map(
                 eval_fn, mesh=self.mesh, in_specs=(P(), jax.tree.map(_spec, batch_axes)),
                 out_specs=_spec(out_axis), check_vma=False),
-                compiler_options=dict(self.compiler_options) or None)
+                compiler_options=self._options(compiler_options))
 
             def call(state, batch):
                 return mapped(state, self._place(batch, batch_axes))
