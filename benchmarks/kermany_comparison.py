@@ -36,8 +36,8 @@ DATA_DIR = Path("../shared/data/cxr-kermany")   # beside the checkout, run from 
 SETTINGS = ["--dataset", "chest_xray_pneumonia", "--split-recipe", "source",
             "--image-size", "32", "--batch-size", "32", "--epochs", "20",
             "--early-stopping-patience", "20", "--members", "sequential", "--no-progress"]
-# Members train one after another for every backbone (--members auto would stack resnet18's on
-# CPU and give its OvO members shared batches), so every backbone trains the same way.
+# Members train one after another for every backbone (what --members auto now picks on CPU;
+# when this comparison ran it stacked resnet18's), so every backbone trains the same way.
 # resnet18 at 64 px trains at 116 img/s against 312 at 32 px (benchmarks.throughput, batch 32):
 # 3 seeds of every strategy would take about 2 h more than at 32 px on the 2-core CPU.
 CURVES = {"simple_cnn": (32, 48), "cnn16": (32,), "resnet18": (32, 64)}

@@ -121,13 +121,14 @@ def build_parser(strategy: str, description: str) -> argparse.ArgumentParser:
     train.add_argument("--parallel", choices=training.PARALLEL_MODES)
     train.add_argument("--members", choices=("auto", *MEMBER_MODES),
                        help="train members together under vmap, or one after another; auto: "
-                            "one after another for a custom CNN on CPU (faster there, "
-                            "benchmarks/ensemble_throughput.py), stacked otherwise")
+                            "one after another on CPU (faster there, "
+                            "benchmarks/ensemble_throughput.py), stacked on a GPU or TPU")
     train.add_argument("--member-data", choices=("auto", *MEMBER_DATA),
                        help="own: each member trains only on the classes it separates (an "
                             "OvO member on its pair), the same steps per epoch for all; shared: "
                             "every member sees every batch, other classes weighted 0; auto: "
-                            "own for OvO trained one member after another, shared otherwise")
+                            "own for a custom CNN's OvO trained one member after another, "
+                            "shared otherwise")
     train.add_argument("--keep-checkpoints", type=int, help="latest epochs kept on disk")
     train.add_argument("--seed", type=int)
 
