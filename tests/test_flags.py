@@ -79,15 +79,17 @@ def test_augmentation_defaults_to_off_for_synthetic_data_only(argv, augment):
                                                ("ovo", "resnet50"), ("cascade", "simple_cnn"),
                                                ("ovo", "simple_cnn")])
 def test_a_strategy_may_change_its_familys_defaults(strategy, backbone, capsys):
-    """The ImageNet-family cascade trains 2 members, so it gets more epochs; everything else
-    keeps the family's; --help shows the values the run will use, and a flag still wins."""
+    """The ImageNet-family cascade (2 members) and OvO (6 members, still improving at 5
+    epochs) get more epochs; everything else keeps the family's; --help shows the values the
+    run will use, and a flag still wins."""
     from ensembles import make_config
     from ensembles.config import FAMILY_DEFAULTS, STRATEGY_DEFAULTS, family
     from experiments.common import parse
     kind = family(backbone)
     want = {**FAMILY_DEFAULTS[kind], **STRATEGY_DEFAULTS.get((kind, strategy), {})}
     changed = {k for k in want if want[k] != FAMILY_DEFAULTS[kind][k]}
-    assert changed == ({"epochs"} if (kind, strategy) == ("imagenet", "cascade") else set())
+    assert changed == ({"epochs"} if (kind, strategy) in {("imagenet", "cascade"),
+                                                           ("imagenet", "ovo")} else set())
     config = make_config(strategy, backbone=backbone)
     assert (config.training.epochs, config.data.count, config.training.batch_size) == (
         want["epochs"], want["count"], want["batch_size"])
