@@ -49,7 +49,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 # ImageNet-architecture members where OvA trains 4, so in less wall time its members get twice
 # the epochs (at 5 they were still improving and 2 of 3 seeds ended under macro-F1 0.8). OvO's
 # 6 members one after another on CPU: at 5 epochs 4 of 6 still had their best validation loss
-# at the last epoch and the seeds ended at macro-F1 0.77-0.81; a 6th epoch costs about a minute.
+# at the last epoch (seeds 0-2: 0.802-0.811 under YNNPACK convolutions, seed 0 0.773 under the
+# Eigen default); at 6 epochs 0.817-0.839 in 8.2-8.4 min; a 6th epoch costs about a minute.
 STRATEGY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("imagenet", "cascade"): {"epochs": 10},
     ("imagenet", "ovo"): {"epochs": 6},
