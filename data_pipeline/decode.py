@@ -10,56 +10,41 @@ images with a side over `MAX_SIDE` are downscaled by an integer factor while dec
 through Pillow's `draft`, DCT scaling; others by `Image.reduce`, a box filter) before any
 conversion, so no full-size float copy is ever made (DICOM's LUTs work on one float copy,
 within the same budget). Build and predict decode alike.
+
+The names every decoder shares (`DecodeError`, `pixel_budget`, `read_source`, `file_kind`,
+the extension sets) live in `data_pipeline.image_source`, which `dicom` imports too, and are
+re-exported here: imports run one way, decode -> dicom -> image_source.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# DICOM file names; a DICOM file named otherwise is recognised by its content
-# (`data_pipeline.dicom.is_dicom`).
-DICOM_EXTENSIONS: frozenset[str] = frozenset({".dcm", ".dicom"})
-# Extensions considered image files; other files in a class folder are read only when their
-# content says DICOM, else skipped.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_EXTENSIONS
+from data_pipeline import dicom
+# Re-exported: callers import these from here (one definition, in the leaf module that
+# `dicom` builds on too).
+from data_pipeline.image_source import (  # noqa: F401
+    DEFAULT_MAX_PIXELS,
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS_ENV,
+    DecodeError,
+    file_kind,
+    pixel_budget,
+    read_source,
+)
 
-DEFAULT_MAX_PIXELS = 50_000_000
-MAX_PIXELS_ENV = "CXR_ENSEMBLES_MAX_PIXELS"
 # Longest side kept at decode time; larger images shrink by the smallest integer factor that
 # brings them to or under it. Real chest X-rays are at most ~4,300 px a side, and every model
 # sees a few hundred pixels.
 MAX_SIDE = 4096
 _REDUCIBLE = frozenset({"L", "LA", "I", "F", "RGB", "RGBA", "CMYK", "YCbCr"})
-
-
-class DecodeError(ValueError):
-    """A file that cannot become an image; the message is the reason recorded for the skip."""
-
-
-def pixel_budget(max_pixels: int | None = None) -> int:
-    """The largest width x height decoded: `max_pixels`, else `$CXR_ENSEMBLES_MAX_PIXELS`,
-    else 50 MP. ValueError for a value that is not a positive integer."""
-    if max_pixels is None:
-        text = os.environ.get(MAX_PIXELS_ENV, "").strip()
-        if not text:
-            return DEFAULT_MAX_PIXELS
-        try:
-            max_pixels = int(text)
-        except ValueError:
-            raise ValueError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}"
-                             ) from None
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
-    return max_pixels
 
 
 def to_grayscale(img: Image.Image) -> np.ndarray:
@@ -133,33 +118,6 @@ def _decode(data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, boo
         raise DecodeError(f"corrupt image: {e}") from None
 
 
-def read_source(source: str | Path | bytes) -> bytes:
-    """The bytes of a path (a regular file: a FIFO or device is never opened) or `source`."""
-    if not isinstance(source, (str, Path)):
-        return source
-    path = Path(source)
-    try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):
-            raise DecodeError(f"not a regular file ({file_kind(mode)})")
-        return path.read_bytes()
-    except OSError as e:
-        raise DecodeError(f"cannot read: {e.strerror or e}") from None
-
-
-def file_kind(mode: int) -> str:
-    """'folder', 'FIFO', 'socket', 'device' or 'file' for an `os.stat` mode."""
-    if stat.S_ISDIR(mode):
-        return "folder"
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "file"
-
-
 def decode_image(source: str | Path | bytes, *, max_pixels: int | None = None,
                  skip_lateral: bool = True) -> np.ndarray:
     """Read a file path or encoded bytes into grayscale uint8 HxWx1.
@@ -195,8 +153,6 @@ def _decode_dicom(source: str | Path | bytes, data: bytes, max_pixels: int | Non
                   skip_lateral: bool) -> np.ndarray | None:
     """uint8 HxWx1 of DICOM `data` (shrunk like any image over `MAX_SIDE`), or None when
     `data` is not DICOM by content and `source` is no `.dcm` / `.dicom` path."""
-    from data_pipeline import dicom  # not at the top: dicom imports this module
-
     named = isinstance(source, (str, Path)) and Path(source).suffix.lower() in DICOM_EXTENSIONS
     if not data or not (named or dicom.has_preamble(data)):
         return None

@@ -45,7 +45,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from data_pipeline.decode import (
+from data_pipeline.image_source import (
     DICOM_EXTENSIONS,
     MAX_PIXELS_ENV,
     DecodeError,
@@ -103,7 +103,8 @@ def read_dicom(source: str | Path | bytes, *, max_pixels: int | None = None,
 
     meta: patient_id, view_position, photometric, modality, sop_class, transfer_syntax,
     bits_stored and voi ("lut", "window" or "none": which VOI transform was applied).
-    `max_pixels`: the pixel budget (`decode.pixel_budget`), checked from Rows x Columns.
+    `max_pixels`: the pixel budget (`image_source.pixel_budget`, also importable from
+    `decode`), checked from Rows x Columns.
     """
     data = read_source(source)
     ds = _parse(data)
