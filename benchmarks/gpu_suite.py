@@ -252,8 +252,7 @@ def _ova_setup(p: dict):
 
     from backbones import training
     from backbones.registry import resolve_head
-    from ensembles import members
-
+    from ensembles.training import members
     model = backbones.create(p["model"], num_classes=2, head=resolve_head("auto", p["model"]),
                              dtype=training.compute_dtype(p["precision"]),
                              axis_name=training.parallel.AXIS)
@@ -268,8 +267,7 @@ def _ova_setup(p: dict):
 def ova_stacked(p: dict, deadline: float) -> Result:
     """K members as one vmapped stack (`ensembles.members.stacked_train_step`)."""
     from backbones import training
-    from ensembles import members
-
+    from ensembles.training import members
     make, table, weights, keys, images, labels = _ova_setup(p)
     dp = _one_device_parallel()
     state = dp.replicate(jax.jit(jax.vmap(make))(keys))
@@ -282,8 +280,7 @@ def ova_sequential(p: dict, deadline: float) -> Result:
     """The same K members one after another with the plain step (`--members sequential`):
     one step here is one step of every member, so images/s compares with the stack."""
     from backbones import training
-    from ensembles import members
-
+    from ensembles.training import members
     make, table, weights, keys, images, labels = _ova_setup(p)
     dp = _one_device_parallel()
     states = [dp.replicate(make(keys[m])) for m in range(p["members"])]

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ensembles import Ensemble  # noqa: E402
+from ensembles import Ensemble
 from ensembles.config import resolve  # noqa: E402
 from experiments import common, compare  # noqa: E402
 

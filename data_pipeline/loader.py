@@ -294,3 +294,11 @@ def make_loader(source, indices, *, batch_size: int, preprocess: PreprocessConfi
                             worker_count=worker_count,
                             shard_options=grain.sharding.NoSharding(),
                             read_options=read_options)
+
+
+def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """Pad a short last batch to `size` by repeating its last image (outputs are cut after),
+    so evaluation compiles one shape."""
+    if len(images) >= size:
+        return images
+    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])

@@ -1,7 +1,6 @@
 """Ensembles of chest X-ray classifiers, and the public Python API.
 
     from ensembles import Ensemble, Stack, make_config
-
 - api: `Ensemble` (fit / evaluate / predict_proba / save / load) and `Stack`
 - config: the typed run config (data, model, training, ensemble) and per-family defaults
 - build, fitting, runs: config -> data, models and steps -> the one engine -> run folders

@@ -2,7 +2,6 @@
 
     from data_pipeline import load_dataset
     from ensembles import Ensemble
-
     data = load_dataset("synthetic_cxr", count=400, image_size=32)
     ens = Ensemble("ova", backbone="simple_cnn", epochs=5).fit(data, out="runs/my-ova")
     print(ens.evaluate(data, split="test")["macro_f1"])
@@ -27,17 +26,22 @@ import numpy as np
 
 from backbones.training import distributed
 from data_pipeline.datasets import Dataset
-from ensembles import build, fitting, leakage, quality_filter, runs
+from ensembles.training import build
+from ensembles.training import fitting
+from data_pipeline import leakage
+from data_pipeline import quality_filter
+from ensembles.training import runs
 from ensembles import bundle as bundle_lib
-from ensembles import operating_points as op_lib
-from ensembles import strategy as strategy_lib
-from ensembles.assess import evaluate_bundle, skipped_section
-from ensembles.calibration import TemperatureScaling
+from ensembles.combine import operating_points as op_lib
+from ensembles.combine import rules as strategy_lib
+from ensembles.evaluate.assess import evaluate_bundle, skipped_section
+from ensembles.combine.calibration import TemperatureScaling
 from ensembles.config import META_MODELS, RunConfig, make_config, resolve
-from ensembles.evaluation import evaluate_predictions, write_report
-from ensembles.gallery import gallery
-from ensembles.meta import MetaClassifier, make_features
-from ensembles.stacking import stack_runs
+from ensembles.evaluate.metrics import evaluate_predictions
+from ensembles.report.write import write_report
+from ensembles.report.gallery import gallery
+from ensembles.combine.meta import MetaClassifier, make_features
+from ensembles.training.stacking import stack_runs
 
 SPLITS = ("train", "val", "test", "all")
 

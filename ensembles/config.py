@@ -22,10 +22,10 @@ from backbones.training import distributed
 from data_pipeline.datasets import DATASETS
 from data_pipeline.preprocess import NORMALIZATIONS as _ALL_NORMALIZATIONS
 from data_pipeline.splits import SPLIT_RECIPES
-from ensembles.members import MEMBER_DATA, MEMBER_MODES
-from ensembles.operating_points import parse_operating_point
-from ensembles.tasks import STRATEGIES
 
+STRATEGIES = ("single", "ova", "ovo", "cascade")
+MEMBER_MODES = ("stacked", "sequential")
+MEMBER_DATA = ("own", "shared")
 BALANCE_MODES = ("none", "downsample", "oversample", "class_weights")
 NORMALIZATIONS = _ALL_NORMALIZATIONS   # "dataset": the training split's mean/std (build_data)
 # none; the masks the dataset ships; masks predicted by a segmenter run (ensembles.segmenter)
@@ -55,6 +55,36 @@ STRATEGY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("imagenet", "cascade"): {"epochs": 10},
     ("imagenet", "ovo"): {"epochs": 6},
 }
+
+
+OPERATING_TARGETS = ("sensitivity", "specificity", "youden")
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+    """What the per-class thresholds aim for: a target sensitivity or specificity, or Youden."""
+
+    target: str = "youden"
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return self.target if self.value is None else f"{self.target}={self.value:g}"
+
+
+def parse_operating_point(text: str) -> OperatingPoint:
+    """`sensitivity=0.95`, `specificity=0.9` or `youden` -> OperatingPoint; ValueError else."""
+    name, _, value = text.strip().partition("=")
+    if name == "youden" and not value:
+        return OperatingPoint("youden")
+    if name in ("sensitivity", "specificity") and value:
+        try:
+            v = float(value)
+        except ValueError:
+            v = float("nan")
+        if 0 < v <= 1:
+            return OperatingPoint(name, v)
+    raise ValueError(f"operating point {text!r} must be sensitivity=S or specificity=S with S "
+                     f"in (0, 1], or youden")
 
 
 def family(backbone: str) -> str:

@@ -21,7 +21,7 @@ from ensembles import bundle as bundle_lib
 from ensembles.config import (
     BALANCE_MODES, LUNG_MASKS, META_MODELS, NORMALIZATIONS, SECTIONS, RunConfig, defaults_for,
     make_config)
-from ensembles.members import MEMBER_DATA, MEMBER_MODES
+from ensembles.config import MEMBER_DATA, MEMBER_MODES
 
 # What a CLI reports as `error: ...` with exit code 2 instead of a traceback: bad input
 # refused before training, a diverged run, a refused non-finite checkpoint, a bad bundle,

@@ -41,10 +41,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_pipeline.datasets import DATASETS, Dataset, load_dataset  # noqa: E402
-from ensembles import Ensemble, Stack  # noqa: E402
-from ensembles import bundle as bundle_lib  # noqa: E402
-from ensembles import comparison  # noqa: E402
-from ensembles import runs as runs_lib  # noqa: E402
+from ensembles import Ensemble, Stack
+from ensembles import bundle as bundle_lib
+from ensembles.research import comparison
+from ensembles.training import runs as runs_lib
 from ensembles.config import META_MODELS, RunConfig, resolve  # noqa: E402
 from experiments import common  # noqa: E402
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ensembles import Ensemble
-from ensembles.assess import summary_line
+from ensembles.evaluate.assess import summary_line
 from experiments import common
 
 

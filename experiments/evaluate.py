@@ -34,13 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, load_dataset
-from ensembles import leakage, quality_filter
-from ensembles.assess import evaluate_bundle, skipped_section, summary_line
+from data_pipeline import leakage
+from data_pipeline import quality_filter
+from ensembles.evaluate.assess import evaluate_bundle, skipped_section, summary_line
 from ensembles.bundle import Bundle, load_bundle
-from ensembles.evaluation import write_report
-from ensembles.gallery import gallery
-from ensembles.operating_points import markdown as operating_points_markdown
-from ensembles.segmenter import load_segmenter
+from ensembles.report.write import write_report
+from ensembles.report.gallery import gallery
+from ensembles.evaluate.operating_points import markdown as operating_points_markdown
+from ensembles.bundle.segmenter import load_segmenter
 from experiments import common
 
 

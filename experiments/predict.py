@@ -58,15 +58,15 @@ from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pi
 from data_pipeline.dicom import is_dicom
 from data_pipeline.hashing import Hasher
 from data_pipeline.layouts import classify, is_utf8, printable
-from ensembles import leakage
-from ensembles.assess import lung_masks_note
+from data_pipeline import leakage
+from ensembles.evaluate.assess import lung_masks_note
 from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
                               load_bundle)
-from ensembles.gallery import TILE_SIZE
-from ensembles.html_report import Tile, tile_caption, write_predictions_page
-from ensembles.overlay import bundle_overlays, overlay_names, write_png
-from ensembles.quality_filter import QualityGate
-from ensembles.segmenter import load_segmenter
+from ensembles.report.gallery import TILE_SIZE
+from ensembles.report.html import Tile, tile_caption, write_predictions_page
+from ensembles.report.overlay import bundle_overlays, overlay_names, write_png
+from data_pipeline.quality_filter import QualityGate
+from ensembles.bundle.segmenter import load_segmenter
 from experiments import common
 
 SUFFIXES = IMAGE_EXTENSIONS

@@ -20,7 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ensembles import reproduce, runs
+from ensembles.research import recipes as reproduce
+
+from ensembles.training import runs
 from experiments import common
 
 RECIPES = Path(__file__).resolve().parent / "recipes"

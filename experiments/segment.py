@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 from data_pipeline.datasets import DATASETS, load_dataset
 from data_pipeline.splits import RECIPES
-from ensembles.segmenter import SegmenterConfig, train_segmenter
+from ensembles.bundle.segmenter import SegmenterConfig
+from ensembles.training.segmenter import train_segmenter
 from experiments import common
 
 

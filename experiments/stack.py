@@ -28,8 +28,8 @@ from pathlib import Path
 
 from ensembles import Ensemble, Stack
 from ensembles import bundle as bundle_lib
-from ensembles import runs as runs_lib
-from ensembles.assess import summary_line
+from ensembles.training import runs as runs_lib
+from ensembles.evaluate.assess import summary_line
 from ensembles.config import META_MODELS, RunConfig, resolve
 from experiments import common
 

@@ -17,10 +17,11 @@ from data_pipeline.datasets import load_dataset
 from data_pipeline.decode import decode_image
 from data_pipeline.loader import make_loader
 from data_pipeline.synthetic import generate_phantoms
-from ensembles import Ensemble, RunConfig, build
-from ensembles.assess import evaluate_bundle
+from ensembles import Ensemble, RunConfig
+from ensembles.training import build
+from ensembles.evaluate.assess import evaluate_bundle
 from ensembles.bundle import Bundle, BundleError, bundle_pieces, copy_bundle, load_bundle
-from ensembles.evaluation import evaluate_predictions
+from ensembles.evaluate.metrics import evaluate_predictions
 from experiments import ensemble_cli, evaluate, predict, single
 
 TINY = {"image_size": 16, "count": 120, "epochs": 1, "width": 0.25, "batch_size": 16,
@@ -140,7 +141,8 @@ def test_predict_cli_skips_unreadable(run, images, tmp_path, capsys):
 def test_operating_point_round_trips_through_the_bundle(run):
     """The thresholds in combiner.json are the ones chosen on the saved validation outputs;
     the loaded bundle carries them; the reported test rates are those of its flags."""
-    from ensembles.operating_points import OperatingPoint, choose_thresholds, flag
+    from ensembles.config import OperatingPoint
+    from ensembles.combine.operating_points import choose_thresholds, flag
 
     saved = np.load(run / "outputs.npz")
     bundle = load_bundle(run)

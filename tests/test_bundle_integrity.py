@@ -29,7 +29,7 @@ from ensembles import Ensemble, Stack
 from ensembles.bundle import (
     MANIFEST_KEY, PREPROCESS_TYPES, Bundle, BundleError, StackBundle, add_manifest,
     bundle_pieces, copy_bundle, load_bundle, manifest)
-from ensembles.tasks import make_tasks
+from ensembles.combine.tasks import make_tasks
 from experiments import evaluate, predict
 
 DIGEST = "does not match its SHA-256 digest in {config}: the file changed after the run was " \

@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from ensembles import RunConfig, comparison
+from ensembles import RunConfig
+
+from ensembles.research import comparison
 from ensembles.config import FAMILY_DEFAULTS
 from experiments import compare
 

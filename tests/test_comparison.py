@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from ensembles import comparison
+from ensembles.research import comparison
 from ensembles.config import make_config
-from ensembles.stats import holm, sign_flip_test
+from ensembles.evaluate.stats import holm, sign_flip_test
 
 
 def test_holm_by_hand():

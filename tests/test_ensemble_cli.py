@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from data_pipeline.splits import kfold_indices
-from ensembles import build, fitting, runs
+from ensembles.training import build
+from ensembles.training import fitting
+from ensembles.training import runs
 from experiments import common, ensemble_cli
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",

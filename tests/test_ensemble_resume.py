@@ -10,8 +10,9 @@ import jax
 import pytest
 from test_engine import CRASH_POINTS, TIMING, Crash, _final_checkpoint, inject
 
-from ensembles import Ensemble, fitting
+from ensembles import Ensemble
 
+from ensembles.training import fitting
 SETTINGS = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
             "epochs": 3, "batch_size": 16, "members": "stacked", "n_bootstrap": 20,
             "early_stopping_patience": 0, "progress": False}

@@ -13,11 +13,11 @@ from PIL import Image
 
 from data_pipeline import load_dataset, quality
 from data_pipeline.synthetic import generate_phantoms
-from ensembles import quality_filter
-from ensembles.assess import evaluate_bundle
+from data_pipeline import quality_filter
+from ensembles.evaluate.assess import evaluate_bundle
 from ensembles.bundle import load_bundle
-from ensembles.config import DataConfig
-from ensembles.segmenter import SegmenterConfig, train_segmenter
+from ensembles.bundle.segmenter import SegmenterConfig
+from ensembles.training.segmenter import train_segmenter
 from experiments import evaluate, predict
 from experiments.ensemble_cli import main as ensemble_main
 
@@ -80,8 +80,8 @@ def test_evaluate_drops_the_worst_and_reports_them(runs, folder, cache, tmp_path
     assert evaluate.main(_eval_argv(plain, folder, cache, out,
                                     "--quality-drop-worst", "0.25")) == 0
     ds = _folder_dataset(folder, cache)
-    kept, expected = quality_filter.select(ds, DataConfig(quality_drop_worst=0.25),
-                                           progress=False)
+    kept, expected = quality_filter.filter_indices(ds, np.arange(len(ds.labels)),
+                                                   drop_worst=0.25, progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
     q = metrics["quality_filter"]
     assert q["count"] == expected["count"] == 6 and q["kept"] == len(kept) == 18

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ensembles.evaluation import (
-    evaluate_predictions, report_markdown, resampling_units, weighted_ovr_auc, write_report)
+from ensembles.evaluate.metrics import evaluate_predictions, resampling_units, weighted_ovr_auc
+
+from ensembles.report.markdown import report_markdown
+
+from ensembles.report.write import write_report
 
 NAMES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]
 
@@ -179,7 +182,7 @@ def test_report_says_at_the_top_whether_the_result_is_chance(signal, at_chance):
 def test_mcnemar_on_a_known_table():
     from math import comb
 
-    from ensembles.stats import mcnemar_from_counts
+    from ensembles.evaluate.stats import mcnemar_from_counts
     # Discordant cells 6 and 16 (the classic 2x2 example [[59, 6], [16, 80]]).
     exact = mcnemar_from_counts(6, 16)
     assert exact["method"] == "exact binomial"
@@ -193,7 +196,7 @@ def test_mcnemar_on_a_known_table():
 
 
 def test_mcnemar_counts_discordant_pairs_from_labels():
-    from ensembles.stats import mcnemar
+    from ensembles.evaluate.stats import mcnemar
     y = np.array([0, 1, 2, 0, 1, 2, 0])
     a = np.array([0, 1, 2, 0, 0, 0, 1])    # right on 0..3
     b = np.array([0, 0, 0, 1, 1, 2, 1])    # right on 0, 4, 5
@@ -203,7 +206,7 @@ def test_mcnemar_counts_discordant_pairs_from_labels():
 
 
 def test_paired_bootstrap_difference_ci_and_p_value():
-    from ensembles.stats import paired_bootstrap
+    from ensembles.evaluate.stats import paired_bootstrap
     y, good = _noisy_predictions(300, signal=2.5, seed=8)
     _, bad = _noisy_predictions(300, signal=0.0, seed=9)
     same = paired_bootstrap(y, good, good, metric="accuracy", n_bootstrap=200)
@@ -218,7 +221,7 @@ def test_paired_bootstrap_difference_ci_and_p_value():
 
 
 def test_paired_bootstrap_resamples_patients():
-    from ensembles.stats import paired_bootstrap
+    from ensembles.evaluate.stats import paired_bootstrap
     y1, a1 = _noisy_predictions(30, signal=1.5, seed=10)
     _, b1 = _noisy_predictions(30, signal=0.5, seed=11)
     y, a, b = np.repeat(y1, 8), np.repeat(a1, 8, axis=0), np.repeat(b1, 8, axis=0)
@@ -246,7 +249,7 @@ def test_explicit_decisions_drive_label_metrics_but_not_auc():
 
 
 def test_paired_bootstrap_uses_explicit_decisions():
-    from ensembles.stats import paired_bootstrap
+    from ensembles.evaluate.stats import paired_bootstrap
     y, p = _noisy_predictions(200, seed=13)
     wrong = (y + 1) % 4
     res = paired_bootstrap(y, p, p, metric="accuracy", pred_b=wrong, n_bootstrap=100)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ensembles import build
+from ensembles.training import build
 from experiments import ensemble_cli
 
 TINY = ["--image-size", "16", "--count", "64", "--width", "0.25", "--batch-size", "8",

@@ -27,9 +27,10 @@ from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.synthetic import generate_phantoms
 from ensembles import Ensemble
 from ensembles.bundle import Bundle, load_bundle
-from ensembles.overlay import MIN_DISPLAY, bundle_overlays, overlay_names, render
-from ensembles.saliency import ensemble_gradcam
-from ensembles.strategy import plan, rule_combiner
+from ensembles.report.overlay import MIN_DISPLAY, bundle_overlays, overlay_names, render
+from ensembles.report.saliency import ensemble_gradcam
+from ensembles.combine.groups import plan
+from ensembles.combine.rules import rule_combiner
 from experiments import predict
 
 # Feature-map side at the Keras input sizes (and 64 px for the custom CNNs).

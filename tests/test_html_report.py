@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ensembles import html_report
-from ensembles.evaluation import evaluate_predictions, write_report
-from ensembles.gallery import pick
-from ensembles.html_report import Tile
+from ensembles.report import html as html_report
+from ensembles.evaluate.metrics import evaluate_predictions
+from ensembles.report.write import write_report
+from ensembles.report.gallery import pick
+from ensembles.report.html import Tile
 
 NAMES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
 

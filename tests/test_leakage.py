@@ -25,10 +25,11 @@ from data_pipeline.hashing import (
     content_hash, duplicate_pairs, find_duplicates, hamming, hash_dataset,
     hash_images, perceptual_hash)
 from data_pipeline.synthetic import generate_phantoms
-from ensembles import Ensemble, Stack, build
+from ensembles import Ensemble, Stack
+from ensembles.training import build
 from ensembles.bundle import BundleError, add_manifest, load_bundle
-from ensembles.evaluation import evaluate_predictions
-from ensembles.leakage import NO_HASHES, TRAIN_HASHES_FILE
+from ensembles.evaluate.metrics import evaluate_predictions
+from data_pipeline.leakage import NO_HASHES, TRAIN_HASHES_FILE
 from experiments import evaluate, predict
 
 TINY = {"image_size": 16, "count": 120, "epochs": 1, "width": 0.25, "batch_size": 16,

@@ -18,8 +18,7 @@ from backbones.training.parallel import data_parallel
 from backbones.training.state import create_train_state
 from backbones.training.step import make_eval_step, make_train_step
 from data_pipeline.synthetic import generate_phantoms
-from ensembles import members
-
+from ensembles.training import members
 SIZE, BATCH = 16, 16
 # OvA over 3 classes as a relabel table, plus a masked OvO-like member (class 1 vs 2 only).
 TABLE = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 1]], np.int32)

@@ -170,7 +170,6 @@ def _worker(tmp: str, run: str, coordinator: str | None = None, processes: str =
     import jax
 
     from ensembles import Ensemble
-
     launch = ({} if coordinator is None else
               {"coordinator": coordinator, "num_processes": int(processes),
                "process_id": int(process)})

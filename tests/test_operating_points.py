@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from ensembles import make_config
-from ensembles.combiners import CascadeCombiner, OvOCombiner
-from ensembles.explain import decision_columns
-from ensembles.operating_points import (OperatingPoint, choose_thresholds, flag,
-                                        parse_operating_point, rates)
-from ensembles.tasks import make_tasks
+from ensembles.combine.combiners import CascadeCombiner, OvOCombiner
+from ensembles.combine.explain import decision_columns
+from ensembles.config import OperatingPoint, parse_operating_point
+from ensembles.combine.operating_points import choose_thresholds, flag
+from ensembles.evaluate.operating_points import rates
+from ensembles.combine.tasks import make_tasks
 from experiments import ensemble_cli
 
 NAMES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")

@@ -12,7 +12,7 @@ import pytest
 
 from backbones.pretrained import KERAS
 from ensembles import RunConfig
-from ensembles import reproduce as rep
+from ensembles.research import recipes as rep
 from experiments import reproduce as cli
 
 RECIPES = rep.load_recipes(cli.RECIPES)

@@ -18,8 +18,8 @@ from data_pipeline.array_cache import prepare_image
 from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.splits import split_indices
 from ensembles.bundle import BundleError, load_bundle
-from ensembles.segmenter import (SegmenterConfig, dice, fit_to_image, load_segmenter,
-                                 train_segmenter)
+from ensembles.bundle.segmenter import SegmenterConfig, fit_to_image, load_segmenter
+from ensembles.training.segmenter import dice, train_segmenter
 from experiments import predict, segment
 from experiments.ensemble_cli import main as ensemble_main
 from tests.folder_fixtures import make_flat

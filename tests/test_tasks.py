@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensembles.tasks import check_trainable, make_tasks
+from ensembles.combine.tasks import check_trainable, make_tasks
 
 K4 = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
 K3 = ("normal", "viral_pneumonia", "bacterial_pneumonia")

@@ -17,7 +17,7 @@ from test_pretrained import write_legacy_h5
 
 import backbones
 from backbones import layers, training
-from ensembles import build
+from ensembles.training import build
 from ensembles.config import PRETRAINED_NORMALIZATION, head_phase
 from experiments import common
 from experiments.single import DESCRIPTION

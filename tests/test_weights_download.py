@@ -25,7 +25,7 @@ from test_pretrained import abstract_variables, random_like, write_legacy_h5
 from backbones import load_pretrained, pretrained, weights
 from backbones.__main__ import main
 from backbones.weights import WeightsDownloadError, fetch, list_cached
-from ensembles import build
+from ensembles.training import build
 from ensembles.config import make_config
 
 NAME = "vgg16"

@@ -35,7 +35,7 @@ from backbones.training import distributed
 from backbones.training.checkpoint import Checkpointer
 from backbones.training.parallel import AXIS, DataParallel
 from backbones.training.state import TrainState
-from data_pipeline.loader import PAD
+from data_pipeline.loader import PAD, pad_batch
 from data_pipeline.prefetch import prefetch_to_device, to_global
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
@@ -172,14 +172,6 @@ def predict_logits(predict: Callable, state: Any, batches: Iterable[dict], *,
     keep = np.concatenate(indices) != PAD
     return (np.concatenate(logits, 1)[:, keep], np.concatenate(labels)[keep],
             np.concatenate(indices)[keep])
-
-
-def pad_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Pad a short last batch to `size` by repeating its last image (outputs are cut after),
-    so evaluation compiles one shape."""
-    if len(images) >= size:
-        return images
-    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
 
 
 def _with_member_axis(tree: Any, stacked: bool) -> Any:

@@ -13,7 +13,6 @@ process id, and writes nothing.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping, Sequence

@@ -1,9 +1,9 @@
-"""Evaluation shared by every experiment: metrics with bootstrap CIs, and a paper-ready report.
+"""Metrics shared by every experiment: point estimates with bootstrap CIs.
 
 `evaluate_predictions` turns labels and class probabilities into a JSON-ready dict (point
 estimates from sklearn.metrics; 95% percentile-bootstrap CIs that resample patients when patient
-ids are known, so correlated images of one patient do not narrow the interval). `write_report`
-writes metrics.json, report.md and the confusion / ROC / reliability plots into a run folder.
+ids are known, so correlated images of one patient do not narrow the interval);
+`ensembles.report.write` turns them into a run's report.
 
 Macro averages and the macro ROC-AUC run over the classes present in `y_true`; an absent class
 gets ROC-AUC None and a warning instead of an exception (cross-dataset evaluation needs this).
@@ -11,18 +11,12 @@ gets ROC-AUC None and a warning instead of an exception (cross-dataset evaluatio
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-from backbones.training import distributed
-from data_pipeline.atomic import atomic_write
-from ensembles.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
-from ensembles.html_report import Tile, write_html
+from ensembles.combine.calibration import DEFAULT_BINS, expected_calibration_error
 
 _PROBA_SUM_TOL = 1e-3
 
@@ -239,21 +233,6 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     return out
 
 
-# ---------------------------------------------------------------------------------- report
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def fmt_ci(x: float | None, ci: Sequence[float] | None) -> str:
-    return _fmt(x) if ci is None else f"{_fmt(x)} ({_fmt(ci[0])}-{_fmt(ci[1])})"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def chance_level(num_classes: int) -> float:
     """Accuracy and macro-F1 of guessing uniformly among `num_classes` balanced classes."""
     return 1.0 / num_classes
@@ -264,157 +243,3 @@ def includes_chance(metrics: Mapping) -> bool:
     chance = chance_level(len(metrics["per_class"]))
     ci = (metrics.get("ci95") or {}).get("macro_f1")
     return (ci[0] if ci else metrics["macro_f1"]) <= chance
-
-
-def verdict_lines(metrics: Mapping) -> list[str]:
-    """The report's first lines: the headline numbers beside chance, and a warning when the
-    macro-F1 CI reaches chance (the model did not learn what the test set measures)."""
-    ci = metrics.get("ci95") or {}
-    k = len(metrics["per_class"])
-    lines = [f"**Result:** accuracy {fmt_ci(metrics['accuracy'], ci.get('accuracy'))}, "
-             f"macro-F1 {fmt_ci(metrics['macro_f1'], ci.get('macro_f1'))} (95% CI) on "
-             f"{metrics['n_examples']} test examples; chance is {_fmt(chance_level(k))} for "
-             f"{k} classes."]
-    if includes_chance(metrics):
-        lines += ["", "> **At chance.** The macro-F1 95% CI includes chance: this model is not "
-                      "distinguishable from guessing on this test set (train longer, on more "
-                      "images, or check the data)."]
-    return lines
-
-
-def report_markdown(metrics: Mapping, title: str,
-                    extra_sections: Mapping[str, str] | None = None) -> str:
-    """The report.md text: data summary, classification table with CIs, confusion, AUC, ECE."""
-    names = metrics["class_names"]
-    ci = metrics.get("ci95") or {}
-    rec_ci = ci.get("recall", {})
-    boot = metrics["bootstrap"]
-    lines = [f"# {title}", "", *verdict_lines(metrics), "", "## Data", "",
-             f"- examples: {metrics['n_examples']}, patients: {metrics['n_patients'] or 'unknown'}",
-             "- support: " + ", ".join(f"{c} {metrics['per_class'][c]['support']}" for c in names)]
-    if ci:
-        lines.append(f"- 95% CIs: percentile bootstrap, {boot['n_resamples']} resamples of "
-                     f"{boot['n_units']} {boot['unit']}s (seed {boot['seed']})")
-    lines += [f"- warning: {w}" for w in metrics.get("warnings", [])]
-
-    rows = [[c, _fmt(m["precision"]), fmt_ci(m["recall"], rec_ci.get(c)), _fmt(m["specificity"]),
-             _fmt(m["f1"]), str(m["support"])]
-            for c, m in metrics["per_class"].items()]
-    total = str(metrics["n_examples"])
-    acc = fmt_ci(metrics["accuracy"], ci.get("accuracy"))
-    rows.append(["**accuracy**", "", acc, "", "", total])
-    for avg in ("macro", "weighted"):
-        f1_ci = ci.get("macro_f1") if avg == "macro" else None
-        rows.append([f"**{avg} avg**", _fmt(metrics[f"{avg}_precision"]),
-                     _fmt(metrics[f"{avg}_recall"]), _fmt(metrics[f"{avg}_specificity"]),
-                     fmt_ci(metrics[f"{avg}_f1"], f1_ci), total])
-    lines += ["", "## Classification report", ""]
-    lines += markdown_table(["class", "precision (PPV)", "recall (sensitivity)", "specificity",
-                              "F1", "support"], rows)
-
-    cm = metrics["confusion_matrix"]
-    lines += ["", "## Confusion matrix (rows: true, columns: predicted)", ""]
-    lines += markdown_table(["true \\ pred", *names],
-                             [[n, *map(str, r)] for n, r in zip(names, cm, strict=True)])
-
-    auc_rows = [[c, _fmt(metrics["per_class"][c]["roc_auc"])] for c in names]
-    auc_rows.append(["**macro**", fmt_ci(metrics["roc_auc_macro"], ci.get("roc_auc_macro"))])
-    lines += ["", "## ROC-AUC (one-vs-rest)", ""] + markdown_table(["class", "ROC-AUC"], auc_rows)
-    lines += ["", "## Calibration", "",
-              f"Expected calibration error ({DEFAULT_BINS} equal-width bins on the max "
-              f"probability): {_fmt(metrics['ece'], 4)}"]
-    for heading, body in (extra_sections or {}).items():
-        lines += ["", f"## {heading}", "", body.rstrip()]
-    return "\n".join(lines) + "\n"
-
-
-def _plot_confusion(cm: np.ndarray, names: Sequence[str], path: Path) -> None:
-    fig = Figure(figsize=(1.4 * len(names) + 2, 1.2 * len(names) + 1.5))
-    ax = fig.add_subplot()
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center",
-                color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
-
-
-def _plot_roc(y: np.ndarray, proba: np.ndarray, metrics: Mapping, path: Path) -> None:
-    fig = Figure(figsize=(5, 5))
-    ax = fig.add_subplot()
-    for c, name in enumerate(metrics["class_names"]):
-        auc = metrics["per_class"][name]["roc_auc"]
-        if auc is None:
-            continue
-        fpr, tpr, _ = skm.roc_curve(y == c, proba[:, c])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("One-vs-rest ROC")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
-
-
-def _plot_reliability(y: np.ndarray, proba: np.ndarray, ece: float, path: Path) -> None:
-    bins = reliability_bins(y, proba, DEFAULT_BINS)
-    edges, width = bins["edges"][:-1], 1.0 / DEFAULT_BINS
-    filled = bins["count"] > 0
-    fig = Figure(figsize=(5, 5))
-    ax = fig.add_subplot()
-    ax.bar(edges[filled], bins["accuracy"][filled], width=width, align="edge",
-           edgecolor="black", label="accuracy")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="perfect calibration")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence (max probability)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE {ece:.4f})")
-    ax.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
-
-
-def _json_default(x):
-    """Plain Python numbers for numpy values that callers may add to the metrics."""
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def write_report(metrics: Mapping, out_dir, *, y_true, proba, title: str,
-                 extra_sections: Mapping[str, str] | None = None,
-                 tiles: Sequence[Tile] = (), gallery_note: str = "") -> dict[str, Path]:
-    """Write metrics.json, report.md, confusion.png, roc.png, reliability.png and
-    report.html (the same report with its figures and the `tiles` gallery) into out_dir.
-
-    `metrics` is evaluate_predictions' output for the same y_true / proba. Returns the paths.
-    Only JAX process 0 writes (the others of a multi-process run return the same paths).
-    """
-    y, p, _ = check_predictions(y_true, proba, metrics["class_names"], None)
-    out = Path(out_dir)
-    paths = {name: out / name for name in
-             ("metrics.json", "report.md", "confusion.png", "roc.png", "reliability.png",
-              "report.html")}
-    if not distributed.is_primary():
-        return paths
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(paths["metrics.json"]) as fh:
-        fh.write(json.dumps(metrics, indent=2, allow_nan=False, default=_json_default) + "\n")
-    text = report_markdown(metrics, title, extra_sections)
-    with atomic_write(paths["report.md"]) as fh:
-        fh.write(text)
-    _plot_confusion(np.asarray(metrics["confusion_matrix"]), metrics["class_names"],
-                    paths["confusion.png"])
-    _plot_roc(y, p, metrics, paths["roc.png"])
-    _plot_reliability(y, p, metrics["ece"], paths["reliability.png"])
-    write_html(out, text, title=title, tiles=tiles, gallery_note=gallery_note)
-    return paths

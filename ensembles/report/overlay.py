@@ -22,11 +22,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from backbones.gradcam import normalise, upsample
-from backbones.training.loop import pad_batch
+from data_pipeline.loader import pad_batch
 from data_pipeline.atomic import atomic_write
 from data_pipeline.preprocess import preprocess, resize
 from ensembles.bundle import Bundle
-from ensembles.saliency import EnsembleCams, ensemble_gradcam
+from ensembles.report.saliency import EnsembleCams, ensemble_gradcam
 
 MIN_DISPLAY = 256  # default overlay side: the model input, at least this many pixels
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from data_pipeline.balance import class_weights as balanced_weights
 from data_pipeline.classes import NORMAL
+from ensembles.config import STRATEGIES
 
-STRATEGIES = ("single", "ova", "ovo", "cascade")
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ from typing import NamedTuple
 import numpy as np
 
 from data_pipeline.datasets import Dataset
-from ensembles import leakage, quality_filter
+from data_pipeline import leakage
+from data_pipeline import quality_filter
 from ensembles.bundle import Bundle, Predictions, StackBundle
-from ensembles.evaluation import chance_level, evaluate_predictions, includes_chance
-from ensembles.operating_points import rates
+from ensembles.evaluate.metrics import chance_level, evaluate_predictions, includes_chance
+from ensembles.evaluate.operating_points import rates
 
 
 def match_classes(model_classes: Sequence[str], data_classes: Sequence[str]) -> dict:

@@ -24,9 +24,9 @@ from data_pipeline.datasets import Dataset, load_dataset
 from data_pipeline.loader import finish, make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import SOURCE, source_split_indices, split_indices
-from ensembles import quality_filter
+from data_pipeline import quality_filter
 from ensembles.config import RunConfig
-from ensembles.segmenter import Segmenter, load_segmenter
+from ensembles.bundle.segmenter import Segmenter, load_segmenter
 
 
 @dataclasses.dataclass
@@ -39,7 +39,7 @@ class Data:
     preprocess: PreprocessConfig
     augment: augment_lib.AugmentConfig | None
     class_weighted: bool                # members weight their classes (balance class_weights)
-    quality: dict = dataclasses.field(default_factory=dict)   # quality_filter.select's report
+    quality: dict = dataclasses.field(default_factory=dict)   # quality_filter.filter_indices' report
     segmenter: Segmenter | None = None  # lung_mask auto: predicts dataset.source's masks
 
     @property
@@ -87,7 +87,9 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
     mean/std); ValueError if a batch cannot fill or the masks are missing."""
     d, t = config.data, config.training
     dataset = dataset if dataset is not None else load_data(config)
-    kept, quality = quality_filter.select(dataset, d, progress=t.progress)
+    kept, quality = quality_filter.filter_indices(
+        dataset, np.arange(len(dataset.labels)), quality_max=d.quality_max,
+        drop_worst=d.quality_drop_worst, progress=t.progress)
     segmenter = None
     if d.lung_mask == "auto":
         segmenter = load_segmenter(d.segmenter)

@@ -32,7 +32,8 @@ import numpy as np
 
 import backbones
 from backbones.pretrained import KERAS
-from ensembles import build, runs
+from ensembles.training import build
+from ensembles.training import runs
 from ensembles.api import Ensemble
 from ensembles.config import SECTIONS, RunConfig, make_config
 

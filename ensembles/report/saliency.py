@@ -34,7 +34,7 @@ from scipy.special import softmax
 import backbones
 from backbones.gradcam import class_map, features_and_logits, gradcam_maps, linear_map
 from ensembles.bundle import Bundle
-from ensembles.tasks import Tasks
+from ensembles.combine.tasks import Tasks
 
 METHODS = {"single": "gradient", "ova": "gradient", "cascade": "gradient",
            "ovo": "weighted members"}

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import binomtest, chi2
 
-from ensembles.evaluation import (
+from ensembles.evaluate.metrics import (
+
     bootstrap_metrics, bootstrap_weights, check_decisions, check_predictions, resampling_units)
 
 EXACT_BELOW = 25   # discordant pairs under which the exact binomial test is used

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ensembles.tasks import Tasks
+from ensembles.combine.tasks import Tasks
 
 # libsvm clips pairwise probabilities away from 0 and 1 before coupling.
 _MIN_PROB = 1e-7

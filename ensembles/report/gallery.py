@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from ensembles.bundle import Bundle
-from ensembles.html_report import Tile, tile_caption
-from ensembles.overlay import bundle_overlays
-from ensembles.saliency import METHODS
+from ensembles.report.html import Tile, tile_caption
+from ensembles.report.overlay import bundle_overlays
+from ensembles.report.saliency import METHODS
 
 TILE_SIZE = 160      # px per gallery image
 PER_GROUP = 8

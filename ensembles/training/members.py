@@ -39,46 +39,8 @@ import numpy as np
 
 from backbones.training.checkpoint import checkpointable
 from backbones.training.loop import FitConfig, fit
-
-MEMBER_MODES = ("stacked", "sequential")
-MEMBER_DATA = ("own", "shared")
-
-
-@dataclass(frozen=True)
-class Stack:
-    """Members that train as one vmapped model: same class count, consecutive in the plan."""
-
-    members: tuple[int, ...]      # indices into the strategy's member list
-    num_classes: int
-    table: np.ndarray             # int32 [M_s, K]: member label per original class, -1 = masked
-    class_weight: np.ndarray      # float32 [M_s, num_classes]
-
-    @property
-    def size(self) -> int:
-        return len(self.members)
-
-
-def plan_stacks(num_classes: Sequence[int], table: np.ndarray, class_weight: Sequence[np.ndarray]
-                ) -> list[Stack]:
-    """Group members by class count, keeping member order within a group.
-
-    `class_weight[m]` has `num_classes[m]` entries; the result is one Stack per distinct count,
-    in order of first appearance.
-    """
-    table = np.asarray(table, np.int32)
-    if table.ndim != 2 or table.shape[0] != len(num_classes):
-        raise ValueError(f"relabel table must be [members={len(num_classes)}, K]; "
-                         f"got {table.shape}")
-    stacks = []
-    for c in dict.fromkeys(num_classes):
-        idx = tuple(m for m, n in enumerate(num_classes) if n == c)
-        weights = np.stack([np.asarray(class_weight[m], np.float32) for m in idx])
-        if weights.shape != (len(idx), c):
-            raise ValueError(f"class weights of members {idx} must be [{len(idx)}, {c}]; "
-                             f"got {weights.shape}")
-        stacks.append(Stack(idx, int(c), table[list(idx)], weights))
-    return stacks
-
+from ensembles.combine.groups import MemberGroup
+from ensembles.config import MEMBER_MODES
 
 def member_targets(labels: jax.Array, table: jax.Array, class_weight: jax.Array,
                    weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -161,7 +123,7 @@ def member_keys(key: jax.Array, members: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.fold_in(key, m) for m in members])
 
 
-def own_examples(stack: Stack, indices: np.ndarray, labels: np.ndarray, batch_size: int
+def own_examples(stack: MemberGroup, indices: np.ndarray, labels: np.ndarray, batch_size: int
                  ) -> tuple[list[np.ndarray], int]:
     """Each member's own training examples and the stack's common steps per epoch.
 
@@ -277,13 +239,13 @@ class TrainedStack:
     """What one stack's training produced: best variables [M_s, ...], its records and each
     member's best epoch (1-based; 0: never improved)."""
 
-    stack: Stack
+    stack: MemberGroup
     variables: dict
     records: list[dict]
     best_epoch: np.ndarray
 
 
-def train_stack(stack: Stack, *, make_state: Callable, train_step: Callable,
+def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callable,
                 eval_step: Callable, parallel, train_data: Iterable[dict] | None,
                 val_data: Iterable[dict] | None, config: FitConfig, key: jax.Array,
                 member_names: Sequence[str], mode: str = "stacked",

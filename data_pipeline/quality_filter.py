@@ -16,15 +16,6 @@ import numpy as np
 
 from data_pipeline.datasets import Dataset
 from data_pipeline.quality import brisque, quality_filter, score_dataset
-from ensembles.config import DataConfig
-
-
-def select(dataset: Dataset, config: DataConfig, *, progress: bool = True
-           ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(indices kept, the report) for `config`'s quality settings over the whole dataset."""
-    return filter_indices(dataset, np.arange(len(dataset.labels)),
-                          quality_max=config.quality_max, drop_worst=config.quality_drop_worst,
-                          progress=progress)
 
 
 def filter_indices(dataset: Dataset, indices: np.ndarray, *, quality_max: float | None = None,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ensembles.combiners import CascadeCombiner, OvOCombiner, as_member_list
+from ensembles.combine.combiners import CascadeCombiner, OvOCombiner, as_member_list
 
 
 def _ovo_columns(combiner: OvOCombiner, members: list[np.ndarray], names: Sequence[str]

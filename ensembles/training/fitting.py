@@ -20,11 +20,11 @@ from backbones.training import distributed
 from backbones.training.curves import plot_curves
 from backbones.training.metric_writer import MetricWriter
 from data_pipeline.splits import kfold_indices
-from ensembles import build
-from ensembles import members as members_lib
-from ensembles import strategy as strategy_lib
+from ensembles.training import build
+from ensembles.training import members as members_lib
+from ensembles.combine import rules as strategy_lib
 from ensembles.config import RunConfig, head_phase
-from ensembles.tasks import Tasks
+from ensembles.combine.tasks import Tasks
 
 HEAD_PHASE = "head"  # run sub-directory of the head-only phase of head_epochs
 
