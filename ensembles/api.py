@@ -33,7 +33,7 @@ from data_pipeline import quality_filter
 from ensembles.training import runs
 from ensembles import bundle as bundle_lib
 from ensembles.combine import operating_points as op_lib
-from ensembles.combine import rules as strategy_lib
+from ensembles.combine import rules as rules_lib
 from ensembles.evaluate.assess import evaluate_bundle, skipped_section
 from ensembles.combine.calibration import TemperatureScaling
 from ensembles.config import META_MODELS, RunConfig, make_config, resolve
@@ -231,7 +231,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     bundle = bundle_lib.Bundle(out, backbone, data.class_names, data.preprocess, tasks,
                                [t.stack for t in trained.stacks],
                                [t.variables for t in trained.stacks],
-                               strategy_lib.rule_combiner(tasks, ovo_decision=e.ovo_decision),
+                               rules_lib.rule_combiner(tasks, ovo_decision=e.ovo_decision),
                                None, None, "ensemble", model, segmenter=data.segmenter)
     batch = cfg.training.batch_size
     val_p, y_val, i_val = bundle.member_outputs(data.eval_loader("val", batch))
@@ -275,7 +275,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     if not distributed.is_primary():    # every process computed the metrics; one writes
         return metrics
     runs.write_json_atomic(out / bundle_lib.COMBINER_FILE, {
-        "rule": strategy_lib.combiner_to_json(rule), "temperature": calib["temperature"],
+        "rule": rules_lib.combiner_to_json(rule), "temperature": calib["temperature"],
         "operating_point": {"target": point["target"], "thresholds": point["thresholds"]}})
     np.savez(out / "outputs.npz", class_names=np.array(data.class_names),
              train_indices=data.train_indices, val_index=i_val, val_label=y_val,
@@ -325,10 +325,10 @@ def _rule_variants(plan: fitting.Plan, val_p, y_val, test_p, y_test, proba) -> l
     e, tasks, names = plan.config.ensemble, plan.tasks, plan.data.class_names
     if e.strategy == "ovo":
         other = "coupling" if e.ovo_decision == "votes" else "votes"
-        alt = strategy_lib.rule_combiner(tasks, ovo_decision=other)
+        alt = rules_lib.rule_combiner(tasks, ovo_decision=other)
         return [_variant(f"ovo {other}", y_test, proba, alt.predict(test_p), names)]
     if e.strategy == "cascade":
-        tuned = strategy_lib.rule_combiner(tasks, target_sensitivity=e.target_sensitivity)
+        tuned = rules_lib.rule_combiner(tasks, target_sensitivity=e.target_sensitivity)
         tuned.fit(val_p, y_val)
         return [_variant(f"cascade thresholded (stage-1 sensitivity >= {e.target_sensitivity} "
                          f"on val, t={tuned.threshold_:.3f})", y_test,

@@ -17,6 +17,7 @@ from ensembles import Ensemble, RunConfig, make_config
 from ensembles.training import build
 from ensembles.training import fitting
 from ensembles.training import members as members_lib
+from ensembles.combine.groups import plan_groups
 OVO3 = np.array([[0, 1, -1], [0, -1, 1], [-1, 0, 1]], np.int32)   # pairs (0,1), (0,2), (1,2)
 TINY = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
         "epochs": 2, "batch_size": 8, "n_bootstrap": 20, "early_stopping_patience": 0,
@@ -61,7 +62,7 @@ def test_a_loader_with_epoch_records_resumes_exactly():
 
 
 def test_own_examples_are_each_members_classes_with_common_steps():
-    (stack,) = members_lib.plan_stacks([2, 2, 2], OVO3, [np.ones(2)] * 3)
+    (stack,) = plan_groups([2, 2, 2], OVO3, [np.ones(2)] * 3)
     labels = np.repeat([0, 1, 2], [10, 20, 30])
     indices = np.concatenate([np.arange(60), [0, 0, 59]])     # oversampled duplicates stay
     own, steps = members_lib.own_examples(stack, indices, labels, batch_size=8)

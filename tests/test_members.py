@@ -19,6 +19,7 @@ from backbones.training.state import create_train_state
 from backbones.training.step import make_eval_step, make_train_step
 from data_pipeline.synthetic import generate_phantoms
 from ensembles.training import members
+from ensembles.combine.groups import plan_groups
 SIZE, BATCH = 16, 16
 # OvA over 3 classes as a relabel table, plus a masked OvO-like member (class 1 vs 2 only).
 TABLE = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 1]], np.int32)
@@ -88,18 +89,18 @@ def test_member_targets_relabel_and_mask():
                                          [0, 1, 1]])
 
 
-def test_plan_stacks_groups_by_class_count():
+def test_plan_groups_groups_by_class_count():
     table = np.array([[0, 1, 1, 1], [-1, 0, 1, 2]])           # cascade over 4 classes
-    stacks = members.plan_stacks([2, 3], table, [np.ones(2), np.ones(3)])
+    stacks = plan_groups([2, 3], table, [np.ones(2), np.ones(3)])
     assert [(s.members, s.num_classes) for s in stacks] == [((0,), 2), ((1,), 3)]
-    stacks = members.plan_stacks([2, 2], table[:, :3].clip(0, 1), [np.ones(2), np.ones(2)])
+    stacks = plan_groups([2, 2], table[:, :3].clip(0, 1), [np.ones(2), np.ones(2)])
     assert [s.members for s in stacks] == [(0, 1)]
     with pytest.raises(ValueError, match="class weights"):
-        members.plan_stacks([2, 3], table, [np.ones(2), np.ones(2)])
+        plan_groups([2, 3], table, [np.ones(2), np.ones(2)])
 
 
 def test_stacked_equals_sequential(data):
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     a = _train(data, "stacked", stack)
     b = _train(data, "sequential", stack)
     for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
@@ -147,7 +148,7 @@ def test_member_targets_of_own_batches_use_each_members_column():
 def test_stacked_own_batches_equal_sequential_own(data):
     """Each stacked member trains on its own batch (MemberBatches, image [B, M, ...]) and
     matches the member trained alone on the same batches with the same keys."""
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     own = [_own_batches(data, m) for m in range(4)]
     step = make_train_step(prepare=_jitter)
     a = _train(data, "stacked", stack, member_data=own, train_step=step)
@@ -170,7 +171,7 @@ def test_batch_norm_members_stacked_equal_sequential(data):
     subgradients: the forward pass and BatchNorm statistics stay equal, conv kernels move
     ~1e-4 apart after one step for some initialisations). A little noise removes the ties,
     and the two modes then agree to float rounding."""
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     x, y = data
     tie_free = (x + np.random.default_rng(0).normal(0, 1e-2, x.shape).astype(np.float32), y)
     bn = functools.partial(_make_state, backbone="cnn_bn3x2")
@@ -186,7 +187,7 @@ def test_batch_norm_members_stacked_equal_sequential(data):
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     full = _train(data, "stacked", stack, epochs=3)
     train, val = _batches(data, epochs=3)
     cut = Batches(lambda: itertools.islice(iter(train), 2 * 64 // BATCH + 1))  # dies in epoch 3
@@ -208,7 +209,7 @@ def test_resume_equals_uninterrupted(data, tmp_path):
 
 
 def test_nan_guard(data):
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     x, y = data
     bad = x.copy()
     bad[0, 0, 0, 0] = np.nan
@@ -241,7 +242,7 @@ def _assert_trees_equal(a, b):
 
 
 def test_init_variables_are_the_starting_point(data):
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     start = _initial(stack, seed=7)       # not what key 0 would initialise
     assert _differ(start["params"], _initial(stack, seed=0)["params"])
     frozen = members.train_stack(         # lr 0: the params stay where they started
@@ -256,7 +257,7 @@ def test_init_variables_are_the_starting_point(data):
 
 
 def test_init_variables_stacked_equals_sequential(data, tmp_path):
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     start = _initial(stack, seed=7)
     a = _train(data, "stacked", stack, epochs=1, init_variables=start,
                checkpoint_dir=tmp_path / "ck")
@@ -271,11 +272,11 @@ def test_init_variables_stacked_equals_sequential(data, tmp_path):
 
 
 def test_init_variables_of_the_wrong_shape_are_refused(data):
-    (stack,) = members.plan_stacks([2] * 4, TABLE, WEIGHTS)
+    (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     two = jax.tree.map(lambda x: x[:2], _initial(stack, seed=7))
     for mode in members.MEMBER_MODES:
         with pytest.raises(ValueError, match="leading member axis of 4"):
             _train(data, mode, stack, epochs=1, init_variables=two)
-    (wide,) = members.plan_stacks([3] * 4, np.array([[0, 1, 2]] * 4), [np.ones(3)] * 4)
+    (wide,) = plan_groups([3] * 4, np.array([[0, 1, 2]] * 4), [np.ones(3)] * 4)
     with pytest.raises(ValueError, match=r"init_variables\['params'\]\['head'\].*has shape"):
         _train(data, "stacked", wide, epochs=1, init_variables=_initial(stack, seed=7))

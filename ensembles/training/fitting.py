@@ -22,7 +22,7 @@ from backbones.training.metric_writer import MetricWriter
 from data_pipeline.splits import kfold_indices
 from ensembles.training import build
 from ensembles.training import members as members_lib
-from ensembles.combine import rules as strategy_lib
+from ensembles.combine.groups import MemberGroup, plan
 from ensembles.config import RunConfig, head_phase
 from ensembles.combine.tasks import Tasks
 
@@ -36,7 +36,7 @@ class Plan:
     config: RunConfig
     data: build.Data
     tasks: Tasks
-    stacks: list[members_lib.Stack]
+    stacks: list[MemberGroup]
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
         kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
                       k=e.meta_folds, seed=config.training.seed)
     train_labels = data.dataset.labels[data.train_indices]
-    tasks, stacks = strategy_lib.plan(e.strategy, data.class_names, train_labels,
+    tasks, stacks = plan(e.strategy, data.class_names, train_labels,
                                       healthy=e.healthy, min_per_class=e.min_per_class,
                                       class_weighted=data.class_weighted)
     model, params = build.param_shapes(config)
@@ -78,7 +78,7 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
     return Plan(config, data, tasks, stacks)
 
 
-def check_memory(config: RunConfig, stacks: Sequence[members_lib.Stack]) -> None:
+def check_memory(config: RunConfig, stacks: Sequence[MemberGroup]) -> None:
     """ValueError, before anything compiles, when one train step would not fit in memory."""
     available = build.available_memory_bytes()
     if available is None:
@@ -145,7 +145,7 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.nda
     return trained
 
 
-def _own_examples(config: RunConfig, data: build.Data, stack: members_lib.Stack,
+def _own_examples(config: RunConfig, data: build.Data, stack: MemberGroup,
                   indices: np.ndarray) -> tuple[int, list[np.ndarray] | None]:
     """Steps per epoch, and each member's own examples with member_data "own" (else None)."""
     batch = config.training.batch_size
@@ -155,7 +155,7 @@ def _own_examples(config: RunConfig, data: build.Data, stack: members_lib.Stack,
     return steps, own
 
 
-def _stack_data(config: RunConfig, data: build.Data, stack: members_lib.Stack,
+def _stack_data(config: RunConfig, data: build.Data, stack: MemberGroup,
                 indices: np.ndarray) -> tuple[int, object, list | None]:
     """Steps per epoch, then the shared loader, or one loader per member over its own
     examples (`steps` batches an epoch) with member_data "own"."""
