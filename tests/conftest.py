@@ -1,8 +1,13 @@
-"""Shared pytest fixtures: where the real chest X-ray sets live, and tiny-size defaults."""
+"""Shared pytest fixtures: where the real chest X-ray sets live, the tiny settings every test
+uses, and the tiny trained runs shared by every file (tests that train are marked slow)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,3 +30,57 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real chest X-ray data not found at {SHARED_DATA} (set CXR_SHARED_DATA)")
     return SHARED_DATA
+
+
+# The tiny run every trained-run test uses, written once: 16 px phantoms, a quarter-width
+# simple_cnn, one epoch. TINY_ARGS is the same as CLI flags.
+TINY: dict = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "epochs": 1,
+              "width": 0.25, "batch_size": 16, "n_bootstrap": 0, "progress": False}
+TINY_ARGS: list[str] = ["--backbone", "simple_cnn", "--image-size", "16", "--count", "120",
+                        "--epochs", "1", "--width", "0.25", "--batch-size", "16",
+                        "--n-bootstrap", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def trains() -> None:
+    """Named by every fixture that trains a model for more than a few steps: the tests that
+    use such a fixture are marked slow (see `pytest_collection_modifyitems`)."""
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "trains" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock shared by the pytest-xdist workers of one session."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, trains):
+    """`tiny_run(strategy)`: the run folder of a TINY ensemble of that strategy, trained once
+    per test session and shared by every file and worker. Tests must not change it (copy it
+    first)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-runs"
+
+    def get(strategy: str = "ova") -> Path:
+        from ensembles import Ensemble
+        out = root / strategy
+        with _locked(root / f"{strategy}.lock"):
+            config = out / "config.json"
+            if not (config.is_file() and "bundle" in json.loads(config.read_text())):
+                shutil.rmtree(out, ignore_errors=True)
+                Ensemble(strategy, **TINY, cache_dir=str(root / "tfds")).fit(out=out)
+        return out
+
+    return get

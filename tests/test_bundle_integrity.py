@@ -43,7 +43,7 @@ def base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(base) -> Path:
+def run(base, trains) -> Path:
     return Ensemble("ova", backbone="simple_cnn", image_size=16, count=64, width=0.25, epochs=1,
                     batch_size=8, progress=False, n_bootstrap=0, meta="gboost",
                     cache_dir=str(base / "tfds")).fit(out=base / "run").run_dir_

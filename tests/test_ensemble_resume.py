@@ -25,7 +25,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, cache):
+def uninterrupted(tmp_path_factory, cache, trains):
     out = tmp_path_factory.mktemp("full") / "ova"
     return Ensemble("ova", cache_dir=cache, **SETTINGS).fit(out=out)
 

@@ -37,7 +37,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(cache, tmp_path_factory):
+def runs(cache, tmp_path_factory, trains):
     """(a single model trained on unmasked phantoms, one trained on their shipped masks)."""
     base = tmp_path_factory.mktemp("runs")
     assert ensemble_main("single", "", _argv(base / "plain", cache)) == 0
@@ -46,7 +46,7 @@ def runs(cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def segmenter(cache, tmp_path_factory):
+def segmenter(cache, tmp_path_factory, trains):
     phantoms = load_dataset("synthetic_cxr", count=64, image_size=32, cache_dir=cache)
     out = tmp_path_factory.mktemp("seg") / "run"
     seg, _ = train_segmenter(phantoms, SEG, out=out, progress=False)

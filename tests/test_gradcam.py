@@ -25,7 +25,6 @@ from backbones.gradcam import features_and_logits, gradcam, gradcam_maps, linear
 from backbones.gradcam import normalise, upsample
 from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.synthetic import generate_phantoms
-from ensembles import Ensemble
 from ensembles.bundle import Bundle, load_bundle
 from ensembles.report.overlay import MIN_DISPLAY, bundle_overlays, overlay_names, render
 from ensembles.report.saliency import ensemble_gradcam
@@ -385,11 +384,8 @@ def test_overlay_names_never_collide():
 
 # -- predict --gradcam ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ova_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gradcam")
-    ens = Ensemble("ova", image_size=16, count=120, epochs=1, width=0.25, batch_size=16,
-                   progress=False, cache_dir=str(base / "tfds")).fit(out=base / "ova")
-    return ens.run_dir_
+def ova_run(tiny_run):
+    return tiny_run("ova")
 
 
 @pytest.fixture()

@@ -32,8 +32,6 @@ from ensembles.evaluate.metrics import evaluate_predictions
 from data_pipeline.leakage import NO_HASHES, TRAIN_HASHES_FILE
 from experiments import evaluate, predict
 
-TINY = {"image_size": 16, "count": 120, "epochs": 1, "width": 0.25, "batch_size": 16,
-        "progress": False, "n_bootstrap": 0}
 EXACT, NEAR = 5, 2          # training images copied into the evaluation folder
 
 
@@ -126,10 +124,9 @@ def test_hash_dataset_is_cached_per_build(tmp_path, monkeypatch):
 
 # -- a trained run: evaluate, predict, an old bundle -----------------------------------------
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """The tiny OvA run of test_bundle.py (the fixture every bundle test trains)."""
-    base = tmp_path_factory.mktemp("leakage")
-    return Ensemble("ova", **TINY, cache_dir=str(base / "tfds")).fit(out=base / "ova").run_dir_
+def run(tiny_run) -> Path:
+    """The shared tiny OvA run (conftest.tiny_run)."""
+    return tiny_run("ova")
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ STRATEGIES = {"single": "sequential", "ova": "stacked"}
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
+def results(tmp_path_factory, trains) -> Path:
     """Both strategies trained by 1 process with 2 devices ("one") and, at the same time, by
     2 processes with 1 device each ("two"); every process saves `<run>-<strategy>-<i>.npz`."""
     tmp = tmp_path_factory.mktemp("multiprocess")

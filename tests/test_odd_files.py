@@ -481,7 +481,7 @@ def test_large_sixteen_bit_png_decodes_in_bounded_memory(tmp_path):
 # -- train and evaluate on the corpus ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(corpus, tmp_path_factory) -> tuple[Path, Path]:
+def run(corpus, tmp_path_factory, trains) -> tuple[Path, Path]:
     """A tiny single model trained by the CLI on the corpus itself (its odd files skipped)."""
     out = tmp_path_factory.mktemp("runs") / "single"
     cache = tmp_path_factory.mktemp("cache")

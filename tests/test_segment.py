@@ -80,7 +80,7 @@ def phantoms(cache):
 
 
 @pytest.fixture(scope="module")
-def trained(phantoms, tmp_path_factory):
+def trained(phantoms, tmp_path_factory, trains):
     out = tmp_path_factory.mktemp("seg") / "run"
     segmenter, metrics = train_segmenter(phantoms, SEG, out=out, progress=False)
     return out, segmenter, metrics

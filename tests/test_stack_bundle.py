@@ -47,7 +47,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, folder) -> dict[str, Path]:
+def runs(tmp_path_factory, folder, trains) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("runs")
     return {s: Ensemble(s, **TINY, **settings, data_dir=str(folder),
                         cache_dir=str(base / "tfds")).fit(out=base / s).run_dir_
