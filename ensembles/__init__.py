@@ -1,15 +1,20 @@
 """Ensembles of chest X-ray classifiers, and the public Python API.
 
-    from ensembles import Ensemble, Stack, make_config
-- api: `Ensemble` (fit / evaluate / predict_proba / save / load) and `Stack`
-- config: the typed run config (data, model, training, ensemble) and per-family defaults
-- build, fitting, runs: config -> data, models and steps -> the one engine -> run folders
-- tasks: strategy (single / ova / ovo / cascade) -> member relabelling tables
-- members: members trained as one vmapped stack (or sequentially) through the engine
-- strategy: checks + planning, member outputs, rule combiners as JSON
-- combiners, meta, calibration: member outputs -> K-class probabilities
-- evaluation, stats, assess: metrics with patient-resampled CIs, paired tests, reports
-- bundle, stacking: a run directory saved and loaded; stacks of runs
+    from ensembles import Ensemble, Stack, RunConfig, make_config
+
+The rooms, top to bottom (each imports only rooms below it; docs/architecture.md):
+- research/: recipes (reproduce) and the comparison of strategies
+- api: `Ensemble` (fit / evaluate / predict_proba / save / load) and `Stack` (a
+  meta-classifier over finished runs)
+- training/: a run from its config: data, models, member groups through the engine, the run
+  folder, out-of-fold outputs, stacking runs, the lung segmenter
+- report/: report.md, report.html, plots, the gallery, Grad-CAM overlays and maps
+- evaluate/: metrics with patient-resampled CIs, paired tests, operating-point rates,
+  assessing a bundle on a dataset
+- bundle/: a run folder saved, verified (schema, SHA-256 manifest) and loaded
+- combine/: tasks, member groups, combiners, meta-classifier, calibration, thresholds,
+  decision explanations: numpy on member outputs
+- config: the typed run config and its defaults (a leaf)
 """
 
 from ensembles.api import Ensemble, Stack
