@@ -61,7 +61,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], load: tuple[float, float], extra: list[str]) -> str:
-    """The README table."""
+    """The table of docs/measured.md."""
     flags = f" {shlex.join(extra)}" if extra else ""
     lines = ["| command | seeds | wall time, median (range) | test macro-F1, median (range) "
              "| member-epochs |", "|---|---|---|---|---|"]

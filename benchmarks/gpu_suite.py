@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_suite [--json OUT] [--budget-s 480] [--only ROW,ROW] [--tiny]
 
-Rows (issue #12):
+Rows:
   train   ResNet50 and DenseNet121 at 224 px, bf16 and fp32: training images/s of the engine's
           own train step (JAX) beside a PyTorch twin on the same device, set up as a user
           would (torch.compile, channels_last, cuDNN autotuning, AMP bf16 autocast for the bf16

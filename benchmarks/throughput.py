@@ -3,7 +3,7 @@
     python -m benchmarks.throughput --backbone resnet50 --batch-size 16 --image-size 64 \
         [--precision fp32] [--parallel shard_map] [--mode train|infer] [--steps 5] \
         [--reference torch] [--json OUT]
-    python -m benchmarks.throughput --rows     # issue #11's three rows against torch
+    python -m benchmarks.throughput --rows     # the three reference rows against torch
     python -m benchmarks.throughput --levers   # the rows: fp32 against bf16, remat, YNNPACK
 
 Images/s is the median over --repeats timings of --steps steps after a warm-up; compile
@@ -264,7 +264,7 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
               f"load {results['load'][0]:.1f} -> {results['load'][1]:.1f})")
 
 
-# The reference rows of issue #11: (backbone, batch size) at 64 px, trained, fp32.
+# The reference rows: (backbone, batch size) at 64 px, trained, fp32.
 ROWS = (("resnet50", 16), ("simple_cnn", 32), ("cnn16", 32))
 
 
@@ -329,9 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=4)
     parser.add_argument("--precision", default="fp32", choices=training.PRECISIONS)
     parser.add_argument("--remat", default="none", choices=tuple(REMAT),
-                        help="jax.checkpoint policy around the model (a CPU lever, issue #11)")
+                        help="jax.checkpoint policy around the model (a CPU lever)")
     parser.add_argument("--convolutions", default="default", choices=tuple(CONVOLUTIONS),
-                        help="XLA:CPU's convolution library (a CPU lever, issue #11)")
+                        help="XLA:CPU's convolution library (a CPU lever)")
     parser.add_argument("--parallel", default="shard_map", choices=training.PARALLEL_MODES)
     parser.add_argument("--mode", default="train", choices=("train", "infer"))
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
