@@ -172,7 +172,7 @@ def test_report_says_at_the_top_whether_the_result_is_chance(signal, at_chance):
     head = report_markdown(m, "Run").split("## Data")[0]
     f1, (lo, hi) = m["macro_f1"], m["ci95"]["macro_f1"]
     assert f"macro-F1 {f1:.3f} ({lo:.3f}-{hi:.3f}) (95% CI)" in head
-    assert "chance is 0.250 for 4 classes" in head
+    assert "chance is 0.250 for 4 classes present." in head
     assert ("**At chance.**" in head) is at_chance
     assert (lo <= 0.25) is at_chance
 

@@ -20,7 +20,8 @@ from data_pipeline.datasets import Dataset
 from data_pipeline import leakage
 from data_pipeline import quality_filter
 from ensembles.bundle import Bundle, Predictions, StackBundle
-from ensembles.evaluate.metrics import chance_level, evaluate_predictions, includes_chance
+from ensembles.evaluate.metrics import (chance_level, classes_present, evaluate_predictions,
+                                        includes_chance)
 from ensembles.evaluate.operating_points import rates
 
 
@@ -140,16 +141,16 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
 
 
 def summary_line(metrics: dict, report: str | Path) -> str:
-    """test accuracy and macro-F1 with 95% CIs, chance level for the class set, the leakage
-    check's duplicates (when metrics has one), report path."""
+    """test accuracy and macro-F1 with 95% CIs, chance level for the classes present in the
+    evaluated labels, the leakage check's duplicates (when metrics has one), report path."""
     def value(name: str) -> str:
         ci = (metrics.get("ci95") or {}).get(name)
         return f"{metrics[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-    k = len(metrics["per_class"])
+    k = classes_present(metrics)
     verdict = " AT CHANCE: the macro-F1 CI includes chance;" if includes_chance(metrics) else ""
     leaked = leakage.summary(metrics["leakage"]) if "leakage" in metrics else ""
     return (f"test accuracy {value('accuracy')}, macro-F1 {value('macro_f1')} (95% CI); "
-            f"chance {chance_level(k):.3f} for {k} classes;{verdict}"
+            f"chance {chance_level(k):.3f} for {k} classes present;{verdict}"
             f"{f' {leaked};' if leaked else ''} report: {report}")
 
 

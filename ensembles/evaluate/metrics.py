@@ -233,13 +233,31 @@ def evaluate_predictions(y_true, proba, class_names: Sequence[str], *, patient_i
     return out
 
 
+def classes_present(metrics: Mapping) -> int:
+    """How many classes have support > 0 in the evaluated labels (per_class[c]["support"]).
+
+    A model's classes that the data lacks do not count: chance is judged on what was tested.
+    """
+    k = sum(1 for m in metrics["per_class"].values() if m["support"] > 0)
+    if k == 0:
+        raise ValueError("no class has support > 0 in these metrics")
+    return k
+
+
 def chance_level(num_classes: int) -> float:
-    """Accuracy and macro-F1 of guessing uniformly among `num_classes` balanced classes."""
+    """Accuracy and macro-F1 of guessing uniformly among `num_classes` balanced classes.
+
+    Pass the classes present in the evaluated labels (`classes_present(metrics)`), not the
+    model's class count: macro averages run over the classes present.
+    """
+    if num_classes < 1:
+        raise ValueError(f"chance needs at least one class, got {num_classes}")
     return 1.0 / num_classes
 
 
 def includes_chance(metrics: Mapping) -> bool:
-    """Whether the macro-F1 95% CI (or, without one, the point value) reaches chance."""
-    chance = chance_level(len(metrics["per_class"]))
+    """Whether the macro-F1 95% CI (or, without one, the point value) reaches chance, i.e.
+    1 / the number of classes present in the evaluated labels."""
+    chance = chance_level(classes_present(metrics))
     ci = (metrics.get("ci95") or {}).get("macro_f1")
     return (ci[0] if ci else metrics["macro_f1"]) <= chance

@@ -6,19 +6,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ensembles.combine.calibration import DEFAULT_BINS
-from ensembles.evaluate.metrics import chance_level, includes_chance
+from ensembles.evaluate.metrics import chance_level, classes_present, includes_chance
 from ensembles.evaluate.tables import fmt, fmt_ci, markdown_table
 
 
 def verdict_lines(metrics: Mapping) -> list[str]:
-    """The report's first lines: the headline numbers beside chance, and a warning when the
-    macro-F1 CI reaches chance (the model did not learn what the test set measures)."""
+    """The report's first lines: the headline numbers beside chance (1 / the classes present in
+    the test labels), and a warning when the macro-F1 CI reaches chance (the model did not
+    learn what the test set measures)."""
     ci = metrics.get("ci95") or {}
-    k = len(metrics["per_class"])
+    k = classes_present(metrics)
     lines = [f"**Result:** accuracy {fmt_ci(metrics['accuracy'], ci.get('accuracy'))}, "
              f"macro-F1 {fmt_ci(metrics['macro_f1'], ci.get('macro_f1'))} (95% CI) on "
              f"{metrics['n_examples']} test examples; chance is {fmt(chance_level(k))} for "
-             f"{k} classes."]
+             f"{k} classes present."]
     if includes_chance(metrics):
         lines += ["", "> **At chance.** The macro-F1 95% CI includes chance: this model is not "
                       "distinguishable from guessing on this test set (train longer, on more "
