@@ -2,14 +2,16 @@
 
     python -m benchmarks.kermany_comparison curves  [--data-dir D] [--out DIR] [--reuse]
     python -m benchmarks.kermany_comparison compare [--data-dir D] [--compare-out DIR]
-        [--backbones simple_cnn,cnn16,resnet18] [--seeds 3] [--reuse] [experiments.compare flags]
+        [--strategies single,ova,ovo,cascade,stack] [--backbones simple_cnn,cnn16,resnet18]
+        [--seeds 3] [--reuse]
 
 `curves` is the learning-curve check that chose the settings: a single model per backbone and
 image size, trained for the full schedule with early stopping off, its validation loss and
-macro-F1 per epoch in curves.png and its test macro-F1 in curves.md. `compare` runs
-`experiments.compare` with those settings (SETTINGS) on the dataset's own test folder (495
-images) and every strategy, then evaluates every run on cxr-mini's Kermany images
-(CROSS_DIR); `--reuse` resumes either where it stopped.
+macro-F1 per epoch in curves.png and its test macro-F1 in curves.md. `compare` runs the
+comparison of `experiments.compare` (the library's `ensembles.research.compare`) with those
+settings (SETTINGS) on the dataset's own test folder (495 images) and every strategy, then
+evaluates every run on cxr-mini's Kermany images (CROSS_DIR); `--reuse` resumes either where
+it stopped.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ensembles import Ensemble
-from ensembles.config import resolve  # noqa: E402
-from experiments import common, compare  # noqa: E402
+from backbones import training  # noqa: E402
+from data_pipeline.datasets import load_dataset  # noqa: E402
+from ensembles import Ensemble  # noqa: E402
+from ensembles import bundle as bundle_lib  # noqa: E402
+from ensembles.config import make_config  # noqa: E402
+from ensembles.research import compare  # noqa: E402
 
 DATA_DIR = Path("../shared/data/cxr-kermany")   # beside the checkout, run from its root
 # 32 px: 48 px was no better for simple_cnn (test macro-F1 0.746 vs 0.759) at 2.5x the time;
 # 20 epochs without early stopping: with patience 3 the noisy validation loss (285 images)
 # stopped simple_cnn at epoch 7 (0.731), before the cosine schedule's low-rate epochs.
-SETTINGS = ["--dataset", "chest_xray_pneumonia", "--split-recipe", "source",
-            "--image-size", "32", "--batch-size", "32", "--epochs", "20",
-            "--early-stopping-patience", "20", "--members", "sequential", "--no-progress"]
+SETTINGS = {"dataset": "chest_xray_pneumonia", "split_recipe": "source", "image_size": 32,
+            "batch_size": 32, "epochs": 20, "early_stopping_patience": 20,
+            "members": "sequential", "progress": False}
 # Members train one after another for every backbone (what --members auto now picks on CPU;
 # when this comparison ran it stacked resnet18's), so every backbone trains the same way.
 # resnet18 at 64 px trains at 116 img/s against 312 at 32 px (benchmarks.throughput, batch 32):
@@ -44,13 +49,17 @@ CURVES = {"simple_cnn": (32, 48), "cnn16": (32,), "resnet18": (32, 64)}
 # The cross-set check: the Kermany images of cxr-mini (same hospital, other images; the
 # leakage check counts any that duplicate a training image).
 CROSS_DIR = Path("../shared/data/cxr-mini-kermany")
+COMPARE = {"strategies": "single,ova,ovo,cascade,stack", "backbones": "simple_cnn,cnn16,resnet18",
+           "seeds": 3, "compare_out": Path("runs/kermany-compare")}
+# What is reported as `error: ...` with exit code 2 (as experiments' CLIs do).
+ERRORS = (ValueError, OSError, training.TrainingDiverged, training.NonFiniteError,
+          bundle_lib.BundleError)
 
 
-def _flags(data_dir: Path, image_size: int | None = None) -> list[str]:
-    flags = [*SETTINGS, "--data-dir", str(data_dir)]
-    if image_size is not None:
-        flags[flags.index("--image-size") + 1] = str(image_size)
-    return flags
+def _settings(data_dir: Path, image_size: int | None = None) -> dict:
+    """SETTINGS with the data folder (and another image size)."""
+    return {**SETTINGS, "data_dir": str(data_dir),
+            **({} if image_size is None else {"image_size": image_size})}
 
 
 def learning_curves(data_dir: Path, out: Path, *, reuse: bool = False) -> list[dict]:
@@ -59,8 +68,7 @@ def learning_curves(data_dir: Path, out: Path, *, reuse: bool = False) -> list[d
     for backbone, sizes in CURVES.items():
         for size in sizes:
             run_dir = out / f"single-{backbone}-{size}px"
-            config, _ = common.parse("single", [*_flags(data_dir, size), "--backbone", backbone])
-            config = resolve(config)
+            config = make_config("single", backbone=backbone, **_settings(data_dir, size))
             start = time.perf_counter()
             if reuse and compare.finished(run_dir):
                 differ = compare.reuse_differences(run_dir, config)
@@ -102,6 +110,16 @@ def write_curves(rows: list[dict], out: Path) -> None:
     (out / "curves.md").write_text("\n".join(lines) + "\n")
 
 
+def run_compare(data_dir: Path, out: Path, *, strategies: list[str], backbones: list[str],
+                seeds: int, reuse: bool = False) -> dict:
+    """The comparison with SETTINGS on `data_dir` into `out`, every run also evaluated on
+    CROSS_DIR; the analysis (`ensembles.research.compare.run`)."""
+    bases = compare.base_configs(backbones, **_settings(data_dir))
+    planned = compare.plan(strategies, bases, seeds, out)
+    cross = load_dataset("chest_xray_pneumonia", data_dir=str(CROSS_DIR), progress=False)
+    return compare.run(planned, out, reuse=reuse, cross=cross)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kermany_comparison",
                                      description=__doc__, allow_abbrev=False,
@@ -111,25 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/kermany-curves"),
                         help="curves: the runs' folder")
     parser.add_argument("--reuse", action="store_true")
-    args, rest = parser.parse_known_args(argv)
+    parser.add_argument("--compare-out", type=Path, default=COMPARE["compare_out"],
+                        help="compare: the comparison's folder")
+    parser.add_argument("--strategies", default=COMPARE["strategies"], help="compare")
+    parser.add_argument("--backbones", default=COMPARE["backbones"], help="compare")
+    parser.add_argument("--seeds", type=int, default=COMPARE["seeds"], help="compare")
+    args = parser.parse_args(argv)
     if not args.data_dir.is_dir():
         print(f"error: --data-dir {args.data_dir} is not a folder (cxr-kermany: "
               f"../shared/data/cxr-kermany)", file=sys.stderr)
         return 2
-    if args.what == "compare":
-        defaults = ["--strategies", "single,ova,ovo,cascade,stack",
-                    "--backbones", "simple_cnn,cnn16,resnet18", "--seeds", "3",
-                    "--compare-out", "runs/kermany-compare",
-                    "--cross-dataset", "chest_xray_pneumonia",
-                    "--cross-data-dir", str(CROSS_DIR)]
-        return compare.main([*defaults, *_flags(args.data_dir), *rest,
-                             *(["--reuse"] if args.reuse else [])])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.what == "compare":
+            run_compare(args.data_dir, args.compare_out, reuse=args.reuse, seeds=args.seeds,
+                        strategies=[s.strip() for s in args.strategies.split(",") if s.strip()],
+                        backbones=[b.strip() for b in args.backbones.split(",") if b.strip()])
+            print((args.compare_out / "compare.md").read_text())
+            print(f"report: {args.compare_out / 'compare.md'}")
+            return 0
         args.out.mkdir(parents=True, exist_ok=True)
         rows = learning_curves(args.data_dir, args.out, reuse=args.reuse)
-    except common.CLI_ERRORS as error:
+    except ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     write_curves(rows, args.out)

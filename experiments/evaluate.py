@@ -22,6 +22,9 @@ segmenter; one trained with the dataset's masks needs a dataset that ships them,
 --segmenter RUN (a run of python -m experiments.segment), whose predicted masks are then used
 instead (for a run trained on unmasked images --segmenter is refused). The report says which
 masks were used.
+
+The work is done by `ensembles.inference.evaluate_run.evaluate_run`; this module turns flags
+into its arguments and prints one summary line.
 """
 
 from __future__ import annotations
@@ -29,38 +32,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
-
-from data_pipeline.datasets import DATASETS, load_dataset
-from data_pipeline import leakage
-from data_pipeline import quality_filter
-from ensembles.evaluate.assess import evaluate_bundle, skipped_section, summary_line
-from ensembles.bundle import Bundle, load_bundle
-from ensembles.report.write import write_report
-from ensembles.report.gallery import gallery
-from ensembles.evaluate.operating_points import markdown as operating_points_markdown
-from ensembles.bundle.segmenter import load_segmenter
+from data_pipeline.datasets import DATASETS
+from ensembles.evaluate.assess import summary_line
+from ensembles.inference.evaluate_run import evaluate_run
 from experiments import common
-
-
-def _section(on: dict) -> str:
-    lines = [f"Model: `{on['run']}`; data: {on['dataset']} (every image is test data; "
-             f"{on['examples']} of a class the model knows are evaluated"
-             + (f", after the quality filter dropped {on['quality_dropped']}"
-                if on["quality_dropped"] else "") + ").",
-             f"- lung masks: {on['lung_masks']}",
-             f"- classes the model lacks (left out of the metrics): "
-             f"{', '.join(on['model_lacks']) or 'none'}",
-             f"- classes the data lacks (no recall / ROC-AUC): "
-             f"{', '.join(on['data_lacks']) or 'none'}",
-             f"- entries skipped while building the dataset: {on['skipped_files']} (listed "
-             f"below and in metrics.json, with reasons)"]
-    for name, e in on["excluded_examples"].items():
-        lines.append(f"- {e['count']} `{name}` images predicted as: "
-                     + ", ".join(f"{k} {v}" for k, v in e["predicted_as"].items()))
-    return "\n".join([*lines, "", skipped_section(on["skipped"], shown=20)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,39 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        if args.batch_size < 1 or args.n_bootstrap < 0:
-            raise ValueError("--batch-size must be >= 1 and --n-bootstrap >= 0")
-        bundle = load_bundle(args.run)
-        if args.segmenter is not None:
-            bundle = bundle.with_segmenter(load_segmenter(args.segmenter))
-        options = {"skip_lateral": False} if args.keep_lateral else {}
-        dataset = load_dataset(args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
-                               progress=args.progress, **options)
-        metrics, y, proba, known = evaluate_bundle(
-            bundle, dataset, np.arange(len(dataset.source)), batch_size=args.batch_size,
-            use_meta=args.meta, seed=args.seed, n_bootstrap=args.n_bootstrap,
+        metrics, out = evaluate_run(
+            args.run, args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
+            out=args.out, use_meta=args.meta, batch_size=args.batch_size,
+            n_bootstrap=args.n_bootstrap, seed=args.seed, keep_lateral=args.keep_lateral,
             quality_max=args.quality_max, quality_drop_worst=args.quality_drop_worst,
-            segmenter_given=args.segmenter is not None, progress=args.progress)
+            segmenter=args.segmenter, progress=args.progress)
     except common.CLI_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.dataset}"
-    out.mkdir(parents=True, exist_ok=True)
-    quality = metrics["quality_filter"]
-    if "kept" in quality:     # a filter was set
-        print(f"quality filter: dropped {quality['count']} of "
-              f"{quality['count'] + quality['kept']} images", file=sys.stderr)
-    sections = {"Cross-dataset matching": _section(metrics["evaluated_on"]),
-                "Quality filter": quality_filter.section(quality, when="before evaluating"),
-                "Leakage check": leakage.section(metrics["leakage"], metrics)}
-    if "operating_point" in metrics:
-        sections["Operating points"] = operating_points_markdown(metrics["operating_point"])
-    tiles, note = ((), "")
-    if isinstance(bundle, Bundle) and not args.meta:   # Grad-CAM follows the rule's decision
-        tiles, note = gallery(bundle, dataset.source, known.indices, y, known.decisions, proba)
-    write_report(metrics, out, y_true=y, proba=proba,
-                 title=f"{Path(args.run).name} evaluated on {args.dataset}",
-                 extra_sections=sections, tiles=tiles, gallery_note=note)
     print(summary_line(metrics, out / "report.md"))
     return 0
 

@@ -37,239 +37,26 @@ unmasked images). The summary and --report say which masks were used.
 
 The CSV is written whole or not at all (a temporary file renamed over --csv). Exit code 2
 with `error: ...` when no input could be predicted or the run cannot be loaded.
+
+The work is done by `ensembles.inference.files.predict_files`; this module turns flags into
+its arguments and prints the table (without --csv) and one summary line.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from data_pipeline.atomic import atomic_write
-from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
-from data_pipeline.dicom import is_dicom
-from data_pipeline.hashing import Hasher
-from data_pipeline.layouts import classify, is_utf8, printable
-from data_pipeline import leakage
-from ensembles.evaluate.assess import lung_masks_note
-from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
-                              load_bundle)
-from ensembles.report.gallery import TILE_SIZE
-from ensembles.report.html import Tile, tile_caption, write_predictions_page
-from ensembles.report.overlay import bundle_overlays, overlay_names, write_png
-from data_pipeline.quality_filter import QualityGate
-from ensembles.bundle.segmenter import load_segmenter
+from ensembles.inference import files as library
+from ensembles.inference.files import find_images  # noqa: F401  (tests/test_gradcam.py)
 from experiments import common
 
-SUFFIXES = IMAGE_EXTENSIONS
-CHUNK = 256  # decoded images held at once (the models see them preprocessed) ...
-CHUNK_PIXELS = 1 << 26  # ... or fewer, once they hold this many pixels (64 MB of uint8)
-
-
-def _skip(path: Path, reason: str) -> dict[str, str]:
-    return {"path": printable(str(path)), "reason": reason}
-
-
-def find_images(paths: Sequence[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
-    """(files to decode, skipped [{"path", "reason"}]): files named directly plus the image
-    files under named folders (sorted); every other entry under them is a skip with its
-    reason. A named path that does not exist at all raises FileNotFoundError."""
-    found: list[Path] = []
-    skipped: list[dict[str, str]] = []
-    seen: set[tuple[int, int]] = set()
-    for p in map(Path, paths):
-        if not os.path.lexists(p):
-            raise FileNotFoundError(f"no such file or folder: {printable(str(p))}")
-        kind, reason = classify(p, hidden=False)
-        if kind == "file":
-            found.append(p)
-        elif kind == "dir":
-            found += _walk(p, skipped, seen)
-        else:
-            skipped.append(_skip(p, reason))
-    return found, skipped
-
-
-def _walk(top: Path, skipped: list[dict[str, str]], seen: set[tuple[int, int]]) -> list[Path]:
-    """Image files (DICOM by content included) under `top`, sorted; symlinked folders are
-    followed, each folder once."""
-    found, stack = [], [top]
-    while stack:
-        folder = stack.pop()
-        try:
-            st = folder.stat()
-            entries = sorted(folder.iterdir())
-        except OSError as e:
-            skipped.append(_skip(folder, f"cannot list folder: {e.strerror or e}"))
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            skipped.append(_skip(folder, "folder already read (a symlink loop or a second "
-                                         "link to it)"))
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        for entry in entries:
-            kind, reason = classify(entry)
-            if kind == "dir":
-                stack.append(entry)
-            elif kind == "skip":
-                skipped.append(_skip(entry, reason))
-            elif entry.suffix.lower() in SUFFIXES or is_dicom(entry):
-                found.append(entry)
-            else:
-                skipped.append(_skip(entry, f"not an image file type "
-                                            f"({entry.suffix or 'no extension'})"))
-    return sorted(found)
-
-
-def predict_files(bundle: Bundle | StackBundle, files: Sequence[Path], *, batch_size: int = 32,
-                  use_meta: bool = False, max_pixels: int | None = None,
-                  skip_lateral: bool = True,
-                  on_image: Callable[[np.ndarray], None] | None = None,
-                  gate: Callable[[np.ndarray], str | None] | None = None,
-                  on_overlay: Callable[[Path, np.ndarray], None] | None = None
-                  ) -> tuple[list[Path], Predictions, list[dict]]:
-    """(decoded files, their Predictions, skipped [{"path", "reason"}]).
-
-    With `on_overlay` (a Bundle only) each decoded file's Grad-CAM overlay (uint8 RGB,
-    `ensembles.overlay.bundle_overlays`) is passed to it with the file, in order.
-
-    The predictions' rows follow the decoded files (`indices` index them; there are no
-    labels: -1); probability columns and decisions index `class_names`, the model's classes.
-    Decisions follow the combiner's rule (a cascade's stages, OvO votes), or the meta-
-    classifier's argmax with `use_meta` or for a stack run. `skip_lateral`: DICOM lateral
-    views are skipped (see `data_pipeline.dicom`). At most CHUNK decoded images
-    (and about CHUNK_PIXELS pixels) are held at once. `on_image` sees each decoded image
-    that is kept, in order. `gate` sees each decoded image first and returns None to keep
-    it or the reason it is skipped (`ensembles.quality_filter.QualityGate`)."""
-    kept, skipped, chunks = [], [], []
-    source: list[dict] = []
-    pixels = 0
-
-    def flush():
-        nonlocal source, pixels
-        if source:
-            chunks.append(bundle.predict(source, np.arange(len(source)), batch_size=batch_size,
-                                         use_meta=use_meta))
-            if on_overlay is not None:
-                images = [s["image"] for s in source]
-                _, overlays = bundle_overlays(bundle, images, batch_size=batch_size)
-                for f, rgb in zip(kept[len(kept) - len(source):], overlays, strict=True):
-                    on_overlay(f, rgb)
-        source, pixels = [], 0
-
-    for f in files:
-        if not is_utf8(str(f)):
-            skipped.append(_skip(f, "name is not valid UTF-8 (rename it)"))
-            continue
-        try:
-            image = decode_image(f, max_pixels=max_pixels, skip_lateral=skip_lateral)
-        except DecodeError as error:
-            skipped.append(_skip(f, str(error)))
-            continue
-        if gate is not None and (reason := gate(image)) is not None:
-            skipped.append(_skip(f, reason))
-            continue
-        source.append({"image": image, "label": 0})
-        kept.append(f)
-        if on_image is not None:
-            on_image(image)
-        pixels += image.size
-        if len(source) >= CHUNK or pixels >= CHUNK_PIXELS:
-            flush()
-    flush()
-    if not chunks:
-        k = len(bundle.class_names)
-        return kept, Predictions(tuple(bundle.class_names), np.zeros((0, k)), np.zeros(0, int),
-                                 np.zeros(0, int), np.zeros(0, int)), skipped
-    merged = concat_predictions(chunks)
-    return kept, dataclasses.replace(merged, decisions=merged.decisions.astype(int),
-                                     labels=np.full(len(kept), -1),
-                                     indices=np.arange(len(kept))), skipped
-
-
-def _cell(value) -> str:
-    return f"{value:.6f}" if isinstance(value, float | np.floating) else str(value)
-
-
-def rows(files: Sequence[Path], p: Predictions, operating_point: str | None = None
-         ) -> list[list[str]]:
-    """The CSV: `path`, one probability column per class, `prediction`, then the columns
-    that explain it (`decided_by`; OvO `ovo_votes`; cascade `p_sick`, `stage1_threshold`)
-    and, when the bundle has an operating point, `operating_point`, one `threshold_<class>`
-    per class and `flagged` (the classes whose probability reaches their threshold, `;`-
-    separated)."""
-    names = list(p.class_names)
-    header = ["path", *names, "prediction", *p.explanation]
-    if p.thresholds is not None:
-        header += ["operating_point", *(f"threshold_{c}" for c in names), "flagged"]
-    table = [header]
-    for r, f in enumerate(files):
-        row = [str(f), *(f"{q:.6f}" for q in p.proba[r]), names[int(p.decisions[r])],
-               *(_cell(col[r]) for col in p.explanation.values())]
-        if p.thresholds is not None:
-            row += [operating_point or "", *("" if t is None else f"{t:.6f}"
-                                             for t in p.thresholds),
-                    ";".join(c for c, hit in zip(names, p.flags[r], strict=True) if hit)]
-        table.append(row)
-    return table
-
-
-def write_csv_atomic(path: Path, table: Sequence[Sequence[str]]) -> None:
-    """Write `table` to `path` through a temporary file in its folder renamed over it: the
-    file is either the whole table or what it was before, never a part."""
-    with atomic_write(path, newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows(table)
-
-
-def _check_csv_target(path: Path, flag: str = "--csv") -> None:
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{flag}: folder {path.parent} does not exist")
-
-
-def _duplicates_note(column: Sequence[str]) -> str:
-    if column and column[0] == "unknown":
-        return f"duplicates of training images not checked: {leakage.NO_HASHES}"
-    exact = column.count("exact")
-    near = sum(v.startswith("near") for v in column)
-    return f"duplicates of training images: {exact} exact, {near} near"
-
-
-def _check_gradcam_target(path: Path | None, use_meta: bool, flag: str) -> None:
-    if use_meta:
-        raise ValueError(f"{flag} shows Grad-CAM of the rule combiner's decision; it cannot "
-                         f"be used with --meta")
-    if path is not None and os.path.lexists(path) and not path.is_dir():
-        raise ValueError(f"{flag} {path} exists and is not a folder")
-
-
-class Overlays:
-    """Where predict's Grad-CAM overlays go: PNG files in the --gradcam folder (named by
-    `overlay_names`), and gallery-sized copies for --report."""
-
-    def __init__(self, files: Sequence[Path], folder: Path | None, *, keep: bool):
-        self.folder, self.keep, self.kept = folder, keep, []
-        self.names = dict(zip(files, overlay_names(files), strict=True)) if folder else {}
-
-    def add(self, path: Path, rgb: np.ndarray) -> None:
-        if self.folder is not None:
-            write_png(self.folder / self.names[path], rgb)
-        if self.keep:
-            self.kept.append(np.asarray(Image.fromarray(rgb).resize((TILE_SIZE, TILE_SIZE))))
-
-    def tiles(self, p: Predictions) -> list[Tile]:
-        names = p.class_names
-        return [Tile(rgb, tile_caption(None, names[d], float(p.proba[r, d])), None)
-                for r, (rgb, d) in enumerate(zip(self.kept, p.decisions, strict=True))]
+# tests/test_dicom.py's name for the decoded-files step before it moved into the library
+predict_files = library.predict_images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,80 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="for a run trained on lung-masked images: mask with this "
                              "segmenter's predicted masks (python -m experiments.segment)")
     args = parser.parse_args(argv)
-    out = Path(args.csv) if args.csv else None
-    gradcam = Path(args.gradcam) if args.gradcam else None
-    report = Path(args.report) if args.report else None
     try:
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1")
-        max_pixels = pixel_budget(args.max_pixels)
-        if out is not None:
-            _check_csv_target(out)
-        if gradcam is not None:
-            _check_gradcam_target(gradcam, args.meta, "--gradcam")
-        if report is not None:
-            _check_csv_target(report, "--report")
-            _check_gradcam_target(None, args.meta, "--report")
-        gate = QualityGate(args.quality_max) if args.quality_max is not None else None
-        bundle = load_bundle(args.run)
-        if args.segmenter is not None:
-            bundle = bundle.with_segmenter(load_segmenter(args.segmenter))
-        elif bundle.needs_shipped_masks:
-            raise ValueError(f"{args.run} was trained on the lung masks its dataset ships; "
-                             f"image files have none: give --segmenter RUN (a run of python "
-                             f"-m experiments.segment)")
-        masks = lung_masks_note(bundle, "the image files", given=args.segmenter is not None)
-        if (gradcam or report) and not isinstance(bundle, Bundle):
-            raise ValueError("--gradcam and --report need an ensemble or single-model run; a "
-                             "stack run decides by its meta-classifier, which is not "
-                             "differentiable")
-        if gradcam is not None:
-            gradcam.mkdir(parents=True, exist_ok=True)
-        files, skipped = find_images(args.inputs)
-        hasher = Hasher()
-        overlays = Overlays(files, gradcam, keep=report is not None)
-        kept, predictions, unread = predict_files(
-            bundle, files, batch_size=args.batch_size, use_meta=args.meta,
-            max_pixels=max_pixels, skip_lateral=not args.keep_lateral, on_image=hasher.add,
-            gate=gate, on_overlay=overlays.add if (gradcam or report) else None)
-        skipped += unread
-        for s in skipped:
-            print(f"skipped {s['path']}: {s['reason']}", file=sys.stderr)
-        if not kept:
-            raise ValueError(f"nothing to predict: no readable image among the inputs "
-                             f"({len(skipped)} skipped)")
-        duplicates = leakage.column(bundle.training_hashes(),
-                                    hasher.result([str(f) for f in kept]))
-        table = rows(kept, predictions, bundle.operating_point)
-        if gate is not None:
-            table = [[*row, q] for row, q in zip(
-                table, ["brisque", *(f"{x:.3f}" for x in gate.scores)], strict=True)]
-        table = [[*row, d] for row, d in zip(
-            table, ["duplicate_of_training", *duplicates], strict=True)]
-        notes = [f"{len(kept)} image(s) predicted, {len(skipped)} skipped"
-                 + (f" ({gate.refused} above BRISQUE {args.quality_max:g})" if gate else ""),
-                 _duplicates_note(duplicates), f"lung masks: {masks}"]
-        if report is not None:
-            write_predictions_page(report, table, overlays.tiles(predictions),
-                                   title=f"Predictions of {Path(args.run).name}", notes=notes)
-        if out is not None:
-            write_csv_atomic(out, table)
-        else:
+        result = library.predict_files(
+            args.run, args.inputs, csv_path=args.csv, gradcam=args.gradcam, report=args.report,
+            batch_size=args.batch_size, use_meta=args.meta, max_pixels=args.max_pixels,
+            keep_lateral=args.keep_lateral, quality_max=args.quality_max,
+            segmenter=args.segmenter)
+        if args.csv is None:
             buffer = io.StringIO()
-            csv.writer(buffer).writerows(table)
+            csv.writer(buffer).writerows(result.table)
             sys.stdout.write(buffer.getvalue())
     except (*common.CLI_ERRORS, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    n = len(skipped)
-    q = gate.refused if gate else 0
-    print(f"predicted {len(kept)} image(s), skipped {n - q} unreadable or non-image "
-          f"entr{'y' if n - q == 1 else 'ies'}"
-          + (f" and {q} image(s) above BRISQUE {args.quality_max:g}" if gate else "")
-          + f"; {_duplicates_note(duplicates)}"
-          + ("" if masks.startswith("none") else f"; lung masks: {masks}")
-          + (f"; csv: {out}" if out else "")
-          + (f"; {len(kept)} Grad-CAM overlay(s) in {gradcam}" if gradcam else ""),
+    print(result.summary(args.csv and Path(args.csv), args.gradcam and Path(args.gradcam)),
           file=sys.stderr)
     return 0
 

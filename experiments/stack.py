@@ -17,6 +17,8 @@ The output folder is a self-contained stack bundle (ensembles/bundle.py, written
 components/<i>/, the meta-classifier is saved beside them (meta.json, or meta.skops for
 gradient boosting), and `experiments.evaluate` / `experiments.predict --run OUT` rebuild each
 component's member outputs with its own preprocessing before applying the meta-classifier.
+
+The work is done by `ensembles.research.stacks`; this module turns flags into its arguments.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ensembles import Ensemble, Stack
-from ensembles import bundle as bundle_lib
-from ensembles.training import runs as runs_lib
+from ensembles.api import Stack
+from ensembles.config import META_MODELS, RunConfig
 from ensembles.evaluate.assess import summary_line
-from ensembles.config import META_MODELS, RunConfig, resolve
+from ensembles.research import stacks
+from ensembles.training import runs as runs_lib
 from experiments import common
 
 DESCRIPTION = "Stack finished runs (or train them first) under a meta-classifier."
@@ -47,42 +49,22 @@ def _names(text: str, what: str) -> list[str]:
 
 def plan_members(strategies: Sequence[str], backbones: Sequence[str], flags: Sequence[str],
                  out: Path) -> tuple[list[tuple[RunConfig, Path]], common.RunTarget]:
-    """(config, run folder) of every strategy x backbone to train, from the training flags.
-
-    The flags are parsed once per backbone, so each takes its family's defaults for the
-    settings not given; the strategy is then set on that config. ValueError for bad flags.
-    """
+    """(config, run folder) of every strategy x backbone to train (`stacks.plan_runs`), the
+    training flags parsed once per backbone (each takes its family's defaults for the
+    settings not given), and where they go. ValueError for bad flags."""
     if "stack" in strategies:
         raise ValueError("--strategies: list the strategies to stack (single, ova, ovo, "
                          "cascade), not stack itself")
     if any(f == "--backbone" or f.startswith("--backbone=") for f in flags):
         raise ValueError("--backbone: the stack trains every backbone of --backbones")
-    planned, target = [], None
+    bases, target = {}, None
     for backbone in backbones:
-        base, target = common.parse(strategies[0], [*flags, "--backbone", backbone],
-                                    DESCRIPTION)
+        bases[backbone], target = common.parse(strategies[0], [*flags, "--backbone", backbone],
+                                               DESCRIPTION)
         if target.out is not None:
             raise ValueError("--out: the stack trains its runs into <stack-out>/"
                              "<strategy>-<backbone>; give --stack-out instead")
-        for strategy in strategies:
-            planned.append((resolve(base.replace(strategy=strategy)),
-                            out / f"{strategy}-{backbone}"))
-    return planned, target
-
-
-def train_members(strategies: Sequence[str], backbones: Sequence[str], flags: Sequence[str],
-                  out: Path) -> list[tuple[RunConfig, Path]]:
-    """Train every strategy x backbone into out/<strategy>-<backbone>; (config, run folder)
-    of each. Every config and run folder is checked before the first training."""
-    planned, target = plan_members(strategies, backbones, flags, out)
-    for config, run_dir in planned:
-        runs_lib.check_run_dir(run_dir, config, resume=target.resume,
-                               overwrite=target.overwrite)
-    for config, run_dir in planned:
-        print(f"training {run_dir}", file=sys.stderr)
-        Ensemble(config=config).fit(out=run_dir, resume=target.resume,
-                                    overwrite=target.overwrite)
-    return planned
+    return stacks.plan_runs(strategies, bases, out), target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,18 +87,16 @@ def run(argv: Sequence[str] | None = None) -> Stack:
     args, flags = build_parser().parse_known_args(argv)
     out = (Path(args.stack_out) if args.stack_out else
            runs_lib.default_run_dir("stack", "members"))
-    if (out / bundle_lib.COMPONENTS_DIR).exists():   # refused before anything trains
-        raise ValueError(f"{out} already holds a stack bundle; choose another --stack-out")
+    stacks.check_out(out)   # refused before anything trains
     if args.runs:
         if flags:
             raise ValueError(f"training flags ({' '.join(flags)}) apply only without --runs, "
                              f"when the stack trains its runs itself")
-        members, seed = [Path(r) for r in args.runs], 0
-    else:
-        trained = train_members(_names(args.strategies, "strategies"),
-                                _names(args.backbones, "backbones"), flags, out)
-        members, seed = [run_dir for _, run_dir in trained], trained[0][0].training.seed
-    return Stack(members, meta=args.meta_model, seed=seed).fit(out)
+        return stacks.stack(args.runs, out, meta=args.meta_model)
+    planned, target = plan_members(_names(args.strategies, "strategies"),
+                                   _names(args.backbones, "backbones"), flags, out)
+    return stacks.train_and_stack(planned, out, meta=args.meta_model, resume=target.resume,
+                                  overwrite=target.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from ensembles import RunConfig
 
 from ensembles.research import comparison
 from ensembles.config import FAMILY_DEFAULTS
+from ensembles.research import compare as library
 from experiments import compare
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
@@ -160,7 +161,7 @@ def test_one_config_per_run_with_each_backbones_family_defaults(tmp_path):
         assert (c.data.count, c.training.batch_size) == (family["count"], family["batch_size"])
     # the stack of a (backbone, seed) is over its other runs, the single model left out
     stack = planned[2]
-    assert compare.stacked_runs(planned, stack) == [tmp_path / "cascade-simple_cnn-seed0"]
+    assert library.stacked_runs(planned, stack) == [tmp_path / "cascade-simple_cnn-seed0"]
 
 
 @pytest.mark.slow
