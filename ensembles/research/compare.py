@@ -177,16 +177,25 @@ def analyse(planned: list[Planned], cross: Dataset | None = None, *,
     rows = [row for p in planned for row in comparison.analyse_run(
         p.run_dir, backbone=p.backbone, seed=p.seed,
         n_bootstrap=n_bootstrap if p.seed == first else 0)]
-    baseline = comparison.own_variant(planned[0].run_dir)
     curves = {(p.strategy, p.backbone): comparison.learning_curves(p.run_dir)
               for p in planned if p.seed == planned[0].seed and p.strategy != "stack"}
     cross_rows = [] if cross is None else [
         {"strategy": p.strategy, "backbone": p.backbone, "seed": p.seed, "run": str(p.run_dir),
          **comparison.cross_set(p.run_dir, cross, seed=p.seed)} for p in planned]
-    return {"rows": rows, "baseline": baseline, "cross_set": cross_rows,
+    return analysis(rows, comparison.own_variant(planned[0].run_dir), curves=curves,
+                    cross_set=cross_rows)
+
+
+def analysis(rows: list[dict], baseline: str, *, curves: dict | None = None,
+             cross_set: list[dict] | None = None) -> dict:
+    """The comparison's analysis of scored variant rows (`comparison.analyse_run`'s, or any
+    with its keys): the summary over seeds, the paired tests against `baseline` per seed and
+    the sign-flip tests across seeds, with the learning curves and cross-set rows given."""
+    return {"rows": rows, "baseline": baseline, "cross_set": list(cross_set or []),
             "summary": comparison.summarise(rows, (*METRICS, *COST)),
             "paired": comparison.paired_tests(rows, baseline),
-            "across_seeds": comparison.across_seed_tests(rows, baseline), "curves": curves}
+            "across_seeds": comparison.across_seed_tests(rows, baseline),
+            "curves": dict(curves or {})}
 
 
 def run(planned: list[Planned], out: Path, *, reuse: bool = False,
