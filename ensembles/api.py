@@ -18,6 +18,7 @@ Fitted attributes follow scikit-learn: `classes_`, `members_`, `combiner_`, `met
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -120,10 +121,9 @@ class Ensemble:
             if not resume:
                 runs.write_config(out, cfg, **facts)
             trained = fitting.train_members(plan, out)
-            self.metrics_ = _finish(plan, out, trained, facts)
-        distributed.barrier(f"wrote {out}")   # process 0 wrote the bundle the others load
+            self.bundle_, self.metrics_ = _finish(plan, out, trained, facts)
+        distributed.barrier(f"wrote {out}")   # process 0 wrote the run folder
         self.run_dir_ = out
-        self.bundle_ = bundle_lib.load_bundle(out)
         return self
 
     # -- using a fitted ensemble --------------------------------------------------------------
@@ -221,18 +221,21 @@ class Stack:
         return self
 
 
-def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict) -> dict:
-    """Save the members, fit the combiner(s), evaluate on test, write the bundle and report."""
+def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
+            ) -> tuple[bundle_lib.Bundle, dict]:
+    """Save the members, fit the combiner(s), evaluate on test, write the bundle and report;
+    returns the bundle (in memory, as `load_bundle` would read it back) and the metrics."""
     cfg, data, tasks = plan.config, plan.data, plan.tasks
     e, strategy, backbone = cfg.ensemble, cfg.ensemble.strategy, cfg.model.backbone
     stacks = bundle_lib.save_members(out, [t.stack for t in trained.stacks],   # every
                                      [t.variables for t in trained.stacks])   # process: orbax
     model = build.model_options(cfg)
-    bundle = bundle_lib.Bundle(out, backbone, data.class_names, data.preprocess, tasks,
-                               [t.stack for t in trained.stacks],
-                               [t.variables for t in trained.stacks],
-                               rules_lib.rule_combiner(tasks, ovo_decision=e.ovo_decision),
-                               None, None, "ensemble", model, segmenter=data.segmenter)
+    bundle = bundle_lib.Bundle(
+        run_dir=out, backbone=backbone, class_names=data.class_names,
+        preprocess=data.preprocess, tasks=tasks, stacks=[t.stack for t in trained.stacks],
+        variables=[t.variables for t in trained.stacks],
+        combiner=rules_lib.rule_combiner(tasks, ovo_decision=e.ovo_decision), meta=None,
+        temperature=None, kind="ensemble", model_options=model, segmenter=data.segmenter)
     batch = cfg.training.batch_size
     val_p, y_val, i_val = bundle.member_outputs(data.eval_loader("val", batch))
     test_p, y_test, i_test = bundle.member_outputs(data.eval_loader("test", batch))
@@ -244,9 +247,9 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
                                    n_bootstrap=e.n_bootstrap)
     variants = [_variant(f"{strategy} rule", y_test, proba, pred, data.class_names),
                 *_rule_variants(plan, val_p, y_val, test_p, y_test, proba)]
-    meta_saved = None
+    meta, meta_saved = None, None
     if e.meta != "none":
-        meta, source = _fit_meta(plan, out, bundle, val_p, y_val, i_val)
+        meta, source = _fit_meta(plan, out, val_p, y_val, i_val)
         mp = meta.predict_proba(meta.features({strategy: test_p}))
         variants.append(_variant(f"meta {e.meta} (fit on {source})", y_test, mp, mp.argmax(1),
                                  data.class_names))
@@ -272,8 +275,12 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     skipped = list(data.dataset.skipped)
     metrics["skipped_files"] = {"count": len(skipped), "files": skipped}
     metrics["quality_filter"] = data.quality
+    bundle = dataclasses.replace(   # what load_bundle reads back from the files below
+        bundle, combiner=rule, meta=meta, temperature=calib["temperature"],
+        operating_point=point["target"], thresholds=point["thresholds"],
+        hashes_file=out / leakage.TRAIN_HASHES_FILE)
     if not distributed.is_primary():    # every process computed the metrics; one writes
-        return metrics
+        return bundle, metrics
     runs.write_json_atomic(out / bundle_lib.COMBINER_FILE, {
         "rule": rules_lib.combiner_to_json(rule), "temperature": calib["temperature"],
         "operating_point": {"target": point["target"], "thresholds": point["thresholds"]}})
@@ -301,7 +308,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
                                  "Skipped files": skipped_section(skipped),
                                  "Quality filter": quality_filter.section(data.quality)})
     runs.write_config(out, cfg, **facts, bundle=section)
-    return metrics
+    return bundle, metrics
 
 
 def _operating_point(plan: fitting.Plan, val_proba, y_val, val_ids, test_proba, y_test,
@@ -336,7 +343,7 @@ def _rule_variants(plan: fitting.Plan, val_p, y_val, test_p, y_test, proba) -> l
     return []
 
 
-def _fit_meta(plan: fitting.Plan, out: Path, bundle: bundle_lib.Bundle, val_p, y_val, i_val
+def _fit_meta(plan: fitting.Plan, out: Path, val_p, y_val, i_val
               ) -> tuple[MetaClassifier, str]:
     """The meta-classifier fitted on validation member outputs, or with meta_folds on
     out-of-fold outputs of members that never saw the rows (checked by MetaClassifier.fit)."""
@@ -344,8 +351,7 @@ def _fit_meta(plan: fitting.Plan, out: Path, bundle: bundle_lib.Bundle, val_p, y
     e = cfg.ensemble
     meta = MetaClassifier(model=META_MODELS[e.meta], random_state=cfg.training.seed)
     if e.meta_folds:
-        oof = fitting.out_of_fold_outputs(plan, out, lambda t, loader: _member_outputs(
-            bundle, t, loader))
+        oof = fitting.out_of_fold_outputs(plan, out)
         rows = (oof.members, oof.labels, oof.indices, oof.fold, oof.fold_train)
         source = f"{e.meta_folds}-fold out-of-fold member outputs"
     else:
@@ -356,15 +362,6 @@ def _fit_meta(plan: fitting.Plan, out: Path, bundle: bundle_lib.Bundle, val_p, y
     meta.fit(x_fit, y_fit, example_indices=i_fit, train_indices=fold_train, fold=fold,
              layout=layout, n_classes=len(data.class_names))
     return meta, source
-
-
-def _member_outputs(bundle: bundle_lib.Bundle, trained: list, loader):
-    """Member probabilities of freshly trained (fold) members, through the bundle's models."""
-    fold = bundle_lib.Bundle(bundle.run_dir, bundle.backbone, bundle.class_names,
-                             bundle.preprocess, bundle.tasks, [t.stack for t in trained],
-                             [t.variables for t in trained], bundle.combiner, None, None,
-                             "ensemble", bundle.model_options)
-    return fold.member_outputs(loader)
 
 
 def _variant(name: str, y, proba, pred, class_names) -> dict:

@@ -94,7 +94,7 @@ def _fit(out: Path, parallel=None, *, monitor="val_loss", patience=None):
     with MetricWriter(out, tensorboard=False) as writer:
         result = training.fit(
             state, step=step, predict=lambda s, b: predict(s, b)[None], parallel=parallel,
-            table=table, train_data=loader, val_data=val,
+            train_data=loader, val_data=val,
             config=training.FitConfig(epochs=EPOCHS, steps_per_epoch=STEPS, monitor=monitor,
                                       patience=patience, progress=False),
             stacked=False, member_names=["all"], checkpoint_dir=out / "ckpt",
@@ -246,7 +246,7 @@ def test_member_metrics_use_each_members_own_examples():
     logits = np.zeros((2, 4, 3))
     logits[0, [0, 1, 2, 3], [0, 1, 0, 2]] = 5.0      # member 0: 3 of 4 right
     logits[1, [1, 2, 3], [0, 0, 1]] = 5.0            # member 1: sees 3 examples, 2 right
-    m = training.member_metrics(logits[:, :, :3], labels, table)
+    m = members.relabel_metrics(table)(logits[:, :, :3], labels)
     np.testing.assert_allclose(m["val_accuracy"], [0.75, 2 / 3])
     # member 0: class 0 precision 0.5 recall 1, class 1 perfect, class 2 precision 1 recall 0.5
     assert m["val_macro_f1"][0] == pytest.approx(np.mean([2 / 3, 1.0, 2 / 3]))

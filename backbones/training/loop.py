@@ -1,11 +1,10 @@
 """The one training loop: a stack of M >= 1 members, per-member early stopping, resume.
 
 A single model is a stack of one member. The caller hands in the wrapped step and predict
-functions (`DataParallel.train` / `.predict`, vmapped over members or not) and a relabel
-table [M, K] that says which original class each member sees as which of its labels (-1: not
-this member's example; the identity row for a single K-class model). The loop owns the
-Python-side concerns, as in Flax's ImageNet example: progress bars, per-member validation
-metrics, early stopping on any monitor, the NaN guard, one atomic checkpoint per epoch
+functions (`DataParallel.train` / `.predict`, vmapped over members or not) and a validation
+metrics callback (per member, from the members' logits and the loader's labels; the loop
+knows nothing of what the labels mean to a member). The loop owns the Python-side concerns,
+as in Flax's ImageNet example: progress bars, per-member validation, early stopping on any monitor, the NaN guard, one atomic checkpoint per epoch
 (state, best variables, stopper, records and the Grain iterator position) and the records a
 metric writer receives. The steps stay pure.
 
@@ -34,9 +33,9 @@ from tqdm.auto import tqdm
 from backbones.training import distributed
 from backbones.training.checkpoint import Checkpointer
 from backbones.training.parallel import AXIS, DataParallel
+from backbones.training.predict import predict_logits
 from backbones.training.state import TrainState
-from data_pipeline.loader import PAD, pad_batch
-from data_pipeline.prefetch import prefetch_to_device, to_global
+from data_pipeline.prefetch import prefetch_to_device
 
 MONITORS = {"val_loss": "min", "val_accuracy": "max", "val_macro_f1": "max"}
 
@@ -122,15 +121,17 @@ class EarlyStopping:
             setattr(self, key, np.asarray(saved[key]))
 
 
-def member_metrics(logits: np.ndarray, labels: np.ndarray, table: np.ndarray
-                   ) -> dict[str, np.ndarray]:
-    """Validation loss, accuracy and macro-F1 per member over its own examples.
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Validation loss, accuracy and macro-F1 of each member over the rows it is scored on.
 
-    logits [M, N, C], original labels [N], relabel table [M, K]."""
+    logits [M, N, C]; labels [N] (every member scored on every row) or [M, N] (each member's
+    own labels, -1 = a row that member is not scored on). The loop's default `val_metrics`;
+    a caller whose members learn other labels than the loader's passes its own (e.g.
+    relabelled labels through this function)."""
     logits = np.asarray(logits, np.float64)
-    member_label = np.asarray(table)[:, labels]                                  # [M, N]
-    keep = member_label >= 0
-    safe = np.where(keep, member_label, 0)
+    labels = np.broadcast_to(np.asarray(labels), logits.shape[:2])               # [M, N]
+    keep = labels >= 0
+    safe = np.where(keep, labels, 0)
     nll = -np.take_along_axis(log_softmax(logits, axis=-1), safe[..., None], -1)[..., 0]
     count = np.maximum(keep.sum(1), 1)
     pred = logits.argmax(-1)
@@ -142,36 +143,7 @@ def member_metrics(logits: np.ndarray, labels: np.ndarray, table: np.ndarray
             "val_macro_f1": np.asarray(f1, np.float64)}
 
 
-def predict_logits(predict: Callable, state: Any, batches: Iterable[dict], *,
-                   progress: str | None = None, sharding: NamedSharding | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits [M, N, C], labels [N] and example indices [N] over one pass of `batches`.
-
-    `predict(state, {"image"})` returns [M, B, C]; a short last batch is padded to the
-    first batch's size (one compiled shape) and the padding cut off. With several processes
-    each process passes its share of every batch (a loader's block, padded to full size with
-    examples of index -1): the shares become one global batch on `sharding`, and the logits,
-    labels and indices of all processes come back on every process with the padding dropped,
-    so the result is one process's. `progress` names a transient bar (none when None)."""
-    logits, labels, indices, size = [], [], [], None
-    total = len(batches) if hasattr(batches, "__len__") else None
-    for batch in tqdm(batches, desc=progress, total=total, disable=progress is None,
-                      leave=False):
-        images = np.asarray(batch["image"])
-        size, n = size or len(images), len(images)
-        images = pad_batch(images, size)
-        if sharding is not None and not sharding.is_fully_addressable:
-            images = to_global(images, sharding)
-        out = distributed.gather(predict(state, {"image": images}))
-        logits.append(out[:, :n] if n < size else out)    # several processes: always full
-        labels.append(distributed.gather(np.asarray(batch["label"])))
-        indices.append(distributed.gather(
-            np.asarray(batch.get("index", np.zeros(n, np.int64)))))
-    if not logits:
-        return np.zeros((0, 0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    keep = np.concatenate(indices) != PAD
-    return (np.concatenate(logits, 1)[:, keep], np.concatenate(labels)[keep],
-            np.concatenate(indices)[keep])
+ValMetrics = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 def _with_member_axis(tree: Any, stacked: bool) -> Any:
@@ -195,8 +167,9 @@ def _check_finite(values: np.ndarray, what: str, epoch: int, step: int,
 
 
 def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataParallel,
-        table: np.ndarray, train_data: Iterable[dict], val_data: Iterable[dict] | None,
+        train_data: Iterable[dict], val_data: Iterable[dict] | None,
         config: FitConfig, stacked: bool, member_names: Sequence[str],
+        val_metrics: ValMetrics = classification_metrics,
         checkpoint_dir: str | Path | None = None,
         on_record: Callable[[dict], None] | None = None, desc: str = "training") -> FitResult:
     """Train `state` (M stacked members, or one member's plain state) for up to
@@ -207,7 +180,9 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
     iterated once per epoch. With `checkpoint_dir`, a run that finds a checkpoint there
     resumes from it exactly (state, rng, best snapshots, stopper, records, data position).
     `on_record` receives each epoch's record as it is made (live logging); the returned
-    records are the truth, restored ones included.
+    records are the truth, restored ones included. `val_metrics(logits [M, N, C], labels [N])`
+    returns each member's validation metrics ([M] arrays, "val_loss" and the monitor among
+    them); the default scores every member on the loader's labels.
     """
     size = len(member_names)
     stopper = EarlyStopping.start(size, config.monitor, config.patience)
@@ -243,8 +218,7 @@ def fit(state: TrainState, *, step: Callable, predict: Callable, parallel: DataP
                     predict, replicated, val_data, sharding=sharding,
                     progress=f"{desc} validation {epoch}" if config.progress else None)
                 if len(labels):
-                    val = member_metrics(logits.reshape(size, *logits.shape[-2:]), labels,
-                                         table)
+                    val = val_metrics(logits.reshape(size, *logits.shape[-2:]), labels)
                     _check_finite(val["val_loss"], "validation loss", epoch, step_count,
                                   member_names, checkpointer)
                     record.update({k: v.tolist() for k, v in val.items()})
@@ -280,8 +254,8 @@ def _train_epoch(replicated: Any, step: Callable, data: Any, config: FitConfig, 
     start = time.perf_counter()
     loss, correct, count, images = 0.0, 0.0, 0.0, 0
     bar = tqdm(range(config.steps_per_epoch), total=config.steps_per_epoch,
-               desc=f"{desc} epoch {epoch}/{config.epochs}", disable=not config.progress,
-               leave=False)
+               desc=f"{desc} epoch {epoch}/{config.epochs}", leave=False,
+               disable=not config.progress or not distributed.is_primary())
     if compiles:
         bar.set_postfix_str("compiling the training step (once per run)")
     for _ in bar:

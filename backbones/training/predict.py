@@ -1,16 +1,86 @@
-"""Inference over an evaluation loader for groups of vmapped members: logits per member, with
-every process's rows gathered and the loader's padding dropped."""
+"""The engine's one predict loop over evaluation batches, and its two callers.
+
+`predict_batches` is the loop: it pads a short last batch to the first batch's size (one
+compiled shape), asks `forward` for every member's rows of the batch, gathers every process's
+labels and example indices, and drops the loader's padding rows (index -1). What differs
+between callers is only how a padded batch becomes rows, so that is the `forward` they pass:
+
+- `predict_logits` (the training loop's validation): one wrapped predict function over the
+  replicated state; with several processes each process's share becomes one global batch on
+  `sharding`, and the global logits are read back whole.
+- `member_logits` (a finished run's members, `ensembles.bundle.runtime`): groups of vmapped
+  members applied by each process to its own share on its own devices; the rows of all
+  processes are gathered on the row axis.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from tqdm.auto import tqdm
 
 from backbones.training import distributed
 from data_pipeline.loader import PAD, pad_batch
+from data_pipeline.prefetch import to_global
+
+# forward(padded images [size, ...], n real rows of this process) -> one array per member,
+# [rows, C_m]: the batch's rows of every process (padding rows of the loader included)
+Forward = Callable[[np.ndarray, int], Sequence[np.ndarray]]
+
+
+def predict_batches(forward: Forward, batches: Iterable[dict], *, progress: str | None = None
+                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray] | None:
+    """Per-member outputs [N, C_m] (member order of `forward`), labels [N] and example
+    indices [N] over one pass of `batches` ({"image", "label"?, "index"?}), every process's
+    rows in process order and the loader's padding dropped; None when there is no batch.
+    `progress` names a transient bar (none when None; only process 0 shows one)."""
+    out: list[list[np.ndarray]] | None = None
+    labels, indices, size = [], [], None
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm(batches, desc=progress, total=total, leave=False,
+                      disable=progress is None or not distributed.is_primary()):
+        images = np.asarray(batch["image"])
+        size, n = size or len(images), len(images)
+        rows = forward(pad_batch(images, size), n)                 # one compiled shape
+        if out is None:
+            out = [[] for _ in rows]
+        for member, r in zip(out, rows, strict=True):
+            member.append(np.asarray(r))
+        labels.append(distributed.gather(np.asarray(batch.get("label", np.zeros(n, np.int64)))))
+        indices.append(distributed.gather(np.asarray(batch.get("index", np.zeros(n, np.int64)))))
+    if out is None:
+        return None
+    keep = np.concatenate(indices) != PAD
+    return ([np.concatenate(o)[keep] for o in out], np.concatenate(labels)[keep],
+            np.concatenate(indices)[keep])
+
+
+def predict_logits(predict: Callable, state: Any, batches: Iterable[dict], *,
+                   progress: str | None = None, sharding: NamedSharding | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits [M, N, C], labels [N] and example indices [N] over one pass of `batches`.
+
+    `predict(state, {"image"})` returns [M, B, C]. With several processes each process passes
+    its share of every batch (a loader's block, padded to full size with examples of index
+    -1): the shares become one global batch on `sharding`, and the logits, labels and indices
+    of all processes come back on every process with the padding dropped, so the result is
+    one process's."""
+    def forward(images: np.ndarray, n: int) -> np.ndarray:
+        if sharding is not None and not sharding.is_fully_addressable:
+            images = to_global(images, sharding)
+        out = distributed.gather(predict(state, {"image": images}))
+        return out[:, :n] if n < len(images) else out    # several processes: always full
+
+    result = predict_batches(forward, batches, progress=progress)
+    if result is None:
+        return np.zeros((0, 0, 0)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    logits, labels, indices = result
+    return np.stack(logits), labels, indices
 
 
 def stacked_apply(model) -> Callable:
@@ -19,7 +89,8 @@ def stacked_apply(model) -> Callable:
 
 
 def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
-                  groups: Sequence[Sequence[int]], batches: Iterable[dict]
+                  groups: Sequence[Sequence[int]], batches: Iterable[dict],
+                  progress: str | None = None
                   ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Per-member logits [N, C_m] in member order, plus labels and example indices.
 
@@ -29,23 +100,19 @@ def member_logits(apply_fns: Sequence[Callable], variables: Sequence[dict],
     the rows of all processes are gathered and the padding dropped, so every process returns
     the outputs one process would.
     """
-    num_members = sum(len(g) for g in groups)
-    out: list[list[np.ndarray]] = [[] for _ in range(num_members)]
-    labels, indices, size = [], [], None
-    for batch in batches:
-        images = np.asarray(batch["image"])
-        size = size or len(images)
-        n = len(images)
-        padded = jnp.asarray(pad_batch(images, size))         # one compiled shape
-        for apply, v, members in zip(apply_fns, variables, groups, strict=True):
+    order = np.argsort(np.concatenate([np.asarray(g, np.int64) for g in groups]))
+
+    def forward(images: np.ndarray, n: int) -> list[np.ndarray]:
+        padded = jnp.asarray(images)
+        rows = []
+        for apply, v in zip(apply_fns, variables, strict=True):
             logits = np.asarray(apply(v, padded))[:, :n]                     # [M_g, n, C]
             logits = distributed.gather(logits.swapaxes(0, 1)).swapaxes(0, 1)
-            for i, m in enumerate(members):
-                out[m].append(logits[i])
-        labels.append(distributed.gather(batch.get("label", np.zeros(n, np.int64))))
-        indices.append(distributed.gather(batch.get("index", np.zeros(n, np.int64))))
-    if not labels:
+            rows.extend(logits)
+        return [rows[i] for i in order]                                      # member order
+
+    result = predict_batches(forward, batches, progress=progress)
+    if result is None:
         raise ValueError("no images to predict")
-    keep = np.concatenate(indices) != PAD
-    return ([np.concatenate(o)[keep].astype(np.float64) for o in out],
-            np.concatenate(labels)[keep], np.concatenate(indices)[keep])
+    logits, labels, indices = result
+    return [z.astype(np.float64) for z in logits], labels, indices

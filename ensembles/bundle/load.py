@@ -188,9 +188,13 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
         variables = [_restore(ckpt, want) for ckpt, want in zip(checkpoints, expected,
                                                                   strict=True)]
         point = doc.get("operating_point") or {}
-        return Bundle(run_dir, backbone, class_names, preprocess, tasks, stacks, variables,
-                      combiner, meta, doc.get("temperature"), "ensemble", options,
-                      point.get("target"), point.get("thresholds"), hashes_path, segmenter)
+        return Bundle(run_dir=run_dir, backbone=backbone, class_names=class_names,
+                      preprocess=preprocess, tasks=tasks, stacks=stacks, variables=variables,
+                      combiner=combiner, meta=meta, temperature=doc.get("temperature"),
+                      kind="ensemble", model_options=options,
+                      operating_point=point.get("target"),
+                      thresholds=point.get("thresholds"), hashes_file=hashes_path,
+                      segmenter=segmenter)
 
     return _Checked(run_dir, section, load)
 
@@ -407,7 +411,8 @@ def _check_stack(run_dir: Path, section: dict) -> _Checked:
     _meta_fits(meta, meta_path, layout, len(class_names), "the components' members")
 
     def load() -> StackBundle:
-        return StackBundle(run_dir, class_names, names, [c.load() for c in components], meta)
+        return StackBundle(run_dir=run_dir, class_names=class_names, names=names,
+                           components=[c.load() for c in components], meta=meta)
 
     return _Checked(run_dir, section, load)
 

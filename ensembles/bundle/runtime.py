@@ -64,6 +64,23 @@ def model_order(labels: np.ndarray, label_names: Sequence[str] | None,
     return lookup[labels] if len(labels) else labels
 
 
+def member_applies(backbone: str, model_options: dict, stacks: Sequence[MemberGroup]
+                   ) -> list:
+    """One jit(vmap(apply)) per member group: images [B, ...] -> logits [M_g, B, C_g]."""
+    return [stacked_apply(backbones.create(backbone, num_classes=s.num_classes,
+                                           **model_options)) for s in stacks]
+
+
+def member_probabilities(applies: Sequence, variables: Sequence[dict],
+                         stacks: Sequence[MemberGroup], batches: Iterable[dict]
+                         ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per-member probabilities [N, C_m] (member order), labels and indices over preprocessed
+    batches, through the engine's predict loop (every process's rows, padding dropped)."""
+    logits, labels, indices = member_logits(applies, variables, [s.members for s in stacks],
+                                            batches)
+    return [softmax(z, axis=-1) for z in logits], labels, indices
+
+
 def _loader(source, indices, preprocess: PreprocessConfig, batch_size: int):
     return make_loader(source, indices, batch_size=batch_size, preprocess=preprocess,
                        shuffle=False, num_epochs=1, drop_remainder=False)
@@ -71,7 +88,8 @@ def _loader(source, indices, preprocess: PreprocessConfig, batch_size: int):
 
 @dataclasses.dataclass
 class Bundle:
-    """A loaded ensemble (or single model): members' variables, combiner, preprocessing."""
+    """A loaded ensemble (or single model): members' variables, combiner, preprocessing.
+    Build it by keyword: its fields are many and several share a type."""
 
     run_dir: Path
     backbone: str
@@ -85,16 +103,14 @@ class Bundle:
     temperature: float | None
     kind: str
 
-    def __post_init__(self):
-        self._apply = [stacked_apply(
-            backbones.create(self.backbone, num_classes=s.num_classes, **self.model_options))
-            for s in self.stacks]
-
     model_options: dict = dataclasses.field(default_factory=dict)
     operating_point: str | None = None          # what the thresholds aim for, e.g. "youden"
     thresholds: list[float | None] | None = None  # per class, on the rule's probabilities
     hashes_file: Path | None = None     # the train_hashes piece, None for older runs
     segmenter: Any = None               # ensembles.segmenter.Segmenter (lung_mask auto)
+
+    def __post_init__(self):
+        self._apply = member_applies(self.backbone, self.model_options, self.stacks)
 
     def with_masks(self, source):
         """`source` as this bundle's preprocessing needs it: with the segmenter's masks when
@@ -140,9 +156,7 @@ class Bundle:
     def member_outputs(self, batches: Iterable[dict]
                        ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Per-member probabilities [N, C_m], labels and indices over preprocessed batches."""
-        logits, labels, indices = member_logits(
-            self._apply, self.variables, [s.members for s in self.stacks], batches)
-        return [softmax(z, axis=-1) for z in logits], labels, indices
+        return member_probabilities(self._apply, self.variables, self.stacks, batches)
 
     def combine(self, member_probs: list[np.ndarray], *, use_meta: bool = False) -> np.ndarray:
         """K-class probabilities from member probabilities (the rule, or the meta-classifier)."""

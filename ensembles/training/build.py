@@ -198,12 +198,15 @@ def param_shapes(config: RunConfig):
         model, jax.random.PRNGKey(0), input_shape(config)))["params"]
 
 
-def make_state_fn(config: RunConfig, steps_per_epoch: int, *, pretrained: bool = True
+def make_state_fn(config: RunConfig, steps_per_epoch: int | None = None, *,
+                  optim: training.OptimConfig | None = None, pretrained: bool = True
                   ) -> Callable[[int, jax.Array], training.TrainState]:
-    """make_state(num_classes, key) for the engine; `pretrained=False` skips loading the
-    pretrained weights (a phase that starts from given variables replaces them anyway)."""
+    """make_state(num_classes, key) for the engine, its optimiser `optim` (default: the
+    config's, sized by `steps_per_epoch`); `pretrained=False` skips loading the pretrained
+    weights (a phase that starts from given variables replaces them anyway)."""
     shape = input_shape(config)
-    optim = optim_config(config, steps_per_epoch)
+    if optim is None:
+        optim = optim_config(config, steps_per_epoch)
     policy = config.model.freeze
 
     def make_state(num_classes: int, key: jax.Array) -> training.TrainState:

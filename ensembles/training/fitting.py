@@ -1,9 +1,11 @@
 """Training every member of a strategy through the one engine, in one or two phases.
 
-`plan_run` checks the data and the strategy before anything is written; `train_members`
-trains each stack of the plan (`ensembles.members.train_stack` -> `backbones.training.fit`)
-and writes the phase's metrics.jsonl, TensorBoard events and curves.png;
-`out_of_fold_outputs` trains K-fold members for a meta-classifier fitted out of fold.
+`plan_run` checks the data and the strategy before anything is written, and lays out each
+member group's steps per epoch, own examples and each phase's optimiser schedule once
+(`layouts`); `train_members` trains each group of the plan (`members.train_stack` ->
+`backbones.training.fit`) and writes the phase's metrics.jsonl, TensorBoard events and
+curves.png; `out_of_fold_outputs` trains K-fold members and returns their member outputs on
+the rows they never saw, for a meta-classifier fitted out of fold.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from backbones.training import distributed
 from backbones.training.curves import plot_curves
 from backbones.training.metric_writer import MetricWriter
 from data_pipeline.splits import kfold_indices
+from ensembles.bundle import runtime
 from ensembles.training import build
 from ensembles.training import members as members_lib
 from ensembles.combine.groups import MemberGroup, plan
@@ -27,6 +30,16 @@ from ensembles.config import RunConfig, head_phase
 from ensembles.combine.tasks import Tasks
 
 HEAD_PHASE = "head"  # run sub-directory of the head-only phase of head_epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one member group trains on given training ids: steps per epoch, each member's own
+    examples (member_data "own", else None) and each phase's optimiser (schedule sized)."""
+
+    steps: int
+    own: list[np.ndarray] | None
+    optims: tuple[training.OptimConfig, ...]     # one per phase (`phases`)
 
 
 @dataclasses.dataclass
@@ -37,14 +50,17 @@ class Plan:
     data: build.Data
     tasks: Tasks
     stacks: list[MemberGroup]
+    layouts: list[Layout]      # per group, on data.train_indices
 
 
 @dataclasses.dataclass
 class Trained:
-    """The members one training produced, and with head_epochs those of its head phase."""
+    """The members one training produced, and with head_epochs those of its head phase;
+    `train_indices`: the ids their loaders drew from."""
 
     stacks: list[members_lib.TrainedStack]
     head: list[members_lib.TrainedStack] | None = None
+    train_indices: np.ndarray | None = None
 
 
 def phases(config: RunConfig) -> list[RunConfig]:
@@ -69,13 +85,25 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
                                       healthy=e.healthy, min_per_class=e.min_per_class,
                                       class_weighted=data.class_weighted)
     model, params = build.param_shapes(config)
-    for stack in stacks:
-        steps, _ = _own_examples(config, data, stack, data.train_indices)
-        for phase in phases(config):   # each phase's schedule and freeze policy fit the model
-            training.optim.make_schedule(build.optim_config(phase, steps))
-            training.trainable_modules(params, phase.model.freeze, model)
+    for phase in phases(config):   # each phase's freeze policy fits the model
+        training.trainable_modules(params, phase.model.freeze, model)
+    layouts = stack_layouts(config, data, stacks, data.train_indices)
     check_memory(config, stacks)
-    return Plan(config, data, tasks, stacks)
+    return Plan(config, data, tasks, stacks, layouts)
+
+
+def stack_layouts(config: RunConfig, data: build.Data, stacks: Sequence[MemberGroup],
+                  indices: np.ndarray) -> list[Layout]:
+    """Each group's layout on training ids `indices`; every phase's schedule is built here
+    once (a bad schedule raises before anything trains)."""
+    layouts = []
+    for stack in stacks:
+        steps, own = _own_examples(config, data, stack, indices)
+        optims = tuple(build.optim_config(phase, steps) for phase in phases(config))
+        for optim in optims:
+            training.optim.make_schedule(optim)
+        layouts.append(Layout(steps, own, optims))
+    return layouts
 
 
 def check_memory(config: RunConfig, stacks: Sequence[MemberGroup]) -> None:
@@ -104,30 +132,38 @@ def train_members(plan: Plan, out: Path, train_indices: np.ndarray | None = None
     `out`; a rerun over the same folder resumes either phase exactly (a finished phase only
     restores its checkpoints).
     """
+    if train_indices is None:
+        indices, layouts = plan.data.train_indices, plan.layouts
+    else:
+        indices = np.asarray(train_indices)
+        layouts = stack_layouts(plan.config, plan.data, plan.stacks, indices)
     head = head_phase(plan.config)
     if head is None:
-        return Trained(_train_phase(plan, plan.config, out, train_indices))
-    first = _train_phase(plan, head, out / HEAD_PHASE, train_indices)
-    final = _train_phase(plan, plan.config, out, train_indices, [t.variables for t in first])
-    return Trained(final, first)
+        return Trained(_train_phase(plan, plan.config, out, indices, layouts, 0),
+                       train_indices=indices)
+    first = _train_phase(plan, head, out / HEAD_PHASE, indices, layouts, 0)
+    final = _train_phase(plan, plan.config, out, indices, layouts, 1,
+                         [t.variables for t in first])
+    return Trained(final, first, train_indices=indices)
 
 
-def _train_phase(plan: Plan, config: RunConfig, out: Path, train_indices: np.ndarray | None,
-                 init: list[dict] | None = None) -> list[members_lib.TrainedStack]:
-    """One phase: every stack trained under `config` (from `init[s]` when given). Writes
-    out/metrics.jsonl (the restored records and the new ones: one line per member-record),
-    out/tensorboard/ and out/curves.png."""
+def _train_phase(plan: Plan, config: RunConfig, out: Path, indices: np.ndarray,
+                 layouts: Sequence[Layout], phase: int, init: list[dict] | None = None
+                 ) -> list[members_lib.TrainedStack]:
+    """Phase `phase`: every group trained under `config` on `indices` as `layouts` say
+    (from `init[s]` when given). Writes out/metrics.jsonl (the restored records and the new
+    ones: one line per member-record), out/tensorboard/ and out/curves.png."""
     data, t = plan.data, config.training
     out.mkdir(parents=True, exist_ok=True)
-    indices = data.train_indices if train_indices is None else train_indices
     parallel = training.data_parallel(t.parallel)
     parallel.check_batch_size(t.batch_size)
     trained = []
     with MetricWriter(out) as writer:
-        for s, stack in enumerate(plan.stacks):
-            steps, shared, own = _stack_data(config, data, stack, indices)
+        for s, (stack, layout) in enumerate(zip(plan.stacks, layouts, strict=True)):
+            steps, shared, own = _stack_data(config, data, stack, indices, layout)
             trained.append(members_lib.train_stack(
-                stack, make_state=build.make_state_fn(config, steps, pretrained=init is None),
+                stack, make_state=build.make_state_fn(config, optim=layout.optims[phase],
+                                                      pretrained=init is None),
                 train_step=build.make_train_step(config, data),
                 eval_step=training.make_eval_step(), parallel=parallel,
                 train_data=shared, member_data=own,
@@ -156,10 +192,12 @@ def _own_examples(config: RunConfig, data: build.Data, stack: MemberGroup,
 
 
 def _stack_data(config: RunConfig, data: build.Data, stack: MemberGroup,
-                indices: np.ndarray) -> tuple[int, object, list | None]:
+                indices: np.ndarray, layout: Layout | None = None
+                ) -> tuple[int, object, list | None]:
     """Steps per epoch, then the shared loader, or one loader per member over its own
     examples (`steps` batches an epoch) with member_data "own"."""
-    steps, own = _own_examples(config, data, stack, indices)
+    steps, own = ((layout.steps, layout.own) if layout is not None else
+                  _own_examples(config, data, stack, indices))
     if own is None:
         return steps, data.train_loader(config, indices), None
     records = steps * config.training.batch_size
@@ -190,35 +228,49 @@ def best_epochs(tasks: Tasks, trained: Sequence[members_lib.TrainedStack]) -> di
 class OutOfFold:
     """Member outputs for training examples from members that never saw them."""
 
-    members: list[np.ndarray]      # per member [N, C_m]
+    members: list[np.ndarray]      # per member [N, C_m] probabilities
     labels: np.ndarray
     indices: np.ndarray
     fold: np.ndarray               # the fold of each row
-    fold_train: list[np.ndarray]   # each fold's training ids
+    fold_train: list[np.ndarray]   # the ids each fold's members trained on (their loaders')
 
 
-def out_of_fold_outputs(plan: Plan, out: Path, member_outputs) -> OutOfFold:
+def out_of_fold_outputs(plan: Plan, out: Path) -> OutOfFold:
     """K-fold out-of-fold member outputs over the (unique) training examples.
 
     The examples are split into meta_folds stratified, patient-grouped folds; fold f's members
-    train on the other folds (early stopping on the validation split, as the final members) and
-    `member_outputs(trained, loader)` predicts fold f. Each fold's logs and checkpoints go
-    under out/oof/fold-<f>/, so a rerun resumes them too.
+    train on the other folds (early stopping on the validation split, as the final members)
+    and predict fold f, through the same models and predict loop a bundle uses
+    (`bundle.runtime.member_probabilities`). Each fold's logs and checkpoints go under
+    out/oof/fold-<f>/, so a rerun resumes them too.
     """
     config, data = plan.config, plan.data
     train = np.unique(data.train_indices)
     folds = kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
                           k=config.ensemble.meta_folds, seed=config.training.seed)
+    say = members_lib.printer(config.training.progress)
     outputs, labels, ids, fold_of, fold_train = [], [], [], [], []
     for f, (fit, held) in enumerate(folds):
-        trained = train_members(plan, out / "oof" / f"fold-{f}", train[fit]).stacks
-        probs, y, idx = member_outputs(trained, data.loader(train[held],
-                                                            config.training.batch_size))
+        say(f"out-of-fold members: fold {f + 1} of {len(folds)}")
+        trained = train_members(plan, out / "oof" / f"fold-{f}", train[fit])
+        probs, y, idx = fold_outputs(plan, trained.stacks,
+                                     data.loader(train[held], config.training.batch_size))
         outputs.append(probs)
         labels.append(y)
         ids.append(idx)
         fold_of.append(np.full(len(idx), f))
-        fold_train.append(train[fit])
+        fold_train.append(np.asarray(trained.train_indices))
     members = [np.concatenate([o[m] for o in outputs]) for m in range(len(outputs[0]))]
     return OutOfFold(members, np.concatenate(labels), np.concatenate(ids),
                      np.concatenate(fold_of), fold_train)
+
+
+def fold_outputs(plan: Plan, trained: Sequence[members_lib.TrainedStack], loader
+                 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Member probabilities of freshly trained members over `loader`, through the models a
+    bundle of this run rebuilds (`bundle.runtime`)."""
+    stacks = [t.stack for t in trained]
+    applies = runtime.member_applies(plan.config.model.backbone,
+                                     build.model_options(plan.config), stacks)
+    return runtime.member_probabilities(applies, [t.variables for t in trained], stacks,
+                                        loader)

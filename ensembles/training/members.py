@@ -29,6 +29,8 @@ second phase of two-phase fine-tuning continues from the head-only phase's best 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tqdm.auto import tqdm
+
+from backbones.training import distributed
 from backbones.training.checkpoint import checkpointable
-from backbones.training.loop import FitConfig, fit
+from backbones.training.loop import FitConfig, ValMetrics, classification_metrics, fit
 from ensembles.combine.groups import MemberGroup
 from ensembles.config import MEMBER_MODES
+
+
+def relabel(table, labels):
+    """Each member's label [M, N] of original labels: `table[:, y]` (-1 = not this member's
+    example). `labels` [N] is one batch every member sees; [N, M] gives member m its own
+    column m (`MemberBatches`). NumPy in, NumPy out; jax arrays in (also under jit), jax
+    arrays out: the one relabelling of training, its targets, its own examples and its
+    validation metrics."""
+    xp = jnp if isinstance(table, jax.Array) or isinstance(labels, jax.Array) else np
+    table = xp.asarray(table)
+    if labels.ndim == 2:
+        return xp.take_along_axis(table, xp.asarray(labels).T, axis=1)
+    return table[:, labels]
+
+
+def relabel_metrics(table: np.ndarray) -> ValMetrics:
+    """The engine's `val_metrics` for members with relabel table [M, K]: validation loss,
+    accuracy and macro-F1 of each member over its own examples, in its own labels."""
+    table = np.asarray(table)
+
+    def metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        return classification_metrics(logits, relabel(table, np.asarray(labels)))
+
+    return metrics
+
 
 def member_targets(labels: jax.Array, table: jax.Array, class_weight: jax.Array,
                    weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -51,13 +81,9 @@ def member_targets(labels: jax.Array, table: jax.Array, class_weight: jax.Array,
     loss or the accuracy; `weight` (e.g. 0 for padding, shaped like `labels`) multiplies the
     weights.
     """
-    table = jnp.asarray(table)
-    if labels.ndim == 2:
-        member_label = jnp.take_along_axis(table, labels.T, axis=1)
-        weight = None if weight is None else weight.T
-    else:
-        member_label = table[:, labels]
-        weight = None if weight is None else weight[None, :]
+    member_label = relabel(jnp.asarray(table), labels)
+    if weight is not None:
+        weight = weight.T if labels.ndim == 2 else weight[None, :]
     keep = member_label >= 0
     safe = jnp.where(keep, member_label, 0)
     w = jnp.take_along_axis(jnp.asarray(class_weight), safe, axis=1) * keep
@@ -134,7 +160,8 @@ def own_examples(stack: MemberGroup, indices: np.ndarray, labels: np.ndarray, ba
     """
     indices = np.asarray(indices)
     classes = np.asarray(labels)[indices]
-    own = [indices[stack.table[i][classes] >= 0] for i in range(stack.size)]
+    mine = relabel(stack.table, classes) >= 0                          # [M, N]
+    own = [indices[mine[i]] for i in range(stack.size)]
     empty = [i for i, o in enumerate(own) if not len(o)]
     if empty:
         raise ValueError(f"member(s) {[stack.members[i] for i in empty]} have no training "
@@ -284,7 +311,12 @@ def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
     names = [member_names[m] for m in stack.members]
     common = {"parallel": parallel, "train_data": train_data, "val_data": val_data,
               "config": config, "on_record": on_record}
+    say = printer(config.progress)
+    start = time.perf_counter()
     if mode == "stacked":
+        numbers = ", ".join(str(m + 1) for m in stack.members)
+        say(f"members {numbers} of {len(member_names)} ({', '.join(names)}), trained together"
+            if len(names) > 1 else f"member {numbers} of {len(member_names)}: {names[0]}")
         # XLA's Eigen convolutions (the CPU default) compute vmapped convolutions ~3e-3 off
         # YNNPACK's after 4 steps, where plain ones agree to 3e-7: stacked members keep YNNPACK.
         ynnpack = ()
@@ -298,28 +330,55 @@ def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
                          own_batches=member_data is not None), compiler_options=ynnpack),
                      predict=parallel.predict(stacked_eval_step(eval_step), out_axis=1,
                                               compiler_options=ynnpack),
-                     table=stack.table, stacked=True, member_names=names,
-                     checkpoint_dir=checkpoint_dir,
+                     val_metrics=relabel_metrics(stack.table), stacked=True,
+                     member_names=names, checkpoint_dir=checkpoint_dir,
                      desc=f"{len(names)} members ({', '.join(names)})", **common)
+        seconds = time.perf_counter() - start
+        for i, m in enumerate(stack.members):
+            say(member_done(names[i], m, len(member_names), result.records, i,
+                            int(result.best_epoch[i]), config.monitor, seconds))
         return TrainedStack(stack, result.variables, result.records, result.best_epoch)
     parts, all_records, best_epochs = [], [], []
     plain = parallel.train(train_step)
     one = parallel.predict(eval_step)
     init = jax.jit(lambda k: make_state(stack.num_classes, k))   # one trace: one apply_fn
     for i, m in enumerate(stack.members):
+        say(f"member {m + 1} of {len(member_names)}: {names[i]}")
+        start = time.perf_counter()
         state = init(keys[i])
         if init_variables is not None:
             state = start_from(state, unstack_tree(init_variables, i), stacked=False)
         if member_data is not None:
             common["train_data"] = member_data[i]
         result = fit(state, step=relabel_for_member(plain, stack.table[i], stack.class_weight[i]),
-                     predict=lambda s, b: one(s, b)[None], table=stack.table[i:i + 1],
+                     predict=lambda s, b: one(s, b)[None],
+                     val_metrics=relabel_metrics(stack.table[i:i + 1]),
                      stacked=False, member_names=[names[i]],
                      checkpoint_dir=(Path(checkpoint_dir) / f"member-{m}"
                                      if checkpoint_dir else None),
                      desc=f"member {names[i]}", **common)
+        say(member_done(names[i], m, len(member_names), result.records, 0,
+                        int(result.best_epoch[0]), config.monitor,
+                        time.perf_counter() - start))
         parts.append(result.variables)
         all_records.extend(result.records)
         best_epochs.append(result.best_epoch[0])
     variables = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
     return TrainedStack(stack, variables, all_records, np.asarray(best_epochs))
+
+
+def printer(progress: bool) -> Callable[[str], None]:
+    """Print a line that stays on screen (above any bar), on process 0 and with progress."""
+    if not progress or not distributed.is_primary():
+        return lambda line: None
+    return lambda line: tqdm.write(line, file=sys.stderr)
+
+
+def member_done(name: str, member: int, total: int, records: Sequence[dict], column: int,
+                best_epoch: int, monitor: str, seconds: float) -> str:
+    """The line that closes a member's training: its best epoch and monitored value there
+    (column `column` of the records' per-member lists) and the time it took."""
+    at = [r for r in records if r["epoch"] == best_epoch and r.get(monitor) is not None]
+    value = f", {monitor} {at[-1][monitor][column]:.4f}" if at else ""
+    best = f"best epoch {best_epoch}{value}" if best_epoch else "no improvement"
+    return f"member {member + 1} of {total} ({name}) done: {best}, {seconds:.0f} s"
