@@ -25,14 +25,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from backbones import training  # noqa: E402
-from data_pipeline.datasets import load_dataset  # noqa: E402
-from ensembles import Ensemble  # noqa: E402
-from ensembles import bundle as bundle_lib  # noqa: E402
-from ensembles.config import make_config  # noqa: E402
-from ensembles.research import compare  # noqa: E402
+from backbones import training
+from data_pipeline.datasets import load_dataset
+from ensembles import Ensemble
+from ensembles import bundle as bundle_lib
+from ensembles.config import make_config
+from ensembles.research import compare
 
 DATA_DIR = Path("../shared/data/cxr-kermany")   # beside the checkout, run from its root
 # 32 px: 48 px was no better for simple_cnn (test macro-F1 0.746 vs 0.759) at 2.5x the time;

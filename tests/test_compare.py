@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from ensembles import RunConfig
-
-from ensembles.research import comparison
 from ensembles.config import FAMILY_DEFAULTS
 from ensembles.research import compare as library
+from ensembles.research import comparison
 from experiments import compare
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",

@@ -28,13 +28,23 @@ from PIL import Image
 
 from data_pipeline import leakage
 from data_pipeline.atomic import atomic_write
-from data_pipeline.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, pixel_budget
+from data_pipeline.decode import (
+    IMAGE_EXTENSIONS,
+    DecodeError,
+    decode_image,
+    pixel_budget,
+)
 from data_pipeline.dicom import is_dicom
 from data_pipeline.hashing import Hasher
 from data_pipeline.layouts import classify, is_utf8, printable
 from data_pipeline.quality_filter import QualityGate
-from ensembles.bundle import (Bundle, Predictions, StackBundle, concat_predictions,
-                              load_bundle)
+from ensembles.bundle import (
+    Bundle,
+    Predictions,
+    StackBundle,
+    concat_predictions,
+    load_bundle,
+)
 from ensembles.bundle.segmenter import load_segmenter
 from ensembles.evaluate.assess import lung_masks_note
 from ensembles.report.gallery import TILE_SIZE
