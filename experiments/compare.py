@@ -37,6 +37,11 @@ from ensembles.research import compare as library
 from ensembles.training import runs as runs_lib
 from experiments import common
 
+try:
+    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
+except ImportError:   # config.py before ConfigError
+    ConfigError = ValueError
+
 DESCRIPTION = "Every strategy x backbone x seed, compared on paired test examples."
 # Flags the comparison sets per run itself (--backbones, --seeds, --compare-out, --reuse).
 _OWNED = ("--backbone", "--seed", "--out", "--resume", "--overwrite")
@@ -48,7 +53,7 @@ def plan(strategies, backbones, seeds: int, out: Path, flags: list[str]) -> list
     per run are refused."""
     given = [f.split("=")[0] for f in flags if f.split("=")[0] in _OWNED]
     if given:
-        raise ValueError(f"{', '.join(dict.fromkeys(given))}: the comparison sets these per run "
+        raise ConfigError(f"{', '.join(dict.fromkeys(given))}: the comparison sets these per run "
                          f"(use --backbones, --seeds, --compare-out and --reuse)")
     bases = {b: common.parse("ova", [*flags, "--backbone", b], DESCRIPTION)[0]
              for b in backbones}
@@ -58,9 +63,9 @@ def plan(strategies, backbones, seeds: int, out: Path, flags: list[str]) -> list
 def _names(text: str, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--{what}: give at least one name")
+        raise ConfigError(f"--{what}: give at least one name")
     if len(set(names)) != len(names):
-        raise ValueError(f"--{what}: {', '.join(names)} repeats a name")
+        raise ConfigError(f"--{what}: {', '.join(names)} repeats a name")
     return names
 
 
@@ -68,7 +73,7 @@ def _option(text: str) -> tuple[str, int | float | str]:
     """KEY=VALUE of --cross-option, the value as int, float or text."""
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise ValueError(f"--cross-option {text!r}: give KEY=VALUE")
+        raise ConfigError(f"--cross-option {text!r}: give KEY=VALUE")
     for kind in (int, float):
         try:
             return key, kind(value)
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         strategies = library.check_strategies(
             [n.strip() for n in args.strategies.split(",") if n.strip()])
         if args.seeds < 1:
-            raise ValueError("--seeds must be >= 1")
+            raise ConfigError("--seeds must be >= 1")
         backbones = _names(args.backbones, "backbones")
         out = (Path(args.compare_out) if args.compare_out else
                runs_lib.default_run_dir("compare", "all"))

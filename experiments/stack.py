@@ -35,15 +35,20 @@ from ensembles.research import stacks
 from ensembles.training import runs as runs_lib
 from experiments import common
 
+try:
+    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
+except ImportError:   # config.py before ConfigError
+    ConfigError = ValueError
+
 DESCRIPTION = "Stack finished runs (or train them first) under a meta-classifier."
 
 
 def _names(text: str, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"--{what}: give at least one name")
+        raise ConfigError(f"--{what}: give at least one name")
     if len(set(names)) != len(names):
-        raise ValueError(f"--{what}: {', '.join(names)} repeats a name")
+        raise ConfigError(f"--{what}: {', '.join(names)} repeats a name")
     return names
 
 
@@ -53,16 +58,16 @@ def plan_members(strategies: Sequence[str], backbones: Sequence[str], flags: Seq
     training flags parsed once per backbone (each takes its family's defaults for the
     settings not given), and where they go. ValueError for bad flags."""
     if "stack" in strategies:
-        raise ValueError("--strategies: list the strategies to stack (single, ova, ovo, "
+        raise ConfigError("--strategies: list the strategies to stack (single, ova, ovo, "
                          "cascade), not stack itself")
     if any(f == "--backbone" or f.startswith("--backbone=") for f in flags):
-        raise ValueError("--backbone: the stack trains every backbone of --backbones")
+        raise ConfigError("--backbone: the stack trains every backbone of --backbones")
     bases, target = {}, None
     for backbone in backbones:
         bases[backbone], target = common.parse(strategies[0], [*flags, "--backbone", backbone],
                                                DESCRIPTION)
         if target.out is not None:
-            raise ValueError("--out: the stack trains its runs into <stack-out>/"
+            raise ConfigError("--out: the stack trains its runs into <stack-out>/"
                              "<strategy>-<backbone>; give --stack-out instead")
     return stacks.plan_runs(strategies, bases, out), target
 
@@ -90,7 +95,7 @@ def run(argv: Sequence[str] | None = None) -> Stack:
     stacks.check_out(out)   # refused before anything trains
     if args.runs:
         if flags:
-            raise ValueError(f"training flags ({' '.join(flags)}) apply only without --runs, "
+            raise ConfigError(f"training flags ({' '.join(flags)}) apply only without --runs, "
                              f"when the stack trains its runs itself")
         return stacks.stack(args.runs, out, meta=args.meta_model)
     planned, target = plan_members(_names(args.strategies, "strategies"),

@@ -24,6 +24,11 @@ from ensembles.evaluate.operating_points import markdown as operating_points_mar
 from ensembles.report.gallery import gallery
 from ensembles.report.write import write_report
 
+try:
+    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
+except ImportError:   # config.py before ConfigError
+    ConfigError = ValueError
+
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
@@ -61,7 +66,7 @@ def evaluate_run(run: str | Path | Bundle | StackBundle, dataset: str, *,
     ValueError / OSError / BundleError, before anything is written, for bad arguments, data
     or a run that cannot be loaded."""
     if batch_size < 1 or n_bootstrap < 0:
-        raise ValueError("--batch-size must be >= 1 and --n-bootstrap >= 0")
+        raise ConfigError("--batch-size must be >= 1 and --n-bootstrap >= 0")
     loaded = isinstance(run, Bundle | StackBundle)
     bundle = run if loaded else load_bundle(run)
     run_dir = bundle.run_dir if loaded else Path(run)

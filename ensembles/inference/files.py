@@ -51,6 +51,11 @@ from ensembles.report.gallery import TILE_SIZE
 from ensembles.report.html import Tile, tile_caption, write_predictions_page
 from ensembles.report.overlay import bundle_overlays, overlay_names, write_png
 
+try:
+    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
+except ImportError:   # config.py before ConfigError
+    ConfigError = ValueError
+
 SUFFIXES = IMAGE_EXTENSIONS
 CHUNK = 256  # decoded images held at once (the models see them preprocessed) ...
 CHUNK_PIXELS = 1 << 26  # ... or fewer, once they hold this many pixels (64 MB of uint8)
@@ -214,7 +219,7 @@ def write_csv_atomic(path: Path, table: Sequence[Sequence[str]]) -> None:
 
 def check_target(path: Path, flag: str = "--csv") -> None:
     if path.is_dir():
-        raise ValueError(f"{flag} {path} is a folder")
+        raise ConfigError(f"{flag} {path} is a folder")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{flag}: folder {path.parent} does not exist")
 
@@ -229,10 +234,10 @@ def duplicates_note(column: Sequence[str]) -> str:
 
 def check_gradcam_target(path: Path | None, use_meta: bool, flag: str) -> None:
     if use_meta:
-        raise ValueError(f"{flag} shows Grad-CAM of the rule combiner's decision; it cannot "
+        raise ConfigError(f"{flag} shows Grad-CAM of the rule combiner's decision; it cannot "
                          f"be used with --meta")
     if path is not None and os.path.lexists(path) and not path.is_dir():
-        raise ValueError(f"{flag} {path} exists and is not a folder")
+        raise ConfigError(f"{flag} {path} exists and is not a folder")
 
 
 class Overlays:
@@ -321,7 +326,7 @@ def predict_files(run: str | Path | Bundle | StackBundle, paths: Sequence[str | 
     gradcam = Path(gradcam) if gradcam is not None else None
     report = Path(report) if report is not None else None
     if batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
+        raise ConfigError("--batch-size must be >= 1")
     max_pixels = pixel_budget(max_pixels)
     if out is not None:
         check_target(out)
@@ -336,12 +341,12 @@ def predict_files(run: str | Path | Bundle | StackBundle, paths: Sequence[str | 
     if segmenter is not None:
         bundle = bundle.with_segmenter(load_segmenter(segmenter))
     elif bundle.needs_shipped_masks:
-        raise ValueError(f"{run if not isinstance(run, Bundle | StackBundle) else bundle.run_dir}"
+        raise ConfigError(f"{run if not isinstance(run, Bundle | StackBundle) else bundle.run_dir}"
                          f" was trained on the lung masks its dataset ships; image files have "
                          f"none: give --segmenter RUN (a run of python -m experiments.segment)")
     masks = lung_masks_note(bundle, "the image files", given=segmenter is not None)
     if (gradcam or report) and not isinstance(bundle, Bundle):
-        raise ValueError("--gradcam and --report need an ensemble or single-model run; a "
+        raise ConfigError("--gradcam and --report need an ensemble or single-model run; a "
                          "stack run decides by its meta-classifier, which is not "
                          "differentiable")
     if gradcam is not None:
@@ -357,7 +362,7 @@ def predict_files(run: str | Path | Bundle | StackBundle, paths: Sequence[str | 
     for s in skipped if on_skip is not None else ():
         on_skip(s)
     if not kept:
-        raise ValueError(f"nothing to predict: no readable image among the inputs "
+        raise ConfigError(f"nothing to predict: no readable image among the inputs "
                          f"({len(skipped)} skipped)")
     duplicates = leakage.column(bundle.training_hashes(), hasher.result([str(f) for f in kept]))
     table = rows(kept, predictions, bundle.operating_point)

@@ -28,6 +28,11 @@ from ensembles.research import comparison
 from ensembles.research.compare_report import COST, METRICS, write_outputs
 from ensembles.training import runs as runs_lib
 
+try:
+    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
+except ImportError:   # config.py before ConfigError
+    ConfigError = ValueError
+
 STRATEGIES = ("single", "ova", "ovo", "cascade", "stack")
 N_BOOTSTRAP = 1000   # the first seed's CIs
 STACK_META = "logreg"
@@ -54,9 +59,9 @@ def check_strategies(strategies: Sequence[str]) -> list[str]:
     names = list(strategies)
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown or not names:
-        raise ValueError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {unknown}; choose from {', '.join(STRATEGIES)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--strategy: {', '.join(names)} repeats a name")
+        raise ConfigError(f"--strategy: {', '.join(names)} repeats a name")
     return [s for s in names if s != "stack"] + ["stack"] * ("stack" in names)
 
 
@@ -76,7 +81,7 @@ def plan(strategies: Sequence[str], bases: Mapping[str, RunConfig], seeds: int,
     """
     strategies = check_strategies(strategies)
     if seeds < 1:
-        raise ValueError("--seeds must be >= 1")
+        raise ConfigError("--seeds must be >= 1")
     planned = []
     for backbone, base in bases.items():
         base = base.replace(backbone=backbone)
@@ -109,7 +114,7 @@ def reuse_differences(run_dir: Path, expected: RunConfig) -> list[str]:
     same members: tests/test_members.py). A setting the saved config lacks takes its default."""
     doc = runs_lib.read_config(run_dir)
     if "config" not in doc:
-        raise ValueError(f"--reuse: {run_dir}/config.json holds no run config (an older "
+        raise ConfigError(f"--reuse: {run_dir}/config.json holds no run config (an older "
                          f"run); use another --compare-out")
     saved = RunConfig.from_dict(doc["config"])
     return expected.differences(saved.replace(members=expected.training.members))
@@ -129,11 +134,11 @@ def decide(planned: list[Planned], run: Planned, reuse: bool) -> str:
     if run.strategy == "stack":
         members = stacked_runs(planned, run)
         if not members:
-            raise ValueError("stack needs at least one other strategy to stack")
+            raise ConfigError("stack needs at least one other strategy to stack")
         differ = stack_differences(run_dir, members) if reuse and finished(run_dir) else None
         action = "reuse" if differ is not None else "train"
         if action == "train" and (run_dir / bundle_lib.COMPONENTS_DIR).exists():
-            raise ValueError(f"{run_dir} already holds a stack bundle; use another "
+            raise ConfigError(f"{run_dir} already holds a stack bundle; use another "
                              f"--compare-out (or --reuse once it is finished)")
     elif reuse and finished(run_dir):
         action, differ = "reuse", reuse_differences(run_dir, run.config)
@@ -143,7 +148,7 @@ def decide(planned: list[Planned], run: Planned, reuse: bool) -> str:
         runs_lib.check_run_dir(run_dir, run.config, resume=False, overwrite=False)
         action, differ = "train", None
     if differ:
-        raise ValueError(f"--reuse: {run_dir} was made with other settings "
+        raise ConfigError(f"--reuse: {run_dir} was made with other settings "
                          f"({'; '.join(differ)}); use another --compare-out")
     return action
 

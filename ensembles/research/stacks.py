@@ -19,6 +19,11 @@ from ensembles.api import Ensemble, Stack
 from ensembles.config import RunConfig, resolve
 from ensembles.training import runs as runs_lib
 
+try:
+    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
+except ImportError:   # config.py before ConfigError
+    ConfigError = ValueError
+
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
@@ -31,7 +36,7 @@ def plan_runs(strategies: Sequence[str], bases: Mapping[str, RunConfig], out: Pa
     strategy is set per run, so each keeps its family's defaults). ValueError for a bad
     setting or "stack" among the strategies."""
     if "stack" in strategies:
-        raise ValueError("--strategies: list the strategies to stack (single, ova, ovo, "
+        raise ConfigError("--strategies: list the strategies to stack (single, ova, ovo, "
                          "cascade), not stack itself")
     return [(resolve(base.replace(backbone=backbone, strategy=strategy)),
              Path(out) / f"{strategy}-{backbone}")
@@ -41,7 +46,7 @@ def plan_runs(strategies: Sequence[str], bases: Mapping[str, RunConfig], out: Pa
 def check_out(out: Path) -> None:
     """ValueError if `out` already holds a stack bundle (checked before anything trains)."""
     if (Path(out) / bundle_lib.COMPONENTS_DIR).exists():
-        raise ValueError(f"{out} already holds a stack bundle; choose another --stack-out")
+        raise ConfigError(f"{out} already holds a stack bundle; choose another --stack-out")
 
 
 def train_runs(planned: Sequence[tuple[RunConfig, Path]], *, resume: bool = False,
