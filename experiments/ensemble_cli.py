@@ -1,15 +1,14 @@
 """The shell shared by `experiments.single`, `.ova`, `.ovo` and `.cascade`: flags -> typed
 config -> `ensembles.Ensemble(...).fit` -> one summary line.
 
-A run writes a self-contained bundle into --out (see ensembles/api.py and ensembles/bundle.py):
-config.json, metrics.json, report.md, plots, metrics.jsonl, tensorboard/, checkpoints/ and
+A run writes a self-contained bundle into --out (docs/run-folder.md): config.json,
+metrics.json, report.html and report.md, plots, metrics.jsonl, tensorboard/, checkpoints/ and
 outputs.npz. Bad input, a diverged member or a refused resume ends in `error: ...` (exit 2)
-with no file changed.
+with no file changed; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,11 +25,10 @@ def run(strategy: str, argv: Sequence[str] | None = None, description: str = "")
 
 
 def main(strategy: str, description: str, argv: Sequence[str] | None = None) -> int:
-    """CLI entry: run, print the summary line; bad input -> `error: ...`, exit code 2."""
+    """CLI entry: run, print the summary line; the user's errors -> `error: ...`, exit 2."""
     try:
         ens = run(strategy, argv, description)
-    except common.CLI_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary_line(ens.metrics_, Path(ens.run_dir_) / "report.md"))
+    except Exception as error:   # noqa: BLE001 (fail re-raises what is not the user's)
+        return common.fail(error, argv)
+    print(summary_line(ens.metrics_, Path(ens.run_dir_) / "report.html"))
     return 0

@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ensembles.config import ConfigError, unknown_choice
 from ensembles.research import recipes as reproduce
-
 from ensembles.training import runs
 from experiments import common
 
@@ -29,8 +29,8 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.Parser(prog="python -m experiments.reproduce", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", help="the recipe (see --list)")
     parser.add_argument("--list", action="store_true", help="every recipe and its figures")
     parser.add_argument("--data-dir", help="the recipe's dataset folder (cpu and full scales)")
@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(reproduce.summary(r) for r in recipes.values()))
             return 0
         if args.name not in recipes:
-            raise ValueError(f"unknown recipe {args.name!r}; choose one of "
-                             f"{', '.join(recipes)} (--list)")
+            raise ConfigError(unknown_choice("recipe", args.name, recipes) + " (--list)")
+        if args.scale == "tiny" and args.data_dir:
+            print(f"--scale tiny trains on the synthetic phantoms: --data-dir {args.data_dir} is "
+                  f"not used", file=sys.stderr)
         overrides = {k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs),
                                        ("batch_size", args.batch_size),
                                        ("cache_dir", args.cache_dir)) if v is not None}
@@ -67,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                runs.default_run_dir(f"reproduce-{args.name}", args.scale))
         doc = reproduce.reproduce(recipes[args.name], args.scale, out, data_dir=args.data_dir,
                                   overrides=overrides, only=args.runs)
-    except common.CLI_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:   # noqa: BLE001 (fail re-raises what is not the user's)
+        return common.fail(error, argv)
     for r in doc["runs"]:
         print(f"{r['name']}: test macro-F1 {reproduce.value_text(r['metrics'], 'macro_f1')} "
               f"(95% CI)")

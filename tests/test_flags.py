@@ -100,5 +100,5 @@ def test_a_strategy_may_change_its_familys_defaults(strategy, backbone, capsys):
     with pytest.raises(SystemExit):
         parse(strategy, ["--backbone", backbone, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"--epochs EPOCHS (default: {want['epochs']})" in text
-    assert f"--batch-size BATCH_SIZE global batch size (default: {want['batch_size']})" in text
+    assert f"--epochs EPOCHS (default: {want['epochs']} for " in text
+    assert f"--batch-size BATCH_SIZE global batch size (default: {want['batch_size']} for " in text

@@ -37,7 +37,7 @@ def test_single_writes_every_file(tmp_path, cache, capsys):
     lo, hi = metrics["ci95"]["macro_f1"]
     assert line.startswith(f"test accuracy {metrics['accuracy']:.3f} [")
     assert f"macro-F1 {metrics['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]" in line
-    assert "chance 0.250 for 4 classes" in line and line.endswith(f"report: {out / 'report.md'}")
+    assert "chance 0.250 for 4 classes" in line and line.endswith(f"report: {out / 'report.html'}")
     assert ("AT CHANCE" in line) == (lo <= 0.25)
     for name in ("config.json", "metrics.json", "report.md", "confusion.png", "curves.png",
                  "metrics.jsonl", "roc.png", "reliability.png", "combiner.json"):
@@ -101,18 +101,24 @@ def test_refuses_a_non_empty_out_and_missing_weights(tmp_path, cache, capsys):
 @pytest.mark.parametrize("backbone,family", [("simple_cnn", "custom_cnn"),
                                              ("resnet50", "imagenet")])
 def test_help_shows_the_defaults_of_the_backbones_family(backbone, family, capsys):
-    d = FAMILY_DEFAULTS[family]
-    epochs, batch, count = d["epochs"], d["batch_size"], d["count"]
+    d, other = FAMILY_DEFAULTS[family], FAMILY_DEFAULTS[
+        "imagenet" if family == "custom_cnn" else "custom_cnn"]
+    name = {"custom_cnn": "custom CNNs", "imagenet": "ImageNet backbones"}
+    mine, theirs = name[family], name["imagenet" if family == "custom_cnn" else "custom_cnn"]
     with pytest.raises(SystemExit):
         common.parse("single", ["--backbone", backbone, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--dataset", "--parallel", "--precision", "--balance", "--freeze",
                  "--early-stopping-patience", "--augment, --no-augment", "--monitor"):
         assert flag in text, flag
-    assert "(default: synthetic_cxr)" in text and "(default: shard_map)" in text
-    assert f"--epochs EPOCHS (default: {epochs})" in text
-    assert f"--batch-size BATCH_SIZE global batch size (default: {batch})" in text
-    assert f"--count COUNT synthetic_cxr: examples (default: {count})" in text
+    assert "(default: synthetic_cxr, or the layout --data-dir holds" in text
+    assert "(default: shard_map)" in text
+    assert (f"--epochs EPOCHS (default: {d['epochs']} for {mine} like {backbone}, "
+            f"{other['epochs']} for {theirs})") in text
+    assert (f"--batch-size BATCH_SIZE global batch size (default: {d['batch_size']} for "
+            f"{mine} like {backbone}, {other['batch_size']} for {theirs})") in text
+    assert (f"--count COUNT synthetic_cxr: examples (default: {d['count']} for {mine} like "
+            f"{backbone}, {other['count']} for {theirs})") in text
 
 
 @pytest.mark.slow
