@@ -26,22 +26,26 @@ from typing import Any
 import numpy as np
 
 from backbones.training import distributed
+from data_pipeline import leakage, quality_filter
 from data_pipeline.datasets import Dataset
-from ensembles.training import build
-from ensembles.training import fitting
-from data_pipeline import leakage
-from data_pipeline import quality_filter
-from ensembles.training import runs
 from ensembles import bundle as bundle_lib
 from ensembles.combine import operating_points as op_lib
 from ensembles.combine import rules as rules_lib
-from ensembles.evaluate.assess import evaluate_bundle, skipped_section
 from ensembles.combine.calibration import TemperatureScaling
-from ensembles.config import META_MODELS, RunConfig, make_config, resolve
-from ensembles.evaluate.metrics import evaluate_predictions
-from ensembles.report.write import write_report
-from ensembles.report.gallery import gallery
 from ensembles.combine.meta import MetaClassifier, make_features
+from ensembles.config import (
+    META_MODELS,
+    RunConfig,
+    make_config,
+    parse_operating_point,
+    resolve,
+)
+from ensembles.evaluate import operating_points as op_report
+from ensembles.evaluate.assess import evaluate_bundle, skipped_section
+from ensembles.evaluate.metrics import evaluate_predictions
+from ensembles.report.gallery import gallery
+from ensembles.report.write import write_report
+from ensembles.training import build, fitting, runs
 from ensembles.training.stacking import stack_runs
 
 SPLITS = ("train", "val", "test", "all")
@@ -304,7 +308,7 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     write_report(metrics, out, y_true=y_test, proba=proba, title=title, tiles=tiles,
                  gallery_note=note,
                  extra_sections={**_sections(cfg, tasks, variants, calib),
-                                 "Operating points": op_lib.markdown(point),
+                                 "Operating points": op_report.markdown(point),
                                  "Skipped files": skipped_section(skipped),
                                  "Quality filter": quality_filter.section(data.quality)})
     runs.write_config(out, cfg, **facts, bundle=section)
@@ -316,13 +320,13 @@ def _operating_point(plan: fitting.Plan, val_proba, y_val, val_ids, test_proba, 
     """Per-class thresholds chosen on validation for the run's operating point, and the
     sensitivity / specificity their flags reach on validation and on test."""
     e, names = plan.config.ensemble, plan.data.class_names
-    point = op_lib.parse_operating_point(e.operating_point)
+    point = parse_operating_point(e.operating_point)
     thresholds = op_lib.choose_thresholds(y_val, val_proba, point)
     boot = {"seed": plan.config.training.seed, "n_bootstrap": e.n_bootstrap}
     return {"target": str(point), "chosen_on": "val", "thresholds": thresholds,
-            "val": op_lib.rates(y_val, val_proba, thresholds, names, patient_ids=val_ids,
+            "val": op_report.rates(y_val, val_proba, thresholds, names, patient_ids=val_ids,
                                 **boot),
-            "test": op_lib.rates(y_test, test_proba, thresholds, names, patient_ids=test_ids,
+            "test": op_report.rates(y_test, test_proba, thresholds, names, patient_ids=test_ids,
                                  **boot)}
 
 

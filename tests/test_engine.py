@@ -25,6 +25,7 @@ from backbones.training.metric_writer import MetricWriter
 from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from ensembles.training import members
+
 SIZE, N, BATCH, STEPS, EPOCHS = 16, 24, 8, 2, 3   # 16 training examples: 2 steps per epoch
 TIMING = ("seconds", "images_per_s", "step_time_s")
 

@@ -11,10 +11,22 @@ the one training loop (a member group of M >= 1 members) and the one predict loo
 """
 
 from backbones.training.checkpoint import Checkpointer, NonFiniteError
-from backbones.training.freeze import freeze_labels, parse_policy, stages, trainable_modules
+from backbones.training.freeze import (
+    freeze_labels,
+    parse_policy,
+    stages,
+    trainable_modules,
+)
 from backbones.training.loop import (
-    MONITORS, EarlyStopping, FitConfig, FitResult, TrainingDiverged, ValMetrics,
-    classification_metrics, fit)
+    MONITORS,
+    EarlyStopping,
+    FitConfig,
+    FitResult,
+    TrainingDiverged,
+    ValMetrics,
+    classification_metrics,
+    fit,
+)
 from backbones.training.optim import OPTIMIZERS, SCHEDULES, OptimConfig, make_optimizer
 from backbones.training.parallel import PARALLEL_MODES, DataParallel, data_parallel
 from backbones.training.precision import PRECISIONS, compute_dtype

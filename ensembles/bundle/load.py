@@ -17,19 +17,32 @@ import orbax.checkpoint as ocp
 import backbones
 from data_pipeline import leakage
 from data_pipeline.preprocess import PreprocessConfig
-from ensembles.bundle.integrity import CONFIG_FILE, inside, piece_files, pieces_of, verify
+from ensembles.bundle.integrity import (
+    CONFIG_FILE,
+    inside,
+    piece_files,
+    pieces_of,
+    verify,
+)
 from ensembles.bundle.runtime import Bundle, StackBundle
 from ensembles.bundle.schema import (
-    ENSEMBLE_SCHEMA, FORMAT_VERSION, MANIFEST_KEY, STACK_SCHEMA, COMBINER_SCHEMA, BundleError,
-    first_line, shown, validate)
+    COMBINER_SCHEMA,
+    ENSEMBLE_SCHEMA,
+    FORMAT_VERSION,
+    MANIFEST_KEY,
+    STACK_SCHEMA,
+    BundleError,
+    first_line,
+    shown,
+    validate,
+)
 from ensembles.bundle.segmenter import load_segmenter
 from ensembles.combine.groups import MemberGroup
 from ensembles.combine.meta import FILE_NAMES as META_FILE_NAMES
 from ensembles.combine.meta import MetaClassifier
-from ensembles.config import parse_operating_point
 from ensembles.combine.rules import combiner_from_json
 from ensembles.combine.tasks import Tasks, make_tasks
-from ensembles.config import STRATEGIES, RunConfig
+from ensembles.config import STRATEGIES, RunConfig, parse_operating_point
 
 
 def _model_options(model: dict) -> dict:

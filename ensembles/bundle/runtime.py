@@ -16,12 +16,12 @@ from data_pipeline import leakage
 from data_pipeline.loader import make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from ensembles.bundle.schema import BundleError, first_line
+from ensembles.bundle.segmenter import Segmenter
 from ensembles.combine.explain import decision_columns
 from ensembles.combine.groups import MemberGroup
 from ensembles.combine.meta import MetaClassifier
 from ensembles.combine.operating_points import flag
 from ensembles.combine.tasks import Tasks
-from ensembles.bundle.segmenter import Segmenter
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,16 +17,15 @@ import numpy as np
 import backbones
 from backbones import training
 from backbones import weights as weights_lib
-from data_pipeline import array_cache
+from data_pipeline import array_cache, quality_filter
 from data_pipeline import augment as augment_lib
 from data_pipeline.balance import balance_indices
 from data_pipeline.datasets import Dataset, load_dataset
 from data_pipeline.loader import finish, make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import SOURCE, source_split_indices, split_indices
-from data_pipeline import quality_filter
-from ensembles.config import RunConfig
 from ensembles.bundle.segmenter import Segmenter, load_segmenter
+from ensembles.config import RunConfig
 
 
 @dataclasses.dataclass

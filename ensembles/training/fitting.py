@@ -23,11 +23,11 @@ from backbones.training.curves import plot_curves
 from backbones.training.metric_writer import MetricWriter
 from data_pipeline.splits import kfold_indices
 from ensembles.bundle import runtime
+from ensembles.combine.groups import MemberGroup, plan
+from ensembles.combine.tasks import Tasks
+from ensembles.config import RunConfig, head_phase
 from ensembles.training import build
 from ensembles.training import members as members_lib
-from ensembles.combine.groups import MemberGroup, plan
-from ensembles.config import RunConfig, head_phase
-from ensembles.combine.tasks import Tasks
 
 HEAD_PHASE = "head"  # run sub-directory of the head-only phase of head_epochs
 

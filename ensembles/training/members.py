@@ -38,7 +38,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from tqdm.auto import tqdm
 
 from backbones.training import distributed
