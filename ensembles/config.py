@@ -224,9 +224,9 @@ STRATEGY_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     for key in sorted({k for _, f in FIELDS.values() for k in f.metadata.get("strategy", {})})}
 
 
-def choices_of(name: str) -> tuple | None:
-    """The valid values of setting `name` (None: any)."""
-    choices = FIELDS[name][1].metadata.get("choices")
+def choices_of(name: str | dataclasses.Field) -> tuple | None:
+    """The valid values of a setting (by name or field; None: any)."""
+    choices = (FIELDS[name][1] if isinstance(name, str) else name).metadata.get("choices")
     return tuple(choices() if callable(choices) else choices) if choices is not None else None
 
 
@@ -234,7 +234,7 @@ def unknown_choice(name: str, value: Any, choices: Iterable[Any]) -> str:
     """"unknown backbone 'resnet5O'; did you mean resnet50?" (or the valid names)."""
     names = [str(c) for c in choices]
     close = difflib.get_close_matches(str(value), names, n=1)
-    hint = f"did you mean {' or '.join(close)}?" if close else f"choose one of {', '.join(names)}"
+    hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(names)}"
     return f"unknown {name.strip('-').replace('_', ' ').replace('-', ' ')} {value!r}; {hint}"
 
 

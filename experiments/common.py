@@ -153,7 +153,7 @@ def _add_flag(group, field: dataclasses.Field, kind: type, strategy: str,
                              if field.default is False else argparse.BooleanOptionalAction)
     else:
         options["type"] = _comma_list if typing.get_origin(base) is tuple else base
-        options["choices"] = choices_of(name)
+        options["choices"] = choices_of(field)
         options["metavar"] = meta.get("metavar")
         if "const" in meta:
             options.update(nargs="?", const=meta["const"])

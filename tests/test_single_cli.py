@@ -48,6 +48,12 @@ def test_single_writes_every_file(tmp_path, cache, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["model"]["backbone"] == "simple_cnn"
     assert config["config"]["training"]["epochs"] == 2
+    # every "auto" resolved before training and recorded (on CPU: fp32, members in turn)
+    assert config["config"]["model"]["head"] == "imagenet"
+    assert config["config"]["model"]["precision"] == "fp32"
+    assert config["config"]["training"]["members"] == "sequential"
+    assert config["config"]["training"]["member_data"] == "shared"
+    assert config["config"]["data"]["dataset"] == "synthetic_cxr"
     assert config["member_names"] == ["all"]
     assert config["class_names"] == ["covid", "normal", "viral_pneumonia",
                                      "bacterial_pneumonia"]
