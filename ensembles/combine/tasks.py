@@ -18,12 +18,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.balance import class_weights as balanced_weights
 from data_pipeline.classes import NORMAL
 from ensembles.config import STRATEGIES
 
+
+def relabel(table, labels):
+    """Each member's label [M, N] of original labels: `table[:, y]` (-1 = not this member's
+    example). `labels` [N] is one batch every member sees; [N, M] gives member m its own
+    column m (`MemberBatches`). NumPy in, NumPy out; jax arrays in (also under jit), jax
+    arrays out: the one relabelling of training, its targets, its own examples and its
+    validation metrics, the tasks' member labels and the OvO maps of Grad-CAM."""
+    xp = jnp if isinstance(table, jax.Array) or isinstance(labels, jax.Array) else np
+    table = xp.asarray(table)
+    if labels.ndim == 2:
+        return xp.take_along_axis(table, xp.asarray(labels).T, axis=1)
+    return table[:, labels]
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,7 @@ class Tasks:
     def member_labels(self, labels) -> tuple[np.ndarray, np.ndarray]:
         """Member labels [M, N] (masked entries set to 0) and masks [M, N] for original labels."""
         y = _check_labels(labels, len(self.class_names))
-        member = self.table[:, y]
+        member = relabel(self.table, y)
         mask = member >= 0
         return np.where(mask, member, 0), mask
 

@@ -34,7 +34,7 @@ from scipy.special import softmax
 import backbones
 from backbones.gradcam import class_map, features_and_logits, gradcam_maps, linear_map
 from ensembles.bundle import Bundle
-from ensembles.combine.tasks import Tasks
+from ensembles.combine.tasks import Tasks, relabel
 
 METHODS = {"single": "gradient", "ova": "gradient", "cascade": "gradient",
            "ovo": "weighted members"}
@@ -160,7 +160,7 @@ def _weighted_members(bundle: Bundle, models, layer: str, x, features, probs, de
                       ) -> np.ndarray:
     """OvO: the maps of c by the members that involve c, weighted by their P(c)."""
     table = bundle.tasks.table                         # [M, K]: 0 = class i, 1 = class j, -1
-    column = table[:, decisions]                       # [M, B] each member's column for c
+    column = relabel(table, decisions)                 # [M, B] each member's column for c
     weight = np.where(column >= 0, np.take_along_axis(
         np.stack(probs), np.maximum(column, 0)[..., None], axis=2)[..., 0], 0.0)
     combined = np.zeros((x.shape[0], *features[0].shape[2:4]))

@@ -44,20 +44,8 @@ from backbones.training import distributed
 from backbones.training.checkpoint import checkpointable
 from backbones.training.loop import FitConfig, ValMetrics, classification_metrics, fit
 from ensembles.combine.groups import MemberGroup
+from ensembles.combine.tasks import relabel
 from ensembles.config import MEMBER_MODES
-
-
-def relabel(table, labels):
-    """Each member's label [M, N] of original labels: `table[:, y]` (-1 = not this member's
-    example). `labels` [N] is one batch every member sees; [N, M] gives member m its own
-    column m (`MemberBatches`). NumPy in, NumPy out; jax arrays in (also under jit), jax
-    arrays out: the one relabelling of training, its targets, its own examples and its
-    validation metrics."""
-    xp = jnp if isinstance(table, jax.Array) or isinstance(labels, jax.Array) else np
-    table = xp.asarray(table)
-    if labels.ndim == 2:
-        return xp.take_along_axis(table, xp.asarray(labels).T, axis=1)
-    return table[:, labels]
 
 
 def relabel_metrics(table: np.ndarray) -> ValMetrics:
