@@ -26,7 +26,7 @@ import pytest
 # --dist loadgroup with an xdist_group mark did not group under pytest 9.2 / xdist 3.8, and
 # the fixture ran on both workers).
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT_S = 420
 TINY = {"backbone": "simple_cnn", "image_size": 16, "count": 96, "epochs": 2,
         "batch_size": 8, "width": 0.25, "n_bootstrap": 0, "progress": False,

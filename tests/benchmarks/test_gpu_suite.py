@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import gpu_suite
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROW_IDS = ["resnet50_bf16", "resnet50_fp32", "densenet121_bf16", "densenet121_fp32",
            "ova_simple_cnn", "ova_resnet50", "input_cached"]
 JAX_PARTS = {"train": ("jax",), "ova": ("stacked", "sequential")}

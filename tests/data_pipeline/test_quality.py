@@ -23,7 +23,7 @@ from ensembles.config import make_config
 from experiments.ensemble_cli import main as cli_main
 from experiments.ova import DESCRIPTION
 
-REFERENCE = json.loads((Path(__file__).with_name("brisque_reference.json")).read_text())
+REFERENCE = json.loads((Path(__file__).resolve().parents[1] / "brisque_reference.json").read_text())
 # Our features differ from the `brisque` package's by construction: the paper's GGD fit of the
 # MSCN coefficients where it fits an AGGD, reflect-101 borders (OpenCV) where it pads with
 # zeros, and the paper's shape grid where it root-finds. Measured on these images: scores

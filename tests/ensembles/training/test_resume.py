@@ -8,11 +8,11 @@ import json
 import chex
 import jax
 import pytest
-from test_engine import CRASH_POINTS, TIMING, Crash, _final_checkpoint, inject
+from crash_points import CRASH_POINTS, TIMING, Crash, final_checkpoint, inject
 
 from ensembles import Ensemble
-
 from ensembles.training import fitting
+
 SETTINGS = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
             "epochs": 3, "batch_size": 16, "members": "stacked", "n_bootstrap": 20,
             "early_stopping_patience": 0, "progress": False}
@@ -51,8 +51,8 @@ def test_ova_killed_anywhere_resumes_exactly(where, uninterrupted, cache, tmp_pa
     ref = uninterrupted.run_dir_
     assert resumed.metrics_ == uninterrupted.metrics_
     chex.assert_trees_all_equal(resumed.bundle_.variables, uninterrupted.bundle_.variables)
-    chex.assert_trees_all_equal(_final_checkpoint(out / "checkpoints" / "stack-0"),
-                                _final_checkpoint(ref / "checkpoints" / "stack-0"))
+    chex.assert_trees_all_equal(final_checkpoint(out / "checkpoints" / "stack-0"),
+                                final_checkpoint(ref / "checkpoints" / "stack-0"))
     assert _lines(out / "metrics.jsonl") == _lines(ref / "metrics.jsonl")
     assert [r["epoch"] for r in _lines(out / "metrics.jsonl")] == [1, 2, 3]
     assert jax.tree.structure(resumed.bundle_.variables) == jax.tree.structure(

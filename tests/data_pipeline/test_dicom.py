@@ -26,15 +26,13 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from test_bundle import run  # noqa: F401 -- the tiny trained OvA run, reused
 
-from data_pipeline import dicom
+from data_pipeline import dicom, inspect
 from data_pipeline.datasets import load_dataset
 from data_pipeline.decode import DecodeError, decode_for_storage, decode_image
 from data_pipeline.splits import split_indices
 from data_pipeline.synthetic import generate_phantoms
 from ensembles.bundle import load_bundle
-from data_pipeline import inspect
 from experiments import evaluate, predict
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
@@ -315,8 +313,14 @@ def test_inspect_reads_a_dicom_folder(tmp_path, capsys):
         assert len(summary["skipped"]) == 10 - examples
 
 
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    """The shared tiny OvA run (conftest.tiny_run)."""
+    return tiny_run("ova")
+
+
 @pytest.mark.slow
-def test_predict_on_a_folder_of_dicom_writes_predictions(run, tmp_path, capsys):  # noqa: F811
+def test_predict_on_a_folder_of_dicom_writes_predictions(run, tmp_path, capsys):
     folder = tmp_path / "in"
     expected_skips = dicom_folder(folder)
     out, cams, page = tmp_path / "p.csv", tmp_path / "cams", tmp_path / "page.html"

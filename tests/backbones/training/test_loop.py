@@ -15,9 +15,15 @@ from pathlib import Path
 import chex
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from orbax.checkpoint._src.path import atomicity
+from crash_points import (
+    CRASH_POINTS,
+    TIMING,
+    Crash,
+    Interrupted,
+    final_checkpoint,
+    inject,
+)
 
 import backbones
 from backbones import training
@@ -27,13 +33,6 @@ from data_pipeline.preprocess import PreprocessConfig
 from ensembles.training import members
 
 SIZE, N, BATCH, STEPS, EPOCHS = 16, 24, 8, 2, 3   # 16 training examples: 2 steps per epoch
-TIMING = ("seconds", "images_per_s", "step_time_s")
-
-
-class Crash(Exception):
-    """Stands for a kill: raised at an injection point, caught only by the test."""
-
-
 class TinySource:
     """In-memory random-access source: class k is brighter by k, plus noise."""
 
@@ -52,27 +51,6 @@ class TinySource:
     def __getitem__(self, i):
         return {"image": self.images[i], "label": int(self.labels[i]), "patient_id": "",
                 "path": f"{i}.png"}
-
-
-class Interrupted(training.DataParallel):
-    """Raises Crash (or poisons the batch with NaN) at the k-th train call."""
-
-    def __init__(self, at: int, poison: bool = False):
-        super().__init__("shard_map", tuple(jax.devices()[:1]))
-        object.__setattr__(self, "at", at)
-        object.__setattr__(self, "poison", poison)
-
-    def train(self, step_fn, **kwargs):
-        inner, calls = super().train(step_fn, **kwargs), [0]
-
-        def run(state, batch):
-            calls[0] += 1
-            if calls[0] == self.at:
-                if not self.poison:
-                    raise Crash("killed mid epoch")
-                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
-            return inner(state, batch)
-        return run
 
 
 def _fit(out: Path, parallel=None, *, monitor="val_loss", patience=None):
@@ -108,14 +86,6 @@ def _records(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
-def _final_checkpoint(ckpt: Path) -> dict:
-    """The newest epoch's saved items (state with optimizer state, best, stopper)."""
-    with ocp.CheckpointManager(ckpt.absolute()) as manager:
-        epoch = manager.latest_step()
-        return manager.restore(epoch, args=ocp.args.Composite(
-            items=ocp.args.StandardRestore()))["items"]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
@@ -126,53 +96,10 @@ def _assert_same_run(out: Path, resumed, ref_out: Path, ref) -> None:
     assert _records(resumed.records) == _records(ref.records)
     chex.assert_trees_all_equal(resumed.variables, ref.variables)
     np.testing.assert_array_equal(resumed.best_epoch, ref.best_epoch)
-    chex.assert_trees_all_equal(_final_checkpoint(out / "ckpt"),
-                                _final_checkpoint(ref_out / "ckpt"))
+    chex.assert_trees_all_equal(final_checkpoint(out / "ckpt"),
+                                final_checkpoint(ref_out / "ckpt"))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert _records(lines) == _records(ref.records)
-
-
-def _crash_before_save(monkeypatch):
-    original = training.Checkpointer.save
-
-    def save(self, epoch, *args, **kwargs):
-        if epoch == 2:
-            raise Crash("before the checkpoint")
-        return original(self, epoch, *args, **kwargs)
-    monkeypatch.setattr(training.Checkpointer, "save", save)
-
-
-def _crash_inside_save(monkeypatch):
-    original = atomicity.AtomicRenameTemporaryPath.finalize
-
-    async def finalize(self, *args, **kwargs):
-        if Path(str(self._final_path)).name == "2":
-            raise Crash("inside the checkpoint: written, not renamed")
-        return await original(self, *args, **kwargs)
-    monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
-
-
-def _crash_after_save(monkeypatch):
-    original = MetricWriter.write
-
-    def write(self, record):
-        if record["epoch"] == 2:
-            raise Crash("between the checkpoint and the metric record")
-        return original(self, record)
-    monkeypatch.setattr(MetricWriter, "write", write)
-
-
-CRASH_POINTS = ("before_save", "inside_save", "after_save", "after_record")
-
-
-def inject(where: str, monkeypatch, *, steps: int) -> training.DataParallel | None:
-    """Arm a Crash in epoch 2 at `where` (after_record: the first step of epoch 3); returns
-    the DataParallel to train with for that point (None: the default one)."""
-    if where == "after_record":
-        return Interrupted(at=2 * steps + 1)
-    {"before_save": _crash_before_save, "inside_save": _crash_inside_save,
-     "after_save": _crash_after_save}[where](monkeypatch)
-    return None
 
 
 @pytest.mark.parametrize("where", CRASH_POINTS)

@@ -29,7 +29,7 @@ from data_pipeline.decode import (
     decode_mask,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _png(img: Image.Image, fmt: str = "PNG") -> bytes:

@@ -44,7 +44,7 @@ from experiments import evaluate as evaluate_cli
 from experiments import predict as predict_cli
 from experiments.ensemble_cli import main as ensemble_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("COVID", "Normal")
 
 
