@@ -36,7 +36,11 @@ from ensembles.training import runs
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, BundleError, DecodeError, WeightsDownloadError, training.TrainingDiverged,
     training.NonFiniteError)
-CLI_ERRORS = USER_ERRORS   # `except common.CLI_ERRORS` in the other CLIs
+# The old catch-all that evaluate, predict, stack and compare still use (`except
+# common.CLI_ERRORS`): it reports any ValueError, a library bug too. Those CLIs move to
+# `except Exception as error: return common.fail(error, argv)` once the library raises its
+# own types for the user's input; then this goes.
+CLI_ERRORS: tuple[type[Exception], ...] = (*USER_ERRORS, ValueError, OSError)
 # A filesystem the user must fix: full, over quota, read-only, forbidden.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 LAYOUT_NAMES = {"covid19_radiography": "the Kaggle COVID-19 Radiography layout (<Class>/images/)",
@@ -52,8 +56,8 @@ GROUPS = {"data": None, "model": None, "training": None, "ensemble": None, "run"
 
 def user_error(error: BaseException, argv: Sequence[str] | None = None) -> bool:
     """Whether `error` is the user's to fix: one of USER_ERRORS, or an OSError about a path
-    named in `argv`, about the filesystem (ENVIRONMENT_ERRNOS) or raised by the project with
-    its own message (no errno)."""
+    named in `argv` (or the default runs/), about the filesystem (ENVIRONMENT_ERRNOS) or
+    raised by the project with its own message (no errno)."""
     if isinstance(error, USER_ERRORS):
         return True
     if not isinstance(error, OSError):
@@ -61,7 +65,7 @@ def user_error(error: BaseException, argv: Sequence[str] | None = None) -> bool:
     if error.errno is None or error.errno in ENVIRONMENT_ERRNOS:
         return True
     named = [_path(a.partition("=")[2] if a.startswith("-") else a)
-             for a in (sys.argv[1:] if argv is None else argv)]
+             for a in ("runs", *(sys.argv[1:] if argv is None else argv))]  # runs/: --out's
     files = [_path(f) for f in (error.filename, error.filename2) if f is not None]
     return any(f == p or p in f.parents for f in files for p in named if p is not None)
 

@@ -5,7 +5,9 @@ the field's type, and --help shows every default once, the family defaults per f
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -112,7 +114,7 @@ def _entries(text):
 @pytest.mark.parametrize("backbone", [None, "resnet50"])
 def test_help_shows_each_default_once_and_no_placeholder(strategy, backbone):
     entries = _entries(_help(strategy, backbone))
-    for flag, entry in entries.items():
+    for entry in entries.values():
         assert entry.count("default:") <= 1, entry
         for wrong in ("(default: None)", "(default: True)", "(default: False)",
                       "==SUPPRESS=="):
@@ -147,3 +149,22 @@ def test_help_of_a_strategy_shows_its_changed_family_default():
 def test_help_with_a_misspelt_backbone_still_shows_both_families():
     entry = _entries(_help("ova", "resnet5O"))["--batch-size"]
     assert entry.endswith("(default: 32 for custom CNNs, 16 for ImageNet backbones)")
+
+
+OWN = ("ensembles/config.py", "experiments/common.py", "experiments/ensemble_cli.py",
+       "experiments/single.py", "experiments/ova.py", "experiments/ovo.py",
+       "experiments/cascade.py", "experiments/segment.py", "experiments/reproduce.py")
+DATED = re.compile(r"\b20\d\d-\d\d-\d\d\b|#\d{2,}\b|\bissue\b|\d\.\d+x\b|macro-F1 0\.\d", re.I)
+
+
+def test_help_and_comments_carry_no_issue_numbers_or_dated_figures():
+    """Measured figures live in docs/measured.md (with their dates); code points there."""
+    root = Path(__file__).resolve().parents[1]
+    for path in OWN:
+        for n, line in enumerate((root / path).read_text().splitlines(), 1):
+            comment = line.partition("#")[2] if "#" in line else ""
+            assert not DATED.search(comment), f"{path}:{n}: {line.strip()}"
+    for strategy in ("single", "ova", "ovo", "cascade"):
+        assert not DATED.search(_help(strategy))
+    assert not any(DATED.search(f.metadata.get("help", "") + str(f.metadata.get("auto", "")))
+                   for _, f in FIELDS.values())
