@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import types
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +16,6 @@ from ensembles import Ensemble
 from ensembles.bundle.schema import BundleError
 from ensembles.config import ConfigError
 from experiments import common, ensemble_cli, reproduce, segment
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def _main(argv, capsys):
     code = ensemble_cli.main("ova", "", argv)
@@ -113,10 +109,9 @@ def test_data_dir_without_dataset_says_which_layout_it_took(tmp_path, capsys):
         f"(<Class>/images/): --dataset covid19_radiography")
 
 
-@pytest.mark.skipif(not (SHARED / "cxr-mini").is_dir(), reason="no ../shared/data/cxr-mini")
-def test_the_issues_command_trains_on_the_folder_not_the_phantoms(capsys):
+def test_the_issues_command_trains_on_the_folder_not_the_phantoms(shared_data, capsys):
     config, _ = common.parse("ova", ["--backbone", "simple_cnn", "--data-dir",
-                                     str(SHARED / "cxr-mini")])
+                                     str(shared_data / "cxr-mini")])
     assert (config.data.dataset, config.data.augment) == ("covid19_radiography", True)
 
 

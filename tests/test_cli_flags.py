@@ -159,7 +159,7 @@ DATED = re.compile(r"\b20\d\d-\d\d-\d\d\b|#\d{2,}\b|\bissue\b|\d\.\d+x\b|macro-F
 
 def test_help_and_comments_carry_no_issue_numbers_or_dated_figures():
     """Measured figures live in docs/measured.md (with their dates); code points there."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(config_lib.__file__).resolve().parents[1]   # the checkout
     for path in OWN:
         for n, line in enumerate((root / path).read_text().splitlines(), 1):
             comment = line.partition("#")[2] if "#" in line else ""
