@@ -23,6 +23,8 @@ import optax
 import backbones
 from backbones import training
 from ensembles.training import members
+
+
 def _time(step, state, batches, steps: int, repeats: int) -> tuple[float, object]:
     state, m = step(state, batches[0])                      # compile + warm-up
     jax.block_until_ready(m)

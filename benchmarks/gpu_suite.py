@@ -247,9 +247,9 @@ def jax_train(p: dict, deadline: float) -> Result:
 
 def _ova_setup(p: dict):
     """Model, state factory, relabel table, class weights, member keys and the batch."""
-    import backbones
     import optax
 
+    import backbones
     from backbones import training
     from backbones.registry import resolve_head
     from ensembles.training import members

@@ -36,6 +36,8 @@ from ensembles.combine.meta import MetaClassifier, make_features
 from ensembles.config import (
     META_MODELS,
     RunConfig,
+    for_resume,
+    join_cluster,
     make_config,
     parse_operating_point,
     resolve,
@@ -61,6 +63,7 @@ class Ensemble:
 
     def __init__(self, strategy: str = "ova", *, config: RunConfig | None = None,
                  **settings: Any):
+        join_cluster(config, **settings)   # before resolve asks JAX for its backend
         if config is None:
             self.config = make_config(strategy, **settings)
         elif "backbone" in settings and settings["backbone"] != config.model.backbone:
@@ -112,6 +115,8 @@ class Ensemble:
         cfg = self.config
         strategy, backbone = cfg.ensemble.strategy, cfg.model.backbone
         out = Path(out) if out is not None else runs.default_run_dir(strategy, backbone)
+        if resume and (out / runs.CONFIG_FILE).is_file():   # the run's own members
+            cfg = self.config = for_resume(cfg, runs.read_config(out).get("config"))
         runs.check_run_dir(out, cfg, resume=resume, overwrite=overwrite)
         data = build.build_data(cfg, data)
         plan = fitting.plan_run(cfg, data)

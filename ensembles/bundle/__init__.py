@@ -68,10 +68,21 @@ from __future__ import annotations
 
 from ensembles.bundle.copy import bundle_pieces, copy_bundle
 from ensembles.bundle.integrity import (
-    COMBINER_FILE, COMPONENTS_DIR, CONFIG_FILE, add_manifest, manifest)
+    COMBINER_FILE,
+    COMPONENTS_DIR,
+    CONFIG_FILE,
+    add_manifest,
+    manifest,
+)
 from ensembles.bundle.load import load_bundle
 from ensembles.bundle.runtime import (
-    Bundle, Predictions, StackBundle, concat_predictions, feature_layout, model_order)
+    Bundle,
+    Predictions,
+    StackBundle,
+    concat_predictions,
+    feature_layout,
+    model_order,
+)
 from ensembles.bundle.save import bundle_section, save_members, stack_section
 from ensembles.bundle.schema import BundleError
 

@@ -25,6 +25,7 @@ from sklearn.metrics import roc_curve
 
 from ensembles.config import OperatingPoint
 
+
 def _threshold(positive: np.ndarray, scores: np.ndarray, op: OperatingPoint) -> float | None:
     if positive.all() or not positive.any():
         return None

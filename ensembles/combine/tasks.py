@@ -24,7 +24,7 @@ import numpy as np
 
 from data_pipeline.balance import class_weights as balanced_weights
 from data_pipeline.classes import NORMAL
-from ensembles.config import STRATEGIES
+from ensembles.config import STRATEGIES, ConfigError
 
 
 def relabel(table, labels):
@@ -108,10 +108,10 @@ def make_tasks(strategy: str, class_names, *, healthy: str = NORMAL) -> Tasks:
                      (2,) * len(pairs), table)
     if strategy == "cascade":
         if healthy not in names:
-            raise ValueError(f"cascade needs the healthy class {healthy!r}; "
+            raise ConfigError(f"cascade needs the healthy class {healthy!r}; "
                              f"classes are {list(names)}")
         if k < 3:
-            raise ValueError(f"cascade needs at least 2 sick classes besides {healthy!r}; "
+            raise ConfigError(f"cascade needs at least 2 sick classes besides {healthy!r}; "
                              f"classes are {list(names)}")
         h = names.index(healthy)
         stage1 = np.ones(k, dtype=np.int32)
@@ -140,6 +140,6 @@ def check_trainable(tasks: Tasks, labels, *, min_per_class: int = 1) -> dict[str
                 classes = "+".join(tasks.class_names[i] for i in tasks.groups(m)[col])
                 short.append(f"{name}: {classes} has {n}")
     if short:
-        raise ValueError(f"{tasks.strategy} members need >= {min_per_class} training examples per "
+        raise ConfigError(f"{tasks.strategy} members need >= {min_per_class} training examples per "
                          f"class; " + "; ".join(short))
     return counts

@@ -16,12 +16,15 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_pipeline import leakage, quality_filter
 from data_pipeline.datasets import Dataset
-from data_pipeline import leakage
-from data_pipeline import quality_filter
 from ensembles.bundle import Bundle, Predictions, StackBundle
-from ensembles.evaluate.metrics import (chance_level, classes_present, evaluate_predictions,
-                                        includes_chance)
+from ensembles.evaluate.metrics import (
+    chance_level,
+    classes_present,
+    evaluate_predictions,
+    includes_chance,
+)
 from ensembles.evaluate.operating_points import rates
 
 

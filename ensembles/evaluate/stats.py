@@ -16,8 +16,12 @@ import numpy as np
 from scipy.stats import binomtest, chi2
 
 from ensembles.evaluate.metrics import (
-
-    bootstrap_metrics, bootstrap_weights, check_decisions, check_predictions, resampling_units)
+    bootstrap_metrics,
+    bootstrap_weights,
+    check_decisions,
+    check_predictions,
+    resampling_units,
+)
 
 EXACT_BELOW = 25   # discordant pairs under which the exact binomial test is used
 METRICS = ("accuracy", "macro_f1", "roc_auc_macro")

@@ -19,15 +19,11 @@ from data_pipeline import leakage, quality_filter
 from data_pipeline.datasets import load_dataset
 from ensembles.bundle import Bundle, StackBundle, load_bundle
 from ensembles.bundle.segmenter import load_segmenter
+from ensembles.config import ConfigError
 from ensembles.evaluate.assess import evaluate_bundle, skipped_section
 from ensembles.evaluate.operating_points import markdown as operating_points_markdown
 from ensembles.report.gallery import gallery
 from ensembles.report.write import write_report
-
-try:
-    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
-except ImportError:   # config.py before ConfigError
-    ConfigError = ValueError
 
 
 def _stderr(message: str) -> None:

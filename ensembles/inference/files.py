@@ -46,15 +46,11 @@ from ensembles.bundle import (
     load_bundle,
 )
 from ensembles.bundle.segmenter import load_segmenter
+from ensembles.config import ConfigError
 from ensembles.evaluate.assess import lung_masks_note
 from ensembles.report.gallery import TILE_SIZE
 from ensembles.report.html import Tile, tile_caption, write_predictions_page
 from ensembles.report.overlay import bundle_overlays, overlay_names, write_png
-
-try:
-    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
-except ImportError:   # config.py before ConfigError
-    ConfigError = ValueError
 
 SUFFIXES = IMAGE_EXTENSIONS
 CHUNK = 256  # decoded images held at once (the models see them preprocessed) ...

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from backbones.gradcam import normalise, upsample
-from data_pipeline.loader import pad_batch
 from data_pipeline.atomic import atomic_write
+from data_pipeline.loader import pad_batch
 from data_pipeline.preprocess import preprocess, resize
 from ensembles.bundle import Bundle
 from ensembles.report.saliency import EnsembleCams, ensemble_gradcam

@@ -23,15 +23,10 @@ from pathlib import Path
 from data_pipeline.datasets import Dataset
 from ensembles import bundle as bundle_lib
 from ensembles.api import Ensemble, Stack
-from ensembles.config import META_MODELS, RunConfig, make_config, resolve
+from ensembles.config import META_MODELS, ConfigError, RunConfig, make_config, resolve
 from ensembles.research import comparison
 from ensembles.research.compare_report import COST, METRICS, write_outputs
 from ensembles.training import runs as runs_lib
-
-try:
-    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
-except ImportError:   # config.py before ConfigError
-    ConfigError = ValueError
 
 STRATEGIES = ("single", "ova", "ovo", "cascade", "stack")
 N_BOOTSTRAP = 1000   # the first seed's CIs

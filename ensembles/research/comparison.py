@@ -28,17 +28,17 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.datasets import Dataset
-from ensembles.training import runs
-from ensembles.evaluate.assess import evaluate_bundle
 from ensembles.bundle import load_bundle
 from ensembles.combine.calibration import TemperatureScaling, expected_calibration_error
-from ensembles.config import RunConfig
-from ensembles.evaluate.metrics import evaluate_predictions
-from ensembles.training.fitting import HEAD_PHASE
 from ensembles.combine.meta import MetaClassifier, make_features
-from ensembles.evaluate.stats import holm, mcnemar, paired_bootstrap, sign_flip_test
 from ensembles.combine.rules import rule_combiner
 from ensembles.combine.tasks import make_tasks
+from ensembles.config import RunConfig
+from ensembles.evaluate.assess import evaluate_bundle
+from ensembles.evaluate.metrics import evaluate_predictions
+from ensembles.evaluate.stats import holm, mcnemar, paired_bootstrap, sign_flip_test
+from ensembles.training import runs
+from ensembles.training.fitting import HEAD_PHASE
 
 
 @dataclasses.dataclass(frozen=True)

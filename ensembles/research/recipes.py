@@ -32,10 +32,9 @@ import numpy as np
 
 import backbones
 from backbones.pretrained import KERAS
-from ensembles.training import build
-from ensembles.training import runs
 from ensembles.api import Ensemble
-from ensembles.config import SECTIONS, RunConfig, make_config
+from ensembles.config import SECTIONS, ConfigError, RunConfig, make_config
+from ensembles.training import build, runs
 
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"dataset": "synthetic_cxr", "data_dir": None, "count": 120, "image_size": 32,
@@ -191,7 +190,7 @@ def run_settings(recipe: Recipe, run: RecipeRun, scale: str,
     published protocol ("image_size=224: 64 at scale cpu", or "image_size=224: 32 (the
     caller's override) at scale cpu" for a setting in `overrides`)."""
     if scale not in SCALES:
-        raise ValueError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
+        raise ConfigError(f"scale {scale!r} is not one of {', '.join(SCALES)}")
     settings = {"dataset": recipe.dataset, **recipe.settings, **run.settings}
     wanted, backbone = settings.get("pretrained"), settings.get("backbone", "simple_cnn")
     settings.update(SCALES[scale])
@@ -244,13 +243,13 @@ def plan(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | None = 
     missing ImageNet weights fall back to a random initialisation (noted); at "full" they are
     an error."""
     if scale != "tiny" and not data_dir:
-        raise ValueError(f"scale {scale} runs on the recipe's dataset ({recipe.dataset}): "
-                         f"give its folder (--data-dir)")
+        raise ConfigError(f"scale {scale} runs on the recipe's dataset ({recipe.dataset}): "
+                          f"give its folder (--data-dir)")
     names = [r.name for r in recipe.runs]
     unknown = sorted(set(only or ()) - set(names))
     if unknown or (only is not None and not only):
-        raise ValueError(f"runs {unknown} are not in recipe {recipe.name}; it has "
-                         f"{', '.join(names)}")
+        raise ConfigError(f"runs {unknown} are not in recipe {recipe.name}; it has "
+                          f"{', '.join(names)}")
     planned = []
     for run in recipe.runs:
         if only is not None and run.name not in only:
@@ -262,8 +261,8 @@ def plan(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | None = 
         if config.model.pretrained:
             reason = _weights_fallback(config)
             if reason and scale == "full":
-                raise ValueError(f"run {run.name}: the published protocol needs "
-                                 f"{config.model.backbone}'s ImageNet weights: {reason}")
+                raise ConfigError(f"run {run.name}: the published protocol needs "
+                                  f"{config.model.backbone}'s ImageNet weights: {reason}")
             if reason:
                 config = make_config(run.strategy, **{**settings, "pretrained": None})
                 notes.append(f"pretrained={settings['pretrained']}: weights not available "
@@ -285,7 +284,7 @@ def reproduce(recipe: Recipe, scale: str, out: str | Path, *, data_dir: str | No
     runs with metrics, the runs left out)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty")
+        raise ConfigError(f"{out} exists and is not empty")
     planned = plan(recipe, scale, out, data_dir=data_dir, overrides=overrides, only=only)
     results = []
     for p in planned:

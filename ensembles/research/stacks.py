@@ -16,13 +16,8 @@ from pathlib import Path
 
 from ensembles import bundle as bundle_lib
 from ensembles.api import Ensemble, Stack
-from ensembles.config import RunConfig, resolve
+from ensembles.config import ConfigError, RunConfig, resolve
 from ensembles.training import runs as runs_lib
-
-try:
-    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
-except ImportError:   # config.py before ConfigError
-    ConfigError = ValueError
 
 
 def _stderr(message: str) -> None:

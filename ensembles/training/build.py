@@ -25,7 +25,7 @@ from data_pipeline.loader import finish, make_loader
 from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import SOURCE, source_split_indices, split_indices
 from ensembles.bundle.segmenter import Segmenter, load_segmenter
-from ensembles.config import RunConfig
+from ensembles.config import ConfigError, RunConfig
 
 
 @dataclasses.dataclass
@@ -95,8 +95,8 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
         dataset = dataclasses.replace(dataset, source=segmenter.source(
             dataset.source, progress=t.progress), has_masks=True)
     elif d.lung_mask == "dataset" and not dataset.has_masks:
-        raise ValueError(f"lung_mask dataset: {dataset.name} ships no lung masks; use "
-                         f"--lung-mask auto --segmenter RUN (python -m experiments.segment)")
+        raise ConfigError(f"lung_mask dataset: {dataset.name} ships no lung masks; use "
+                          f"--lung-mask auto --segmenter RUN (python -m experiments.segment)")
     if d.split_recipe == SOURCE:
         local = source_split_indices(dataset.labels[kept], dataset.patient_ids[kept],
                                      dataset.source_splits[kept], seed=t.seed)
@@ -108,8 +108,8 @@ def build_data(config: RunConfig, dataset: Dataset | None = None) -> Data:
     if d.balance in ("downsample", "oversample"):
         train = balance_indices(train, dataset.labels, mode=d.balance, seed=t.seed)
     if len(train) // t.batch_size < 1:
-        raise ValueError(f"the training split has {len(train)} examples, fewer than one batch "
-                         f"of {t.batch_size}; lower the batch size")
+        raise ConfigError(f"the training split has {len(train)} examples, fewer than one batch "
+                          f"of {t.batch_size}; lower the batch size")
     preprocess = PreprocessConfig(image_size=d.image_size, channels=d.channels, clahe=d.clahe,
                                   lung_mask=d.lung_mask != "none")
     # Build the decode-once store here, so that --no-progress also silences its bar (the
@@ -161,7 +161,7 @@ def check_weights(config: RunConfig) -> None:
     if not config.model.pretrained or weights_path(config).is_file():
         return
     if config.model.pretrained != "imagenet":
-        raise FileNotFoundError(f"--pretrained: {weights_path(config)} is not a file")
+        raise ConfigError(f"--pretrained: {weights_path(config)} is not a file")
     weights_lib.fetch(config.model.backbone, include_top=False,
                       progress=config.training.progress)
 

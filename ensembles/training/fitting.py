@@ -2,7 +2,7 @@
 
 `plan_run` checks the data and the strategy before anything is written, and lays out each
 member group's steps per epoch, own examples and each phase's optimiser schedule once
-(`layouts`); `train_members` trains each group of the plan (`members.train_stack` ->
+(`layouts`); `train_members` trains each group of the plan (`members.train_group` ->
 `backbones.training.fit`) and writes the phase's metrics.jsonl, TensorBoard events and
 curves.png; `out_of_fold_outputs` trains K-fold members and returns their member outputs on
 the rows they never saw, for a meta-classifier fitted out of fold.
@@ -25,7 +25,7 @@ from data_pipeline.splits import kfold_indices
 from ensembles.bundle import runtime
 from ensembles.combine.groups import MemberGroup, plan
 from ensembles.combine.tasks import Tasks
-from ensembles.config import RunConfig, head_phase
+from ensembles.config import ConfigError, RunConfig, head_phase
 from ensembles.training import build
 from ensembles.training import members as members_lib
 
@@ -58,8 +58,8 @@ class Trained:
     """The members one training produced, and with head_epochs those of its head phase;
     `train_indices`: the ids their loaders drew from."""
 
-    stacks: list[members_lib.TrainedStack]
-    head: list[members_lib.TrainedStack] | None = None
+    stacks: list[members_lib.TrainedGroup]
+    head: list[members_lib.TrainedGroup] | None = None
     train_indices: np.ndarray | None = None
 
 
@@ -74,8 +74,8 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
     e = config.ensemble
     build.check_weights(config)
     if e.meta != "none" and len(data.splits["val"]) == 0:
-        raise ValueError("a meta-classifier needs held-out (validation) data, and the split "
-                         "has none")
+        raise ConfigError("a meta-classifier needs held-out (validation) data, and the split "
+                          "has none")
     if e.meta_folds:   # a class with fewer patients than folds is refused here
         train = np.unique(data.train_indices)
         kfold_indices(data.dataset.labels[train], data.dataset.patient_ids[train],
@@ -116,7 +116,7 @@ def check_memory(config: RunConfig, stacks: Sequence[MemberGroup]) -> None:
                for s in stacks)
     if need > available:
         t, d = config.training, config.data
-        raise ValueError(
+        raise ConfigError(
             f"one training step needs about {need / 2**30:.1f} GiB (parameters, optimizer "
             f"state and activations at batch {t.batch_size}, {d.image_size} px"
             f"{', members stacked' if stacked else ''}), more than the "
@@ -149,7 +149,7 @@ def train_members(plan: Plan, out: Path, train_indices: np.ndarray | None = None
 
 def _train_phase(plan: Plan, config: RunConfig, out: Path, indices: np.ndarray,
                  layouts: Sequence[Layout], phase: int, init: list[dict] | None = None
-                 ) -> list[members_lib.TrainedStack]:
+                 ) -> list[members_lib.TrainedGroup]:
     """Phase `phase`: every group trained under `config` on `indices` as `layouts` say
     (from `init[s]` when given). Writes out/metrics.jsonl (the restored records and the new
     ones: one line per member-record), out/tensorboard/ and out/curves.png."""
@@ -161,7 +161,7 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, indices: np.ndarray,
     with MetricWriter(out) as writer:
         for s, (stack, layout) in enumerate(zip(plan.stacks, layouts, strict=True)):
             steps, shared, own = _stack_data(config, data, stack, indices, layout)
-            trained.append(members_lib.train_stack(
+            trained.append(members_lib.train_group(
                 stack, make_state=build.make_state_fn(config, optim=layout.optims[phase],
                                                       pretrained=init is None),
                 train_step=build.make_train_step(config, data),
@@ -204,7 +204,7 @@ def _stack_data(config: RunConfig, data: build.Data, stack: MemberGroup,
     return steps, None, [data.train_loader(config, o, epoch_records=records) for o in own]
 
 
-def mean_history(trained: Sequence[members_lib.TrainedStack]) -> list[dict]:
+def mean_history(trained: Sequence[members_lib.TrainedGroup]) -> list[dict]:
     """Per epoch, every metric averaged over all members (for the learning curves)."""
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1")
     by_epoch: dict[int, dict[str, list]] = {}
@@ -218,7 +218,7 @@ def mean_history(trained: Sequence[members_lib.TrainedStack]) -> list[dict]:
             for e, d in sorted(by_epoch.items())]
 
 
-def best_epochs(tasks: Tasks, trained: Sequence[members_lib.TrainedStack]) -> dict[str, int]:
+def best_epochs(tasks: Tasks, trained: Sequence[members_lib.TrainedGroup]) -> dict[str, int]:
     """Each member's best epoch (1-based; 0: never improved) by member name."""
     return {tasks.names[m]: int(e) for t in trained
             for m, e in zip(t.stack.members, t.best_epoch, strict=True)}
@@ -265,7 +265,7 @@ def out_of_fold_outputs(plan: Plan, out: Path) -> OutOfFold:
                      np.concatenate(fold_of), fold_train)
 
 
-def fold_outputs(plan: Plan, trained: Sequence[members_lib.TrainedStack], loader
+def fold_outputs(plan: Plan, trained: Sequence[members_lib.TrainedGroup], loader
                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Member probabilities of freshly trained members over `loader`, through the models a
     bundle of this run rebuilds (`bundle.runtime`)."""

@@ -249,7 +249,7 @@ def start_from(state, variables: dict, *, stacked: bool):
 
 
 @dataclass
-class TrainedStack:
+class TrainedGroup:
     """What one stack's training produced: best variables [M_s, ...], its records and each
     member's best epoch (1-based; 0: never improved)."""
 
@@ -259,13 +259,13 @@ class TrainedStack:
     best_epoch: np.ndarray
 
 
-def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callable,
+def train_group(stack: MemberGroup, *, make_state: Callable, train_step: Callable,
                 eval_step: Callable, parallel, train_data: Iterable[dict] | None,
                 val_data: Iterable[dict] | None, config: FitConfig, key: jax.Array,
                 member_names: Sequence[str], mode: str = "stacked",
                 member_data: Sequence[Iterable[dict]] | None = None,
                 checkpoint_dir: Path | None = None, on_record: Callable | None = None,
-                init_variables: dict | None = None) -> TrainedStack:
+                init_variables: dict | None = None) -> TrainedGroup:
     """Train the members of `stack` together (vmapped) or one after another (sequential),
     through the one loop (`backbones.training.fit`).
 
@@ -277,7 +277,7 @@ def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
     member when sequential) and a rerun with the same directory resumes exactly.
 
     init_variables: {"params", "batch_stats"} with a leading member axis [M_s, ...] (what
-    TrainedStack.variables holds) replace the fresh initialisation (start_from; member i's
+    TrainedGroup.variables holds) replace the fresh initialisation (start_from; member i's
     slice in sequential mode); a checkpoint being resumed takes precedence over them.
 
     member_data: one loader per member of the stack, each member's own batches
@@ -324,7 +324,7 @@ def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
         for i, m in enumerate(stack.members):
             say(member_done(names[i], m, len(member_names), result.records, i,
                             int(result.best_epoch[i]), config.monitor, seconds))
-        return TrainedStack(stack, result.variables, result.records, result.best_epoch)
+        return TrainedGroup(stack, result.variables, result.records, result.best_epoch)
     parts, all_records, best_epochs = [], [], []
     plain = parallel.train(train_step)
     one = parallel.predict(eval_step)
@@ -351,7 +351,7 @@ def train_stack(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
         all_records.extend(result.records)
         best_epochs.append(result.best_epoch[0])
     variables = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    return TrainedStack(stack, variables, all_records, np.asarray(best_epochs))
+    return TrainedGroup(stack, variables, all_records, np.asarray(best_epochs))
 
 
 def printer(progress: bool) -> Callable[[str], None]:

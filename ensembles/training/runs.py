@@ -21,7 +21,7 @@ import jax
 
 from backbones.training import distributed
 from data_pipeline.atomic import atomic_write
-from ensembles.config import RunConfig
+from ensembles.config import ConfigError, RunConfig
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -37,31 +37,31 @@ def read_config(run_dir: Path) -> dict:
     """The parsed config.json of a run; ValueError if it is missing or not JSON."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"{run_dir} has no {CONFIG_FILE}: not a run of this project")
+        raise ConfigError(f"{run_dir} has no {CONFIG_FILE}: not a run of this project")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg})") from None
+        raise ConfigError(f"{path} is not valid JSON ({error.msg})") from None
 
 
 def check_run_dir(out: Path, config: RunConfig, *, resume: bool, overwrite: bool) -> None:
     """Refuse, before anything is written, what would damage or mix up a run."""
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
+        raise ConfigError("--resume and --overwrite exclude each other")
     if resume:
         if not out.is_dir():
-            raise ValueError(f"nothing to resume: {out} does not exist")
+            raise ConfigError(f"nothing to resume: {out} does not exist")
         saved = read_config(out)
         if "config" not in saved:
-            raise ValueError(f"{out}/{CONFIG_FILE} holds no run config: cannot resume it")
+            raise ConfigError(f"{out}/{CONFIG_FILE} holds no run config: cannot resume it")
         differ = config.differences(RunConfig.from_dict(saved["config"]))
         if differ:
-            raise ValueError(f"--resume with other settings than the run's "
-                             f"({'; '.join(differ)}); resume with the run's own settings")
+            raise ConfigError(f"--resume with other settings than the run's "
+                              f"({'; '.join(differ)}); resume with the run's own settings")
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ValueError(f"run directory {out} exists and is not empty; pass --overwrite to "
-                         f"replace it or --resume to continue it")
+        raise ConfigError(f"run directory {out} exists and is not empty; pass --overwrite to "
+                          f"replace it or --resume to continue it")
 
 
 def open_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
@@ -92,8 +92,8 @@ def locked(out: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"{out} is in use by another run (its {LOCK_FILE} is locked); "
-                             f"wait for it to finish") from None
+            raise ConfigError(f"{out} is in use by another run (its {LOCK_FILE} is locked); "
+                              f"wait for it to finish") from None
         try:
             yield
         finally:

@@ -23,7 +23,15 @@ from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.splits import split_indices
 from ensembles.bundle.integrity import manifest
 from ensembles.bundle.segmenter import (
-    CONFIG_FILE, FORMAT_VERSION, PARAMS_DIR, THRESHOLD, Segmenter, SegmenterConfig, prepared)
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    PARAMS_DIR,
+    THRESHOLD,
+    Segmenter,
+    SegmenterConfig,
+    prepared,
+)
+from ensembles.config import ConfigError
 from ensembles.training import runs
 
 
@@ -73,8 +81,8 @@ def training_arrays(dataset: Dataset, config: SegmenterConfig) -> tuple[np.ndarr
     """(images uint8 [N, S, S, 1], lung masks bool [N, S, S]) at the segmenter's size;
     ValueError when the dataset ships no masks."""
     if not dataset.has_masks:
-        raise ValueError(f"dataset {dataset.name} ships no lung masks to train a segmenter on "
-                         f"(Kaggle v4's masks/ or synthetic_cxr do)")
+        raise ConfigError(f"dataset {dataset.name} ships no lung masks to train a segmenter on "
+                          f"(Kaggle v4's masks/ or synthetic_cxr do)")
     images = _arrays(dataset.source, config.preprocess)
     masks = _arrays(_MasksAsImages(dataset.source), config.preprocess)[..., 0] > THRESHOLD * 255
     return images, masks
@@ -111,14 +119,14 @@ def train_segmenter(dataset: Dataset, config: SegmenterConfig = SegmenterConfig(
     folder). Returns (the segmenter, metrics)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder")
+        raise ConfigError(f"--out {out} exists and is not an empty folder")
     images, masks = training_arrays(dataset, config)
     splits = split_indices(dataset.labels, dataset.patient_ids, recipe=config.split_recipe,
                            seed=config.seed)
     train = splits["train"]
     if len(train) < config.batch_size:
-        raise ValueError(f"the training split has {len(train)} examples, fewer than one batch "
-                         f"of {config.batch_size}")
+        raise ConfigError(f"the training split has {len(train)} examples, fewer than one batch "
+                          f"of {config.batch_size}")
     model = unet.create(width=config.width, levels=config.levels)
     key = jax.random.PRNGKey(config.seed)
     s = config.image_size

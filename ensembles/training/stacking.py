@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from ensembles import bundle as bundle_lib
+from ensembles.combine.meta import MetaClassifier, make_features
 from ensembles.evaluate.metrics import evaluate_predictions
 from ensembles.report.write import write_report
-from ensembles.combine.meta import MetaClassifier, make_features
 from ensembles.training.runs import read_config, write_json_atomic
-
 
 OUTPUT_KEYS = ("class_names", "train_indices", "val_index", "val_label", "test_index",
                "test_label")

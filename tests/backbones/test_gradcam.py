@@ -21,15 +21,21 @@ from scipy.stats import pearsonr, spearmanr
 
 import backbones
 from backbones.cpu_ops import max_pool
-from backbones.gradcam import features_and_logits, gradcam, gradcam_maps, linear_map
-from backbones.gradcam import normalise, upsample
+from backbones.gradcam import (
+    features_and_logits,
+    gradcam,
+    gradcam_maps,
+    linear_map,
+    normalise,
+    upsample,
+)
 from data_pipeline.preprocess import PreprocessConfig, preprocess
 from data_pipeline.synthetic import generate_phantoms
 from ensembles.bundle import Bundle, load_bundle
-from ensembles.report.overlay import MIN_DISPLAY, bundle_overlays, overlay_names, render
-from ensembles.report.saliency import ensemble_gradcam
 from ensembles.combine.groups import plan
 from ensembles.combine.rules import rule_combiner
+from ensembles.report.overlay import MIN_DISPLAY, bundle_overlays, overlay_names, render
+from ensembles.report.saliency import ensemble_gradcam
 from experiments import predict
 
 # Feature-map side at the Keras input sizes (and 64 px for the custom CNNs).

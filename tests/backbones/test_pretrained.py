@@ -297,6 +297,7 @@ def test_imported_model_equals_keras(name, tmp_path):
 @pytest.mark.parametrize("mode", list(PREPROCESS_MODULES))
 def test_preprocess_presets_equal_keras_preprocess_input(mode):
     import keras
+
     from data_pipeline.preprocess import PreprocessConfig, normalize, preprocess
 
     keras_preprocess = getattr(keras.applications, PREPROCESS_MODULES[mode]).preprocess_input

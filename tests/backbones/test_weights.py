@@ -25,8 +25,8 @@ from test_pretrained import abstract_variables, random_like, write_legacy_h5
 from backbones import load_pretrained, pretrained, weights
 from backbones.__main__ import main
 from backbones.weights import WeightsDownloadError, fetch, list_cached
-from ensembles.training import build
 from ensembles.config import make_config
+from ensembles.training import build
 
 NAME = "vgg16"
 FILE = pretrained.keras_file_name(NAME, include_top=False)

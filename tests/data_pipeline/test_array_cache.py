@@ -232,8 +232,8 @@ def test_progress_false_builds_the_store_without_a_bar(ds, capfd):
 
 def test_a_run_without_progress_builds_its_store_silently(cache, capfd, monkeypatch):
     """build_data builds the store itself, with the run's progress setting."""
-    from ensembles.training import build
     from ensembles.config import make_config, resolve
+    from ensembles.training import build
     config = resolve(make_config("single", backbone="simple_cnn", count=12, image_size=13,
                                  cache_dir=str(cache), batch_size=4, progress=False))
     data = build.build_data(config)

@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from data_pipeline.augment import (
-    AugmentConfig, AugmentParams, apply_params, apply_params_jax, augment_batch, augment_image,
-    sample_params)
+    AugmentConfig,
+    AugmentParams,
+    apply_params,
+    apply_params_jax,
+    augment_batch,
+    augment_image,
+    sample_params,
+)
 
 ZERO = AugmentConfig(rotation_deg=0, zoom=0, translate=0, brightness=0, contrast=0)
 STRONG = AugmentConfig(rotation_deg=25, zoom=0.2, translate=0.1, brightness=0.2, contrast=0.3,

@@ -22,14 +22,20 @@ from data_pipeline import inspect as inspect_cli
 from data_pipeline.datasets import load_dataset
 from data_pipeline.decode import decode_image
 from data_pipeline.hashing import (
-    content_hash, duplicate_pairs, find_duplicates, hamming, hash_dataset,
-    hash_images, perceptual_hash)
+    content_hash,
+    duplicate_pairs,
+    find_duplicates,
+    hamming,
+    hash_dataset,
+    hash_images,
+    perceptual_hash,
+)
+from data_pipeline.leakage import NO_HASHES, TRAIN_HASHES_FILE
 from data_pipeline.synthetic import generate_phantoms
 from ensembles import Ensemble, Stack
-from ensembles.training import build
 from ensembles.bundle import BundleError, add_manifest, load_bundle
 from ensembles.evaluate.metrics import evaluate_predictions
-from data_pipeline.leakage import NO_HASHES, TRAIN_HASHES_FILE
+from ensembles.training import build
 from experiments import evaluate, predict
 
 EXACT, NEAR = 5, 2          # training images copied into the evaluation folder

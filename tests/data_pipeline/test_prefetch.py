@@ -5,8 +5,8 @@ from __future__ import annotations
 import grain
 import jax
 import numpy as np
-from etils import epath
 import pytest
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from data_pipeline.preprocess import (
-    PreprocessConfig, apply_lung_mask, dataset_mean_std, preprocess, resize)
+    PreprocessConfig,
+    apply_lung_mask,
+    dataset_mean_std,
+    preprocess,
+    resize,
+)
 
 # One row of known gray values; image_size equals the width so no resampling happens.
 VALUES = np.array([0, 51, 100, 255], np.uint8)

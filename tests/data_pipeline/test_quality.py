@@ -18,8 +18,8 @@ from data_pipeline import inspect as inspect_cli
 from data_pipeline import quality
 from data_pipeline.datasets import load_dataset
 from data_pipeline.synthetic import generate_phantoms
-from ensembles.training import build
 from ensembles.config import make_config
+from ensembles.training import build
 from experiments.ensemble_cli import main as cli_main
 from experiments.ova import DESCRIPTION
 

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import load_dataset, quality
+from data_pipeline import load_dataset, quality, quality_filter
 from data_pipeline.synthetic import generate_phantoms
-from data_pipeline import quality_filter
-from ensembles.evaluate.assess import evaluate_bundle
 from ensembles.bundle import load_bundle
 from ensembles.bundle.segmenter import SegmenterConfig
+from ensembles.evaluate.assess import evaluate_bundle
 from ensembles.training.segmenter import train_segmenter
 from experiments import evaluate, predict
 from experiments.ensemble_cli import main as ensemble_main

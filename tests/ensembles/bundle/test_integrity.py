@@ -27,8 +27,15 @@ from sklearn.neighbors import KNeighborsClassifier
 from data_pipeline.preprocess import PreprocessConfig
 from ensembles import Ensemble, Stack
 from ensembles.bundle import (
-    Bundle, BundleError, StackBundle, add_manifest, bundle_pieces, copy_bundle, load_bundle,
-    manifest)
+    Bundle,
+    BundleError,
+    StackBundle,
+    add_manifest,
+    bundle_pieces,
+    copy_bundle,
+    load_bundle,
+    manifest,
+)
 from ensembles.bundle.schema import MANIFEST_KEY, PREPROCESS_TYPES
 from ensembles.combine.tasks import make_tasks
 from experiments import evaluate, predict

@@ -23,10 +23,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from data_pipeline.datasets import load_dataset
 from data_pipeline.synthetic import generate_phantoms
 from ensembles import Ensemble, RunConfig, Stack
-from ensembles.evaluate.assess import evaluate_bundle
 from ensembles.bundle import BundleError, StackBundle, add_manifest, load_bundle
-from ensembles.config import FAMILY_DEFAULTS
 from ensembles.combine.meta import MetaClassifier
+from ensembles.config import FAMILY_DEFAULTS
+from ensembles.evaluate.assess import evaluate_bundle
 from experiments import evaluate, predict, stack
 
 TINY = {"epochs": 1, "width": 0.25, "batch_size": 16, "progress": False,

@@ -11,8 +11,15 @@ from sklearn.multiclass import OneVsOneClassifier
 from sklearn.naive_bayes import GaussianNB
 
 from ensembles.combine.combiners import (
-
-    CascadeCombiner, OvACombiner, OvOCombiner, cascade_proba, make_combiner, pairwise_coupling, sensitivity_threshold, soft_vote)
+    CascadeCombiner,
+    OvACombiner,
+    OvOCombiner,
+    cascade_proba,
+    make_combiner,
+    pairwise_coupling,
+    sensitivity_threshold,
+    soft_vote,
+)
 from ensembles.combine.tasks import make_tasks
 
 K4 = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")

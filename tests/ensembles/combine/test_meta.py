@@ -15,9 +15,18 @@ from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
 from ensembles.combine.calibration import (
-
-    TemperatureScaling, apply_temperature, expected_calibration_error, fit_temperature, negative_log_likelihood)
-from ensembles.combine.meta import GBOOST_FORMAT, MetaClassifier, check_no_leakage, make_features
+    TemperatureScaling,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from ensembles.combine.meta import (
+    GBOOST_FORMAT,
+    MetaClassifier,
+    check_no_leakage,
+    make_features,
+)
 
 
 def _member_outputs(seed=0, n=300):

@@ -10,10 +10,10 @@ import pytest
 from ensembles import make_config
 from ensembles.combine.combiners import CascadeCombiner, OvOCombiner
 from ensembles.combine.explain import decision_columns
-from ensembles.config import OperatingPoint, parse_operating_point
 from ensembles.combine.operating_points import choose_thresholds, flag
-from ensembles.evaluate.operating_points import rates
 from ensembles.combine.tasks import make_tasks
+from ensembles.config import OperatingPoint, parse_operating_point
+from ensembles.evaluate.operating_points import rates
 from experiments import ensemble_cli
 
 NAMES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")

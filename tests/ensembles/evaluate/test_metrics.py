@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from ensembles.evaluate.metrics import evaluate_predictions, resampling_units, weighted_ovr_auc
-
+from ensembles.evaluate.metrics import (
+    evaluate_predictions,
+    resampling_units,
+    weighted_ovr_auc,
+)
 from ensembles.report.markdown import report_markdown
-
 from ensembles.report.write import write_report
 
 NAMES = ["covid", "normal", "viral_pneumonia", "bacterial_pneumonia"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ensembles.report import html as html_report
 from ensembles.evaluate.metrics import evaluate_predictions
-from ensembles.report.write import write_report
+from ensembles.report import html as html_report
 from ensembles.report.gallery import pick
 from ensembles.report.html import Tile
+from ensembles.report.write import write_report
 
 NAMES = ("covid", "normal", "viral_pneumonia", "bacterial_pneumonia")
 

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from ensembles.research import comparison
 from ensembles.config import make_config
 from ensembles.evaluate.stats import holm, sign_flip_test
+from ensembles.research import comparison
 
 
 def test_holm_by_hand():

@@ -14,10 +14,10 @@ from test_loader import PRE, SOURCE, SPLIT
 from backbones.training.checkpoint import Checkpointer
 from data_pipeline.loader import EpochShuffleSampler, make_loader
 from ensembles import Ensemble, RunConfig, make_config
-from ensembles.training import build
-from ensembles.training import fitting
-from ensembles.training import members as members_lib
 from ensembles.combine.groups import plan_groups
+from ensembles.training import build, fitting
+from ensembles.training import members as members_lib
+
 OVO3 = np.array([[0, 1, -1], [0, -1, 1], [-1, 0, 1]], np.int32)   # pairs (0,1), (0,2), (1,2)
 TINY = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
         "epochs": 2, "batch_size": 8, "n_bootstrap": 20, "early_stopping_patience": 0,

@@ -18,8 +18,9 @@ from backbones.training.parallel import data_parallel
 from backbones.training.state import create_train_state
 from backbones.training.step import make_eval_step, make_train_step
 from data_pipeline.synthetic import generate_phantoms
-from ensembles.training import members
 from ensembles.combine.groups import plan_groups
+from ensembles.training import members
+
 SIZE, BATCH = 16, 16
 # OvA over 3 classes as a relabel table, plus a masked OvO-like member (class 1 vs 2 only).
 TABLE = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 1]], np.int32)
@@ -74,7 +75,7 @@ def _config(epochs=2, patience=0):
 
 def _train(data, mode, stack, *, epochs=2, make_state=_make_state, train_step=None, **kw):
     train, val = _batches(data, epochs=epochs)
-    return members.train_stack(
+    return members.train_group(
         stack, make_state=make_state, train_step=train_step or make_train_step(),
         eval_step=make_eval_step(),
         parallel=data_parallel("shard_map"), train_data=train, val_data=val,
@@ -192,14 +193,14 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     train, val = _batches(data, epochs=3)
     cut = Batches(lambda: itertools.islice(iter(train), 2 * 64 // BATCH + 1))  # dies in epoch 3
     with pytest.raises(ValueError, match="ran out in epoch 3"):
-        members.train_stack(
+        members.train_group(
             stack, make_state=_make_state, train_step=make_train_step(),
             eval_step=make_eval_step(), parallel=data_parallel("shard_map"), train_data=cut,
             val_data=val, config=_config(3), key=jax.random.PRNGKey(0), member_names=NAMES,
             checkpoint_dir=tmp_path / "ck")
     # a plain iterator has no position to save: the resumed run skips what epochs 1-2 used
     skip = Batches(lambda: itertools.islice(iter(train), 2 * 64 // BATCH, None))
-    resumed = members.train_stack(
+    resumed = members.train_group(
         stack, make_state=_make_state, train_step=make_train_step(),
         eval_step=make_eval_step(), parallel=data_parallel("shard_map"), train_data=skip,
         val_data=val, config=_config(3), key=jax.random.PRNGKey(0), member_names=NAMES,
@@ -215,7 +216,7 @@ def test_nan_guard(data):
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(TrainingDiverged, match=r"training loss is nan for member\(s\) "
                                                r"\['a', 'b', 'c', 'b-vs-c'\] at step 1 \(epoch 1\)"):
-        members.train_stack(
+        members.train_group(
             stack, make_state=_make_state, train_step=make_train_step(),
             eval_step=make_eval_step(), parallel=data_parallel("shard_map"),
             train_data=[{"image": bad[:BATCH], "label": y[:BATCH]}], val_data=None,
@@ -245,7 +246,7 @@ def test_init_variables_are_the_starting_point(data):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     start = _initial(stack, seed=7)       # not what key 0 would initialise
     assert _differ(start["params"], _initial(stack, seed=0)["params"])
-    frozen = members.train_stack(         # lr 0: the params stay where they started
+    frozen = members.train_group(         # lr 0: the params stay where they started
         stack, make_state=lambda c, k: create_train_state(
             backbones.create("simple_cnn", num_classes=c, width=0.25), optax.sgd(0.0), k,
             (1, SIZE, SIZE, 1)),

@@ -20,9 +20,9 @@ TINY = {"backbone": "simple_cnn", "image_size": 16, "count": 60, "width": 0.25,
 
 
 def _recording_train_stack(seen: dict):
-    """A stand-in for members.train_stack: records every id its training loaders yield
+    """A stand-in for members.train_group: records every id its training loaders yield
     (under the fold folder of its checkpoints) and returns freshly initialised members."""
-    def train_stack(stack, *, make_state, train_data, member_data=None, checkpoint_dir=None,
+    def train_group(stack, *, make_state, train_data, member_data=None, checkpoint_dir=None,
                     key, **_):
         fold = checkpoint_dir.parents[1].name
         loaders = [train_data] if member_data is None else member_data
@@ -32,8 +32,8 @@ def _recording_train_stack(seen: dict):
             members_lib.member_keys(key, stack.members))
         variables = jax.tree.map(np.asarray, {"params": state.params,
                                               "batch_stats": state.batch_stats})
-        return members_lib.TrainedStack(stack, variables, [], np.zeros(stack.size, np.int64))
-    return train_stack
+        return members_lib.TrainedGroup(stack, variables, [], np.zeros(stack.size, np.int64))
+    return train_group
 
 
 def test_out_of_fold_members_never_train_on_the_ids_they_predict(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_out_of_fold_members_never_train_on_the_ids_they_predict(tmp_path, monke
     data = build.build_data(config)
     plan = fitting.plan_run(config, data)
     seen: dict[str, list[np.ndarray]] = {}
-    monkeypatch.setattr(members_lib, "train_stack", _recording_train_stack(seen))
+    monkeypatch.setattr(members_lib, "train_group", _recording_train_stack(seen))
     monkeypatch.setattr(fitting, "plot_curves", lambda *a, **k: None)   # no records to plot
     oof = fitting.out_of_fold_outputs(plan, tmp_path / "run")
 

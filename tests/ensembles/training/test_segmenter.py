@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from folder_fixtures import make_flat
 from PIL import Image
 
 from backbones import unet
@@ -22,7 +23,6 @@ from ensembles.bundle.segmenter import SegmenterConfig, fit_to_image, load_segme
 from ensembles.training.segmenter import dice, train_segmenter
 from experiments import predict, segment
 from experiments.ensemble_cli import main as ensemble_main
-from folder_fixtures import make_flat
 
 SEG = SegmenterConfig(image_size=32, width=8, levels=3, epochs=6, batch_size=16, lr=3e-3)
 

@@ -17,11 +17,11 @@ from test_pretrained import write_legacy_h5
 
 import backbones
 from backbones import layers, training
-from ensembles.training import build
 from ensembles.config import PRETRAINED_NORMALIZATION, head_phase
+from ensembles.training import build
 from experiments import common
-from experiments.single import DESCRIPTION
 from experiments.ensemble_cli import main
+from experiments.single import DESCRIPTION
 
 
 def single_main(argv):

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.splits import kfold_indices
-from ensembles.training import build
-from ensembles.training import fitting
-from ensembles.training import runs
+from ensembles.training import build, fitting, runs
 from experiments import common, ensemble_cli
 
 TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
@@ -127,15 +125,15 @@ def test_meta_on_out_of_fold_outputs(tmp_path, cache, monkeypatch):
 
 @pytest.mark.slow
 def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatch):
-    calls = []   # (init_variables, result) of every train_stack call, in order
-    train_stack = fitting.members_lib.train_stack
+    calls = []   # (init_variables, result) of every train_group call, in order
+    train_group = fitting.members_lib.train_group
 
     def spy(stack, **kw):
-        result = train_stack(stack, **kw)
+        result = train_group(stack, **kw)
         calls.append((kw.get("init_variables"), result))
         return result
 
-    monkeypatch.setattr(fitting.members_lib, "train_stack", spy)
+    monkeypatch.setattr(fitting.members_lib, "train_group", spy)
     out = _run("ova", tmp_path, cache, "--head-epochs", "1", "--freeze", "full",
                "--seed", "3")
     (none, head), (init, final) = calls           # OvA: one stack, two phases

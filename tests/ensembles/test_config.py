@@ -13,8 +13,15 @@ import pytest
 import backbones
 from backbones.training import distributed
 from ensembles import config as config_lib
-from ensembles.config import (FAMILY_DEFAULTS, FIELDS, STRATEGY_DEFAULTS, ConfigError,
-                              RunConfig, for_resume, make_config)
+from ensembles.config import (
+    FAMILY_DEFAULTS,
+    FIELDS,
+    STRATEGY_DEFAULTS,
+    ConfigError,
+    RunConfig,
+    for_resume,
+    make_config,
+)
 from ensembles.training import runs
 from experiments import common
 

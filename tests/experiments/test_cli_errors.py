@@ -17,6 +17,7 @@ from ensembles.bundle.schema import BundleError
 from ensembles.config import ConfigError
 from experiments import common, ensemble_cli, reproduce, segment
 
+
 def _main(argv, capsys):
     code = ensemble_cli.main("ova", "", argv)
     captured = capsys.readouterr()
