@@ -16,13 +16,20 @@ from backbones import (  # noqa: F401 - importing registers the models
     inception,
     resnet,
     vgg,
+    weights,
     xception,
 )
-from backbones import weights
 from backbones.heads import HEADS, Head
 from backbones.pretrained import default_weights_path, load_pretrained, merge_pretrained
-from backbones.registry import (create, get, gradcam_layer, is_custom_cnn, names, register,
-                                resolve_head)
+from backbones.registry import (
+    create,
+    get,
+    gradcam_layer,
+    is_custom_cnn,
+    names,
+    register,
+    resolve_head,
+)
 from backbones.weights import WeightsDownloadError
 
 __all__ = ["HEADS", "Head", "WeightsDownloadError", "create", "default_weights_path", "get",

@@ -28,7 +28,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from backbones.pretrained import (
-    KERAS, RELEASE, file_md5, keras_spec, default_weights_path, keras_file_name)
+    KERAS,
+    RELEASE,
+    default_weights_path,
+    file_md5,
+    keras_file_name,
+    keras_spec,
+)
 
 TIMEOUT_S = 5.0  # connect, and longest stall mid-download, before giving up (resumable)
 CHUNK = 1 << 20

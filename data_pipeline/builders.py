@@ -14,7 +14,6 @@ included) is written, so an interrupted build never passes for a complete one.
 from __future__ import annotations
 
 import sys
-
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from data_pipeline import dicom
+
 # Re-exported: callers import these from here (one definition, in the leaf module that
 # `dicom` builds on too).
 from data_pipeline.image_source import (  # noqa: F401

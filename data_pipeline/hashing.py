@@ -148,7 +148,7 @@ def hash_dataset(ds, indices: np.ndarray | None = None, *, progress: bool = True
     if arrays_dir is None:
         content, perceptual = _hash_rows(ds.source, indices, progress)
         return ImageHashes(content, perceptual, np.asarray(ds.paths)[indices])
-    from data_pipeline.datasets import build_lock   # the lock of the dataset builds
+    from data_pipeline.datasets import build_lock  # the lock of the dataset builds
 
     path = Path(arrays_dir) / f"hashes-v{CACHE_VERSION}.npz"
     content, perceptual = _read_cache(path, n)

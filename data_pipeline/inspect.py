@@ -29,7 +29,12 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.datasets import DATASETS, Dataset, load_dataset
-from data_pipeline.hashing import MAX_DISTANCE, duplicate_pairs, find_duplicates, hash_dataset
+from data_pipeline.hashing import (
+    MAX_DISTANCE,
+    duplicate_pairs,
+    find_duplicates,
+    hash_dataset,
+)
 from data_pipeline.quality import score_dataset
 
 SHOWN = 50   # duplicates listed in the text report (--json lists all)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.hashing import MAX_DISTANCE, WORDS, ImageHashes, find_duplicates, hash_dataset
+from data_pipeline.hashing import (
+    MAX_DISTANCE,
+    WORDS,
+    ImageHashes,
+    find_duplicates,
+    hash_dataset,
+)
 
 TRAIN_HASHES_FILE = "train_hashes.npz"
 NO_HASHES = "no training hashes in this bundle (trained before the leakage check existed)"

@@ -33,7 +33,6 @@ from data_pipeline import array_cache
 from data_pipeline.augment import AugmentConfig, augment_image
 from data_pipeline.preprocess import PreprocessConfig, normalize
 
-
 PAD = -1   # the "index" of a padding example (ProcessBlockSampler's evaluation padding)
 
 

@@ -193,7 +193,7 @@ def score_dataset(ds, indices: np.ndarray | None = None, *, progress: bool = Tru
     arrays_dir = getattr(ds.source, "arrays_dir", None)
     if arrays_dir is None:
         return _score_rows(ds.source, indices, progress)
-    from data_pipeline.datasets import build_lock   # the lock of the dataset builds
+    from data_pipeline.datasets import build_lock  # the lock of the dataset builds
 
     path = Path(arrays_dir) / f"brisque-v{CACHE_VERSION}.npz"
     scores, done = _read_cache(path, n)

@@ -33,14 +33,10 @@ import sys
 from pathlib import Path
 
 from data_pipeline.datasets import DATASETS, load_dataset
+from ensembles.config import ConfigError
 from ensembles.research import compare as library
 from ensembles.training import runs as runs_lib
 from experiments import common
-
-try:
-    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
-except ImportError:   # config.py before ConfigError
-    ConfigError = ValueError
 
 DESCRIPTION = "Every strategy x backbone x seed, compared on paired test examples."
 # Flags the comparison sets per run itself (--backbones, --seeds, --compare-out, --reuse).

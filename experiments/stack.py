@@ -29,16 +29,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ensembles.api import Stack
-from ensembles.config import META_MODELS, RunConfig
+from ensembles.config import META_MODELS, ConfigError, RunConfig
 from ensembles.evaluate.assess import summary_line
 from ensembles.research import stacks
 from ensembles.training import runs as runs_lib
 from experiments import common
-
-try:
-    from ensembles.config import ConfigError   # a ValueError the CLIs report as exit 2
-except ImportError:   # config.py before ConfigError
-    ConfigError = ValueError
 
 DESCRIPTION = "Stack finished runs (or train them first) under a meta-classifier."
 
