@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from data_pipeline.image_source import DataError
+
 COVID = "covid"
 NORMAL = "normal"
 VIRAL_PNEUMONIA = "viral_pneumonia"
@@ -40,19 +42,19 @@ def _key(raw: str) -> str:
 def canonical_name(raw: str) -> str:
     """Map a source spelling (`COVID-19`, `Viral Pneumonia`, `NORMAL`, ...) to its canonical name.
 
-    Raises ValueError naming the unknown spelling and the accepted canonical names.
+    Raises DataError naming the unknown spelling and the accepted canonical names.
     """
     try:
         return _ALIASES[_key(raw)]
     except KeyError:
-        raise ValueError(
+        raise DataError(
             f"unknown class name {raw!r}; known classes: {', '.join(CANONICAL)}") from None
 
 
 def select_classes(available: Iterable[str], wanted: Sequence[str] | None) -> tuple[str, ...]:
     """Return the canonical classes to keep, in `wanted` order (or `available` order if None).
 
-    Raises ValueError if a wanted class is not present in the data.
+    Raises DataError if a wanted class is not present in the data.
     """
     available = tuple(canonical_name(c) for c in available)
     if wanted is None:
@@ -60,8 +62,8 @@ def select_classes(available: Iterable[str], wanted: Sequence[str] | None) -> tu
     chosen = tuple(canonical_name(c) for c in wanted)
     missing = [c for c in chosen if c not in available]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"class(es) {', '.join(missing)} not in this dataset; it has: {', '.join(available)}")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"duplicate classes in selection: {', '.join(chosen)}")
+        raise DataError(f"duplicate classes in selection: {', '.join(chosen)}")
     return chosen

@@ -40,6 +40,7 @@ import tensorflow_datasets as tfds
 from data_pipeline import builders, layouts
 from data_pipeline import classes as C
 from data_pipeline.decode import pixel_budget
+from data_pipeline.image_source import DataError
 
 DATASETS: tuple[str, ...] = (
     "synthetic_cxr", "covid19_radiography", "chest_xray_pneumonia", "image_folder")
@@ -132,12 +133,12 @@ class Dataset:
 
 def _options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     defaults = _OPTIONS[name]
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         accepted = ", ".join(defaults) or "none"
-        raise ValueError(f"unknown option(s) {', '.join(unknown)} for {name}; accepted: {accepted}")
+        raise DataError(f"unknown option(s) {', '.join(unknown)} for {name}; accepted: {accepted}")
     return {**defaults, **options}
 
 
@@ -262,7 +263,7 @@ def _builder(name: str, data_dir, classes, build_root: Path, opts: dict[str, Any
     ignore = frozenset(p for p in (_resolved(build_root),) if p is not None)
     scan = scan_fn(root, ignore=ignore, **scan_opts)
     if not scan.records:
-        raise ValueError(f"no images found under {root}")
+        raise DataError(f"no images found under {root}")
     class_names = C.select_classes(scan.classes, classes)
     records = [r for r in scan.records if r.label in class_names]
     has_masks = set(class_names) <= scan.classes_with_masks
@@ -342,8 +343,9 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     counted skips, checked from the header before decoding; every folder source
     skip_lateral=True: DICOM lateral views (ViewPosition LL, RL, ...) are counted skips
     (`data_pipeline.dicom`). `classes` keeps a subset
-    of canonical classes in the given order. Raises ValueError / FileNotFoundError with a
-    one-line message for unknown names or options and missing, empty or class-less roots.
+    of canonical classes in the given order. Raises DataError (a ValueError) /
+    FileNotFoundError with a one-line message for unknown names or options and missing, empty
+    or class-less roots.
     `classes` may also be one comma-separated string.
 
     Every entry under a folder source is either an example or in `Dataset.skipped` with its

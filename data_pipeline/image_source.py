@@ -1,6 +1,6 @@
 """What every decoder shares, and imports nothing else of the package: reading a file's
-bytes, the pixel budget, the error a skipped file is reported with, and which file names
-are images.
+bytes, the pixel budget, the error a skipped file is reported with, the error the user's data
+is refused with (`DataError`), and which file names are images.
 
 `data_pipeline.decode` (Pillow, and DICOM through `data_pipeline.dicom`) and
 `data_pipeline.dicom` both build on this module, so the dependency runs one way:
@@ -29,9 +29,15 @@ class DecodeError(ValueError):
     """A file that cannot become an image; the message is the reason recorded for the skip."""
 
 
+class DataError(ValueError):
+    """The user's data refused: a bad data folder or manifest, an unknown layout, unknown or
+    repeated class names, an empty dataset, a quality setting that cannot filter, a split the
+    data cannot satisfy. The message is one line for `error: ...`."""
+
+
 def pixel_budget(max_pixels: int | None = None) -> int:
     """The largest width x height decoded: `max_pixels`, else `$CXR_ENSEMBLES_MAX_PIXELS`,
-    else 50 MP. ValueError for a value that is not a positive integer."""
+    else 50 MP. DataError for a value that is not a positive integer."""
     if max_pixels is None:
         text = os.environ.get(MAX_PIXELS_ENV, "").strip()
         if not text:
@@ -39,10 +45,10 @@ def pixel_budget(max_pixels: int | None = None) -> int:
         try:
             max_pixels = int(text)
         except ValueError:
-            raise ValueError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}"
-                             ) from None
+            raise DataError(f"${MAX_PIXELS_ENV} must be a positive integer, got {text!r}"
+                            ) from None
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+        raise DataError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     return max_pixels
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from data_pipeline import classes as C
 from data_pipeline.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, file_kind
 from data_pipeline.dicom import header_patient_id, is_dicom
+from data_pipeline.image_source import DataError
 
 MANIFEST = "manifest.csv"
 KERMANY_SPLITS = ("train", "test", "val")
@@ -78,14 +79,14 @@ def ordered(names: Iterable[str]) -> tuple[str, ...]:
 def check_root(data_dir: str | Path | None, dataset: str) -> Path:
     """Return the resolved root, or raise a one-line error if it is unset, missing or empty."""
     if data_dir is None:
-        raise ValueError(f"dataset {dataset!r} needs data_dir (the folder holding its images)")
+        raise DataError(f"dataset {dataset!r} needs data_dir (the folder holding its images)")
     root = Path(data_dir).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data_dir {root} does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"data_dir {root} is not a folder")
     if not any(root.iterdir()):
-        raise ValueError(f"data_dir {root} is empty")
+        raise DataError(f"data_dir {root} is empty")
     return root.resolve()
 
 
@@ -187,7 +188,7 @@ def _report_folder(scan: Scan, folder: Path, why: str) -> None:
 def read_manifest(root: Path) -> dict[str, str]:
     """Map file (POSIX path relative to root, or bare file name) -> patient_id from manifest.csv.
 
-    Returns {} when there is no manifest. Raises a one-line ValueError naming the file (and
+    Returns {} when there is no manifest. Raises a one-line DataError naming the file (and
     line) when it is not UTF-8 text or not CSV, its header lacks `file` or `patient_id`, a row
     has fewer or more fields than the header, or one file is listed with two patient ids.
     A UTF-8 byte-order mark is accepted. The `label` column is informative only: folders
@@ -199,40 +200,40 @@ def read_manifest(root: Path) -> dict[str, str]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise ValueError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
-                         ) from None
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
+                        ) from None
     out: dict[str, str] = {}
     first_line: dict[str, int] = {}
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         missing = {"file", "patient_id"} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
         width = len(reader.fieldnames)
         for row in reader:
             line = reader.line_num
             if None in row:
-                raise ValueError(f"{path} line {line}: more fields than the {width} of the "
-                                 f"header")
+                raise DataError(f"{path} line {line}: more fields than the {width} of the "
+                                f"header")
             if any(v is None for v in row.values()):
                 n = sum(v is not None for v in row.values())
-                raise ValueError(f"{path} line {line}: {n} field(s), the header has {width}")
+                raise DataError(f"{path} line {line}: {n} field(s), the header has {width}")
             name = row["file"].strip().replace("\\", "/")
             pid = row["patient_id"].strip()
             if not name:
-                raise ValueError(f"{path} line {line}: empty `file`")
+                raise DataError(f"{path} line {line}: empty `file`")
             if name in out and out[name] != pid:
-                raise ValueError(f"{path} line {line}: {name} has patient id {pid!r}, but "
-                                 f"line {first_line[name]} gives {out[name]!r}")
+                raise DataError(f"{path} line {line}: {name} has patient id {pid!r}, but "
+                                f"line {first_line[name]} gives {out[name]!r}")
             out.setdefault(name, pid)
             first_line.setdefault(name, line)
     except csv.Error as e:
-        raise ValueError(f"{path}: not valid CSV: {e}") from None
+        raise DataError(f"{path}: not valid CSV: {e}") from None
     return out
 
 
@@ -325,10 +326,10 @@ def _class_folders(root: Path, scan: Scan, *, strict: bool) -> list[tuple[Path, 
             folders.append((folder, C.canonical_name(folder.name)))
         except ValueError as e:
             if strict:
-                raise ValueError(f"class folder {printable(str(folder))}: {e}") from None
+                raise DataError(f"class folder {printable(str(folder))}: {e}") from None
             scan.report(folder, "ignored: not a known class folder")
     if not folders:
-        raise ValueError(f"no class folders found in {root}; known classes: {', '.join(C.CANONICAL)}")
+        raise DataError(f"no class folders found in {root}; known classes: {', '.join(C.CANONICAL)}")
     return folders
 
 
@@ -386,7 +387,7 @@ def kermany_root(root: Path) -> Path:
     for candidate in (root, root / "chest_xray"):
         if candidate.is_dir() and any((candidate / s).is_dir() for s in KERMANY_SPLITS):
             return candidate
-    raise ValueError(f"no {'/'.join(KERMANY_SPLITS)} folders in {root} or {root / 'chest_xray'}")
+    raise DataError(f"no {'/'.join(KERMANY_SPLITS)} folders in {root} or {root / 'chest_xray'}")
 
 
 def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3, *,
@@ -398,7 +399,7 @@ def scan_chest_xray_pneumonia(root: Path, num_classes: int = 3, *,
     the root holds it, are ignored and reported.
     """
     if num_classes not in (2, 3):
-        raise ValueError(f"chest_xray_pneumonia: num_classes must be 2 or 3, got {num_classes!r}")
+        raise DataError(f"chest_xray_pneumonia: num_classes must be 2 or 3, got {num_classes!r}")
     scan = Scan(root, ignore=frozenset(ignore))
     base = kermany_root(root)
     manifest = read_manifest(root)

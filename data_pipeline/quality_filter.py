@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.datasets import Dataset
+from data_pipeline.image_source import DataError
 from data_pipeline.quality import brisque, quality_filter, score_dataset
 
 
@@ -24,16 +25,16 @@ def filter_indices(dataset: Dataset, indices: np.ndarray, *, quality_max: float 
     """(the `indices` kept, the report): `quality_filter` over the BRISQUE scores of
     dataset.source[indices] (`drop_worst` a fraction of them). Without a setting every index
     is kept and nothing is scored; with one, the images are scored (cached per build).
-    ValueError for a setting that cannot filter, before anything is scored."""
+    DataError for a setting that cannot filter, before anything is scored."""
     indices = np.asarray(indices, np.int64)
     report: dict[str, Any] = {"quality_max": quality_max, "drop_worst": drop_worst, "count": 0,
                               "files": []}
     if quality_max is None and drop_worst is None:
         return indices, report
     if quality_max is not None and not math.isfinite(quality_max):
-        raise ValueError(f"quality_max must be a finite BRISQUE score; got {quality_max}")
+        raise DataError(f"quality_max must be a finite BRISQUE score; got {quality_max}")
     if drop_worst is not None and not 0 <= drop_worst < 1:
-        raise ValueError(f"quality_drop_worst must be in [0, 1); got {drop_worst}")
+        raise DataError(f"quality_drop_worst must be in [0, 1); got {drop_worst}")
     scores = score_dataset(dataset, indices, progress=progress)
     keep = quality_filter(scores, quality_max=quality_max, drop_worst=drop_worst)
     dropped = np.flatnonzero(~keep)
@@ -70,7 +71,7 @@ class QualityGate:
 
     def __init__(self, quality_max: float):
         if not math.isfinite(quality_max):
-            raise ValueError(f"quality_max must be a finite BRISQUE score; got {quality_max}")
+            raise DataError(f"quality_max must be a finite BRISQUE score; got {quality_max}")
         self.quality_max = quality_max
         self.scores: list[float] = []
         self.refused = 0

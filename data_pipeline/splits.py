@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from data_pipeline.image_source import DataError
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # Recipes from the reports: "a/b-c/d" splits a/b into (train+val)/test, then the first part
@@ -65,12 +67,12 @@ def _groups(patient_ids: np.ndarray) -> np.ndarray:
 def _check_ratios(ratios: Sequence[float]) -> np.ndarray:
     r = np.asarray(ratios, dtype=np.float64)
     if r.shape != (3,) or (r < 0).any():
-        raise ValueError(
+        raise DataError(
             f"ratios must be three non-negative numbers (train, val, test), got {ratios}")
     if not np.isclose(r.sum(), 1.0, atol=1e-6):
-        raise ValueError(f"ratios must sum to 1, got {tuple(ratios)} (sum {r.sum():.6g})")
+        raise DataError(f"ratios must sum to 1, got {tuple(ratios)} (sum {r.sum():.6g})")
     if r[0] == 0:
-        raise ValueError("the train ratio must be positive")
+        raise DataError("the train ratio must be positive")
     return r
 
 
@@ -80,7 +82,7 @@ def resolve_ratios(ratios: Sequence[float] | None = None, recipe: str | None = N
         raise ValueError("give either ratios or recipe, not both")
     if recipe is not None:
         if recipe not in RECIPES:
-            raise ValueError(f"unknown split recipe {recipe!r}; known: {', '.join(RECIPES)}")
+            raise DataError(f"unknown split recipe {recipe!r}; known: {', '.join(RECIPES)}")
         ratios = RECIPES[recipe]
     return _check_ratios(RECIPES["70/15/15"] if ratios is None else ratios)
 
@@ -102,7 +104,7 @@ def split_indices(labels, patient_ids, *, ratios: Sequence[float] | None = None,
     """Split example indices into {"train", "val", "test"} (sorted int64 arrays).
 
     Stratified by label, patient-grouped, deterministic by `seed`; see the module docstring.
-    Raises ValueError for bad ratios or a class with fewer examples (or patients) than splits.
+    Raises DataError for bad ratios or a class with fewer examples (or patients) than splits.
     """
     labels, patient_ids = _as_arrays(labels, patient_ids)
     r = resolve_ratios(ratios, recipe)
@@ -118,7 +120,7 @@ def split_indices(labels, patient_ids, *, ratios: Sequence[float] | None = None,
     for c in range(k):
         n_c, g_c = int(counts[:, c].sum()), int((counts[:, c] > 0).sum())
         if g_c < used:
-            raise ValueError(
+            raise DataError(
                 f"class {classes[c]} has {n_c} example(s) from {g_c} patient group(s), "
                 f"fewer than the {used} splits asked for")
     targets = np.stack([_class_targets(int(counts[:, c].sum()), r) for c in range(k)], axis=1)
@@ -146,17 +148,17 @@ def kfold_indices(labels, patient_ids, *, k: int = 5,
                   seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """k stratified, patient-grouped folds as (train_idx, val_idx); each index in one val fold.
 
-    Uses scikit-learn's StratifiedGroupKFold (shuffled by `seed`). Raises ValueError for k < 2
+    Uses scikit-learn's StratifiedGroupKFold (shuffled by `seed`). Raises DataError for k < 2
     or a class with fewer patient groups than folds.
     """
     if not isinstance(k, (int, np.integer)) or k < 2:
-        raise ValueError(f"k must be an integer >= 2, got {k!r}")
+        raise DataError(f"k must be an integer >= 2, got {k!r}")
     labels, patient_ids = _as_arrays(labels, patient_ids)
     groups = _groups(patient_ids)
     for c in np.unique(labels):
         g_c = len(np.unique(groups[labels == c]))
         if g_c < k:
-            raise ValueError(
+            raise DataError(
                 f"class {c} has {int((labels == c).sum())} example(s) from {g_c} patient "
                 f"group(s), fewer than k={k} folds")
     folds = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=seed)
@@ -170,7 +172,7 @@ def source_split_indices(labels, patient_ids, source_splits, *,
     train and val folders: Kermany's val holds 16 images) splits into train/val as
     `split_indices` does, with SOURCE_VAL_SHARE for val. Images of a patient who also has
     images in the test folder are left out of train and val (a warning counts them), so the
-    splits stay patient-disjoint. ValueError when the dataset has no test folder."""
+    splits stay patient-disjoint. DataError when the dataset has no test folder."""
     labels, patient_ids = _as_arrays(labels, patient_ids)
     source_splits = np.asarray(source_splits, dtype=str)
     if source_splits.shape != labels.shape:
@@ -178,8 +180,8 @@ def source_split_indices(labels, patient_ids, source_splits, *,
                          f"{len(labels)}")
     test = np.flatnonzero(source_splits == "test").astype(np.int64)
     if not len(test):
-        raise ValueError("split recipe source: this dataset has no test folder of its own "
-                         "(a Kermany layout has train/ and test/); use another --split-recipe")
+        raise DataError("split recipe source: this dataset has no test folder of its own "
+                        "(a Kermany layout has train/ and test/); use another --split-recipe")
     test_patients = {str(p) for p in patient_ids[test] if p}
     rest = np.flatnonzero(source_splits != "test")
     shared = np.array([bool(patient_ids[i]) and str(patient_ids[i]) in test_patients

@@ -24,23 +24,31 @@ from pathlib import Path
 
 from backbones import training
 from backbones.weights import WeightsDownloadError
-from data_pipeline.image_source import DecodeError
+from data_pipeline.image_source import DataError, DecodeError
 from ensembles.bundle.schema import BundleError
 from ensembles.config import (
-    FAMILIES, FIELDS, LAUNCH, SECTIONS, ConfigError, RunConfig, choices_of, family,
-    for_resume, join_cluster, make_config, unknown_choice)
+    FAMILIES,
+    FIELDS,
+    LAUNCH,
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    choices_of,
+    family,
+    for_resume,
+    join_cluster,
+    make_config,
+    unknown_choice,
+)
 from ensembles.training import runs
 
-# The user's errors: bad settings, a bad bundle or image file, weights that cannot be fetched,
-# a diverged run, a refused non-finite checkpoint.
+# The user's errors: bad settings, refused data (a bad data folder, unknown classes, an empty
+# dataset, a split the data cannot satisfy), a bad bundle or image file, weights that cannot
+# be fetched, a diverged run, a refused non-finite checkpoint. Every CLI reports them through
+# `except Exception as error: return common.fail(error, argv)`.
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, BundleError, DecodeError, WeightsDownloadError, training.TrainingDiverged,
-    training.NonFiniteError)
-# The old catch-all that evaluate, predict, stack and compare still use (`except
-# common.CLI_ERRORS`): it reports any ValueError, a library bug too. Those CLIs move to
-# `except Exception as error: return common.fail(error, argv)` once the library raises its
-# own types for the user's input; then this goes.
-CLI_ERRORS: tuple[type[Exception], ...] = (*USER_ERRORS, ValueError, OSError)
+    ConfigError, DataError, BundleError, DecodeError, WeightsDownloadError,
+    training.TrainingDiverged, training.NonFiniteError)
 # A filesystem the user must fix: full, over quota, read-only, forbidden.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 LAYOUT_NAMES = {"covid19_radiography": "the Kaggle COVID-19 Radiography layout (<Class>/images/)",

@@ -121,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=planned[0].config.training.progress,
             **dict(_option(o) for o in args.cross_option))
         library.run(planned, out, reuse=args.reuse, cross=cross)
-    except common.CLI_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:   # noqa: BLE001 (fail re-raises what is not the user's)
+        return common.fail(error, argv)
     print((out / "compare.md").read_text())
     print(f"report: {out / 'compare.md'}")
     return 0

@@ -72,10 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_bootstrap=args.n_bootstrap, seed=args.seed, keep_lateral=args.keep_lateral,
             quality_max=args.quality_max, quality_drop_worst=args.quality_drop_worst,
             segmenter=args.segmenter, progress=args.progress)
-    except common.CLI_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary_line(metrics, out / "report.md"))
+    except Exception as error:   # noqa: BLE001 (fail re-raises what is not the user's)
+        return common.fail(error, argv)
+    print(summary_line(metrics, out / "report.html"))
     return 0
 
 

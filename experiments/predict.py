@@ -95,9 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             buffer = io.StringIO()
             csv.writer(buffer).writerows(result.table)
             sys.stdout.write(buffer.getvalue())
-    except (*common.CLI_ERRORS, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:   # noqa: BLE001 (fail re-raises what is not the user's)
+        return common.fail(error, argv)
     print(result.summary(args.csv and Path(args.csv), args.gradcam and Path(args.gradcam)),
           file=sys.stderr)
     return 0

@@ -103,10 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: stack, print the summary line; bad input -> `error: ...`, exit code 2."""
     try:
         stacked = run(argv)
-    except common.CLI_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary_line(stacked.metrics_, stacked.run_dir_ / "report.md"))
+    except Exception as error:   # noqa: BLE001 (fail re-raises what is not the user's)
+        return common.fail(error, argv)
+    print(summary_line(stacked.metrics_, stacked.run_dir_ / "report.html"))
     return 0
 
 

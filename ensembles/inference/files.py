@@ -228,6 +228,16 @@ def duplicates_note(column: Sequence[str]) -> str:
     return f"duplicates of training images: {exact} exact, {near} near"
 
 
+def with_segmenter(bundle: Bundle | StackBundle, segmenter: str | Path) -> Bundle | StackBundle:
+    """`bundle` masking with the masks of the segmenter run `segmenter` (--segmenter);
+    ConfigError for a bundle trained on unmasked images."""
+    seg = load_segmenter(segmenter)
+    try:
+        return bundle.with_segmenter(seg)
+    except ValueError as error:   # the runtime's refusal (ensembles/bundle/runtime.py)
+        raise ConfigError(str(error)) from None
+
+
 def check_gradcam_target(path: Path | None, use_meta: bool, flag: str) -> None:
     if use_meta:
         raise ConfigError(f"{flag} shows Grad-CAM of the rule combiner's decision; it cannot "
@@ -335,7 +345,7 @@ def predict_files(run: str | Path | Bundle | StackBundle, paths: Sequence[str | 
     bundle = run if isinstance(run, Bundle | StackBundle) else load_bundle(run)
     name = bundle.run_dir.name if isinstance(run, Bundle | StackBundle) else Path(run).name
     if segmenter is not None:
-        bundle = bundle.with_segmenter(load_segmenter(segmenter))
+        bundle = with_segmenter(bundle, segmenter)
     elif bundle.needs_shipped_masks:
         raise ConfigError(f"{run if not isinstance(run, Bundle | StackBundle) else bundle.run_dir}"
                          f" was trained on the lung masks its dataset ships; image files have "

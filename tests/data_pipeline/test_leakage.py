@@ -203,7 +203,7 @@ def test_evaluate_reports_the_training_images_it_was_given(run, folder, tmp_path
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"LEAKAGE: {EXACT} exact and {NEAR} near duplicate(s)" in line
     assert f"without them: accuracy {without['accuracy']:.3f}" in line
-    assert line.endswith(f"report: {out}/report.md")
+    assert line.endswith(f"report: {out}/report.html")
 
 
 def test_evaluate_without_progress_draws_no_bar(run, folder, tmp_path, capfd):

@@ -209,7 +209,7 @@ def test_evaluate_reports_class_mismatch(run, images, tmp_path, capsys):
     assert last.startswith(f"test accuracy {metrics['accuracy']:.3f}")
     # the data lacks bacterial_pneumonia: chance over the 3 classes present
     assert "chance 0.333 for 3 classes present" in last
-    assert last.endswith(f"report: {out}/report.md")
+    assert last.endswith(f"report: {out}/report.html")
 
 
 def test_incomplete_and_foreign_runs_are_refused(run, tmp_path, capsys):

@@ -275,5 +275,5 @@ def test_stack_cli_trains_its_runs_then_stacks(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"test accuracy {metrics['accuracy']:.3f}")
-    assert last.endswith(f"report: {out}/report.md")
+    assert last.endswith(f"report: {out}/report.html")
     assert isinstance(load_bundle(out), StackBundle)
