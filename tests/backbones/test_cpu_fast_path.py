@@ -96,6 +96,7 @@ class _Tiny(nn.Module):
         return nn.Dense(3, name="head")(x.mean((1, 2)))
 
 
+@pytest.mark.slow
 def test_train_step_matches_plain_path(monkeypatch):
     tx = training.make_optimizer(training.OptimConfig(optimizer="sgd", learning_rate=0.1))
     variables = jax.jit(_Tiny().init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

@@ -309,6 +309,7 @@ def test_combined_map_is_the_gradient_of_the_combined_probability(strategy):
     assert cams.decisions.tolist() == bundle.decide(probs).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, columns", [
     ("ova", [1, 1, 1]), ("ovo", [0, 0, 0]), ("cascade", [1, None]), ("single", [None])])
 def test_member_maps_explain_each_members_own_class(strategy, columns):

@@ -111,8 +111,8 @@ def test_inception_keras_layout():
     assert params["conv2d_32"]["kernel"].shape == (1, 7, 128, 128)
 
 
-@pytest.mark.parametrize("name", [pytest.param("densenet121", marks=pytest.mark.slow),
-                                  "xception", "inception_v3"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["densenet121", "xception", "inception_v3"])
 def test_train_mode_updates_batch_stats_and_inference_uses_them(name, monkeypatch):
     _, _, side, _ = KERAS[name]
     model = backbones.create(name, num_classes=3, head="linear")

@@ -12,6 +12,7 @@ import backbones
 from benchmarks.throughput import REMAT, _remat_apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["nothing", "dots"])
 def test_remat_gives_the_plain_logits_and_gradients(policy):
     model = backbones.create("cnn_bn3x2", num_classes=3, width=0.25)

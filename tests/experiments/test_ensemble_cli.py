@@ -183,6 +183,7 @@ def _snapshot(folder):
             if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_refused_resume_changes_no_file(tmp_path, cache, capsys):
     out = tmp_path / "ova"
     argv = [*TINY, "--out", str(out), "--cache-dir", str(cache)]

@@ -55,6 +55,7 @@ def test_the_memory_estimate_grows_with_batch_image_and_members():
     assert build.training_memory_bytes(base.replace(batch_size=32), 2, 1) > one
 
 
+@pytest.mark.slow
 def test_one_epoch_with_a_whole_epoch_of_warmup_trains(tmp_path, cache):
     out = tmp_path / "run"
     assert ensemble_cli.main("single", "", [*TINY, "--epochs", "1", "--warmup-epochs", "1",

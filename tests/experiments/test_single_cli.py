@@ -29,6 +29,7 @@ def _argv(out, cache, *extra):
             "--cache-dir", str(cache), "--out", str(out), "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_single_writes_every_file(tmp_path, cache, capsys):
     out = tmp_path / "run"
     assert single_main(_argv(out, cache)) == 0
@@ -81,6 +82,7 @@ def test_single_writes_every_file(tmp_path, cache, capsys):
     assert [r["step"] for r in records] == [steps, 2 * steps]
 
 
+@pytest.mark.slow
 def test_single_cli_and_ensemble_single_agree(tmp_path, cache):
     """The CLI and the Python API with the same settings give the same metrics."""
     out = tmp_path / "cli"

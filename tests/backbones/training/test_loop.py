@@ -87,7 +87,7 @@ def _records(records):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, trains):
     out = tmp_path_factory.mktemp("full")
     return out, _fit(out)
 

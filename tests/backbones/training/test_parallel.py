@@ -82,6 +82,7 @@ def two_devices() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_parallel_modes_match_one_device(two_devices, mode):
     single, other = two_devices["single"], two_devices[mode]

@@ -110,6 +110,7 @@ def test_freeze_policy_parsing_and_stages():
         freeze.trainable_modules(params, "last:4")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["head", "last:1"])
 def test_frozen_parameters_and_statistics_stay_bit_identical(policy):
     state, dp, step = _setup("cnn_bn3x2", policy=policy, lr=1e-2)

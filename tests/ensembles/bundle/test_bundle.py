@@ -37,7 +37,7 @@ TINY = {"image_size": 16, "count": 120, "epochs": 1, "width": 0.25, "batch_size"
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
+def fitted(tmp_path_factory, trains):
     base = tmp_path_factory.mktemp("bundle")
     return Ensemble("ova", **TINY, cache_dir=str(base / "tfds")).fit(out=base / "ova")
 

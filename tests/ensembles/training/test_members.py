@@ -100,6 +100,7 @@ def test_plan_groups_groups_by_class_count():
         plan_groups([2, 3], table, [np.ones(2), np.ones(2)])
 
 
+@pytest.mark.slow
 def test_stacked_equals_sequential(data):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     a = _train(data, "stacked", stack)
@@ -146,6 +147,7 @@ def test_member_targets_of_own_batches_use_each_members_column():
     np.testing.assert_allclose(weights, [[1.5, .75], [1.5, .75], [1.5, .75], [0, 1]])
 
 
+@pytest.mark.slow
 def test_stacked_own_batches_equal_sequential_own(data):
     """Each stacked member trains on its own batch (MemberBatches, image [B, M, ...]) and
     matches the member trained alone on the same batches with the same keys."""
@@ -163,6 +165,7 @@ def test_stacked_own_batches_equal_sequential_own(data):
     assert first["images_per_s"] * first["seconds"] == pytest.approx(4 * BATCH * 4)
 
 
+@pytest.mark.slow
 def test_batch_norm_members_stacked_equal_sequential(data):
     """The path of the README's main command: BatchNorm members under vmap, parameter by
     parameter and running statistic by statistic, against members trained one by one.
@@ -187,6 +190,7 @@ def test_batch_norm_members_stacked_equal_sequential(data):
     assert not np.allclose(stats[0], stats[1])       # each member kept its own statistics
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(data, tmp_path):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     full = _train(data, "stacked", stack, epochs=3)
@@ -209,6 +213,7 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     chex.assert_trees_all_equal(full.variables, resumed.variables)
 
 
+@pytest.mark.slow
 def test_nan_guard(data):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     x, y = data
@@ -242,6 +247,7 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_init_variables_are_the_starting_point(data):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     start = _initial(stack, seed=7)       # not what key 0 would initialise
@@ -257,6 +263,7 @@ def test_init_variables_are_the_starting_point(data):
     _assert_trees_equal(frozen.variables["params"], start["params"])
 
 
+@pytest.mark.slow
 def test_init_variables_stacked_equals_sequential(data, tmp_path):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     start = _initial(stack, seed=7)
@@ -272,6 +279,7 @@ def test_init_variables_stacked_equals_sequential(data, tmp_path):
     _assert_trees_equal(again.variables, a.variables)
 
 
+@pytest.mark.slow
 def test_init_variables_of_the_wrong_shape_are_refused(data):
     (stack,) = plan_groups([2] * 4, TABLE, WEIGHTS)
     two = jax.tree.map(lambda x: x[:2], _initial(stack, seed=7))

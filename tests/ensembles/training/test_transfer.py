@@ -97,6 +97,7 @@ def _batch(size, n=8, seed=0):
     return {"image": images, "label": labels, "weight": np.ones(n, np.float32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size,width", [("cnn_bn3x2", 16, 0.25), ("resnet18", 32, 0.125)])
 def test_last1_frozen_stages_use_running_statistics(name, size, width):
     model, state, trainable, dp, step = _setup(name, "last:1", size=size, width=width)
