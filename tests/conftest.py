@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from settings import TINY, TINY_ARGS  # noqa: F401 -- the settings every file imports
 
 # Two pytest workers share two cores: OpenMP pools (scikit-learn's gradient boosting) sized to
 # the machine oversubscribe them badly. Set before any test module imports scikit-learn.
@@ -30,15 +31,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real chest X-ray data not found at {SHARED_DATA} (set CXR_SHARED_DATA)")
     return SHARED_DATA
-
-
-# The tiny run every trained-run test uses, written once: 16 px phantoms, a quarter-width
-# simple_cnn, one epoch. TINY_ARGS is the same as CLI flags.
-TINY: dict = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "epochs": 1,
-              "width": 0.25, "batch_size": 16, "n_bootstrap": 0, "progress": False}
-TINY_ARGS: list[str] = ["--backbone", "simple_cnn", "--image-size", "16", "--count", "120",
-                        "--epochs", "1", "--width", "0.25", "--batch-size", "16",
-                        "--n-bootstrap", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 import skimage.data
 from PIL import Image
 from scipy import ndimage
+from settings import TINY_ARGS
 
 from data_pipeline import inspect as inspect_cli
 from data_pipeline import quality
@@ -32,8 +33,7 @@ REFERENCE = json.loads((Path(__file__).resolve().parents[1] / "brisque_reference
 # features of the other three agree within 6% (or 0.002). The distortions below move
 # scores by tens of points.
 SCORE_TOLERANCE = 4.0
-TINY = ["--backbone", "simple_cnn", "--count", "60", "--image-size", "16", "--width", "0.25",
-        "--epochs", "1", "--batch-size", "8", "--n-bootstrap", "0", "--no-progress"]
+ARGS = [*TINY_ARGS, "--count", "60", "--batch-size", "8"]
 
 
 def _reference_image(name: str) -> np.ndarray:
@@ -148,7 +148,7 @@ def test_bad_quality_settings_are_refused():
 def test_cli_drops_the_worst_tenth_and_reports_them(tmp_path, dataset, capsys):
     out = tmp_path / "run"
     cache = Path(dataset.build_dir).parents[2]     # the module's cache: scores already there
-    assert cli_main("ova", DESCRIPTION, [*TINY, "--quality-drop-worst", "0.1", "--cache-dir",
+    assert cli_main("ova", DESCRIPTION, [*ARGS, "--quality-drop-worst", "0.1", "--cache-dir",
                                          str(cache), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     scores = quality.score_dataset(dataset, progress=False)
@@ -161,7 +161,7 @@ def test_cli_drops_the_worst_tenth_and_reports_them(tmp_path, dataset, capsys):
     report = (out / "report.md").read_text()
     assert "6 images dropped before splitting (the worst 10.0%; 54 kept)" in report
     assert all(f"`{f['path']}`" in report for f in q["files"])
-    assert cli_main("ova", DESCRIPTION, [*TINY, "--quality-drop-worst", "2", "--out",
+    assert cli_main("ova", DESCRIPTION, [*ARGS, "--quality-drop-worst", "2", "--out",
                                          str(tmp_path / "bad")]) == 2
     assert "error: quality_drop_worst must be in [0, 1)" in capsys.readouterr().err
 

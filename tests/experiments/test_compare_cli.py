@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from settings import TINY_ARGS
 
 from ensembles import RunConfig
 from ensembles.config import FAMILY_DEFAULTS
@@ -18,8 +19,7 @@ from ensembles.research import compare as library
 from ensembles.research import comparison
 from experiments import compare
 
-TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
-        "--batch-size", "16", "--no-progress"]
+ARGS = [*TINY_ARGS, "--n-bootstrap", "1000"]   # the metrics carry CIs
 
 
 def _config(run_dir) -> RunConfig:
@@ -39,7 +39,7 @@ def _mcnemar_p(b: int, c: int) -> float:
 def test_compare_tiny(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = compare.main(["--strategies", "single,ovo,cascade,stack", "--backbones",
-                         "simple_cnn", "--seeds", "1", "--compare-out", str(out), *TINY,
+                         "simple_cnn", "--seeds", "1", "--compare-out", str(out), *ARGS,
                          "--meta", "logreg", "--cache-dir", str(tmp_path / "tfds"),
                          # the cross set: the training data itself (same seed, count, size)
                          "--cross-dataset", "synthetic_cxr", "--cross-option", "count=120",
@@ -167,7 +167,7 @@ def test_one_config_per_run_with_each_backbones_family_defaults(tmp_path):
 def test_reuse_keeps_finished_runs_and_refuses_other_settings(tmp_path, capsys):
     out, cache = tmp_path / "cmp", str(tmp_path / "tfds")
     argv = ["--strategies", "single,ova", "--backbones", "simple_cnn", "--seeds", "1",
-            "--compare-out", str(out), *TINY, "--cache-dir", cache]
+            "--compare-out", str(out), *ARGS, "--cache-dir", cache]
     assert compare.main(argv) == 0
     first = (out / "compare.csv").read_text()
     stamp = (out / "ova-simple_cnn-seed0" / "metrics.json").stat().st_mtime_ns

@@ -8,20 +8,20 @@ import json
 import jax
 import numpy as np
 import pytest
+from settings import TINY_ARGS
 
 from data_pipeline.splits import kfold_indices
 from ensembles.training import build, fitting, runs
 from experiments import common, ensemble_cli
 
-TINY = ["--image-size", "16", "--count", "120", "--epochs", "1", "--width", "0.25",
-        "--batch-size", "16", "--no-progress"]
+ARGS = [*TINY_ARGS, "--n-bootstrap", "1000"]   # the metrics carry CIs
 FILES = ("config.json", "combiner.json", "metrics.json", "metrics.jsonl", "report.md",
          "confusion.png", "roc.png", "reliability.png", "curves.png", "outputs.npz")
 
 
 def _run(strategy, tmp_path, cache, *extra):
     out = tmp_path / strategy
-    return ensemble_cli.run(strategy, [*TINY, "--out", str(out), "--cache-dir", str(cache),
+    return ensemble_cli.run(strategy, [*ARGS, "--out", str(out), "--cache-dir", str(cache),
                                        *extra]).run_dir_
 
 
@@ -54,7 +54,7 @@ def test_cli_end_to_end(strategy, members, tmp_path, cache):
 def test_cascade_without_healthy_class_fails_before_writing(tmp_path, cache):
     out = tmp_path / "cascade"
     with pytest.raises(ValueError, match="healthy class"):
-        ensemble_cli.run("cascade", [*TINY, "--classes",
+        ensemble_cli.run("cascade", [*ARGS, "--classes",
                                      "covid,viral_pneumonia,bacterial_pneumonia", "--out", str(out),
                                      "--cache-dir", str(cache)])
     assert not out.exists()
@@ -63,7 +63,7 @@ def test_cascade_without_healthy_class_fails_before_writing(tmp_path, cache):
 def test_ovo_pair_too_small_fails_before_writing(tmp_path, cache):
     out = tmp_path / "ovo"
     with pytest.raises(ValueError, match="training examples per class"):
-        ensemble_cli.run("ovo", [*TINY, "--min-per-class", "1000", "--out", str(out),
+        ensemble_cli.run("ovo", [*ARGS, "--min-per-class", "1000", "--out", str(out),
                                  "--cache-dir", str(cache)])
     assert not out.exists()
 
@@ -73,12 +73,12 @@ def test_existing_run_is_not_overwritten(tmp_path, cache):
     out.mkdir()
     (out / "report.md").write_text("keep me")
     with pytest.raises(ValueError, match="not empty"):
-        ensemble_cli.run("ova", [*TINY, "--out", str(out), "--cache-dir", str(cache)])
+        ensemble_cli.run("ova", [*ARGS, "--out", str(out), "--cache-dir", str(cache)])
     assert (out / "report.md").read_text() == "keep me"
 
 
 def test_main_prints_one_line_error(tmp_path, cache, capsys):
-    code = ensemble_cli.main("cascade", "", [*TINY, "--classes", "covid,viral_pneumonia",
+    code = ensemble_cli.main("cascade", "", [*ARGS, "--classes", "covid,viral_pneumonia",
                                              "--out", str(tmp_path / "x"),
                                              "--cache-dir", str(cache)])
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
@@ -99,7 +99,7 @@ def test_meta_on_out_of_fold_outputs(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(fitting, "train_members", spy)
     out = _run("ova", tmp_path, cache, "--meta", "logreg", "--meta-folds", "2")
     # each fold's members never trained on the ids they predict for the meta-classifier
-    config = common.parse("ova", [*TINY, "--meta", "logreg", "--meta-folds", "2",
+    config = common.parse("ova", [*ARGS, "--meta", "logreg", "--meta-folds", "2",
                                   "--cache-dir", str(cache)])[0]
     data = build.build_data(config)
     train = np.unique(data.train_indices)
@@ -139,7 +139,7 @@ def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatc
     (none, head), (init, final) = calls           # OvA: one stack, two phases
     assert none is None and init is head.variables
     # phase 1 changed only the head: its trunk is the fresh initialisation of each member
-    config = common.parse("ova", [*TINY, "--seed", "3", "--cache-dir", str(cache)])[0]
+    config = common.parse("ova", [*ARGS, "--seed", "3", "--cache-dir", str(cache)])[0]
     data = build.build_data(config)
     make_state = build.make_state_fn(config, len(data.train_indices) // 16)
     keys = fitting.members_lib.member_keys(jax.random.PRNGKey(3), head.stack.members)
@@ -174,7 +174,7 @@ def test_bad_meta_folds_and_two_phase_flags_fail_before_writing(extra, message, 
                                                                  cache):
     out = tmp_path / "ova"
     with pytest.raises(ValueError, match=message):
-        ensemble_cli.run("ova", [*TINY, *extra, "--out", str(out), "--cache-dir", str(cache)])
+        ensemble_cli.run("ova", [*ARGS, *extra, "--out", str(out), "--cache-dir", str(cache)])
     assert not out.exists()
 
 
@@ -186,7 +186,7 @@ def _snapshot(folder):
 @pytest.mark.slow
 def test_a_refused_resume_changes_no_file(tmp_path, cache, capsys):
     out = tmp_path / "ova"
-    argv = [*TINY, "--out", str(out), "--cache-dir", str(cache)]
+    argv = [*ARGS, "--out", str(out), "--cache-dir", str(cache)]
     assert ensemble_cli.main("ova", "", argv) == 0
     before = _snapshot(out)
     refusals = [
@@ -195,9 +195,9 @@ def test_a_refused_resume_changes_no_file(tmp_path, cache, capsys):
          "data.image_size: 16 vs 32; training.seed: 0 vs 1"),
         ([*argv, "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
         (argv, "exists and is not empty"),
-        ([*TINY, "--resume", "--out", str(tmp_path / "missing"), "--cache-dir", str(cache)],
+        ([*ARGS, "--resume", "--out", str(tmp_path / "missing"), "--cache-dir", str(cache)],
          "nothing to resume"),
-        ([*TINY, "--resume", "--cache-dir", str(cache)], "--resume needs --out"),
+        ([*ARGS, "--resume", "--cache-dir", str(cache)], "--resume needs --out"),
     ]
     for bad, message in refusals:
         capsys.readouterr()

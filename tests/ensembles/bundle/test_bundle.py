@@ -32,14 +32,13 @@ from ensembles.evaluate.metrics import evaluate_predictions
 from ensembles.training import build
 from experiments import ensemble_cli, evaluate, predict, single
 
-TINY = {"image_size": 16, "count": 120, "epochs": 1, "width": 0.25, "batch_size": 16,
-        "progress": False}
+BUNDLE = {**TINY, "n_bootstrap": 1000}   # the metrics carry CIs
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, trains):
     base = tmp_path_factory.mktemp("bundle")
-    return Ensemble("ova", **TINY, cache_dir=str(base / "tfds")).fit(out=base / "ova")
+    return Ensemble("ova", **BUNDLE, cache_dir=str(base / "tfds")).fit(out=base / "ova")
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from ensembles.training import build, fitting
 from ensembles.training import members as members_lib
 
 OVO3 = np.array([[0, 1, -1], [0, -1, 1], [-1, 0, 1]], np.int32)   # pairs (0,1), (0,2), (1,2)
-TINY = {"backbone": "simple_cnn", "image_size": 16, "count": 120, "width": 0.25,
-        "epochs": 2, "batch_size": 8, "n_bootstrap": 20, "early_stopping_patience": 0,
-        "progress": False, "classes": ("covid", "normal", "viral_pneumonia")}
+MEMBER_DATA = {**TINY, "epochs": 2, "batch_size": 8, "n_bootstrap": 20,
+               "early_stopping_patience": 0, "classes": ("covid", "normal", "viral_pneumonia")}
 
 
 def _keys(sampler, n):
@@ -93,7 +92,7 @@ def test_ovo_members_one_after_another_draw_their_own_pairs():
 
 
 def test_each_member_loader_yields_its_pair_for_the_common_steps(tmp_path):
-    config = make_config("ovo", cache_dir=str(tmp_path), **TINY)
+    config = make_config("ovo", cache_dir=str(tmp_path), **MEMBER_DATA)
     data = build.build_data(config)
     plan = fitting.plan_run(config, data)
     (stack,) = plan.stacks
@@ -138,7 +137,8 @@ def test_member_batches_stack_each_members_batch_and_resume_exactly():
 def test_stacked_own_stopped_after_an_epoch_resumes_to_the_uninterrupted_run(tmp_path,
                                                                               monkeypatch):
     """The data position of every member's loader is in the checkpoint (MemberBatches)."""
-    cache, settings = str(tmp_path / "tfds"), {**TINY, "members": "stacked", "member_data": "own"}
+    cache = str(tmp_path / "tfds")
+    settings = {**MEMBER_DATA, "members": "stacked", "member_data": "own"}
     full = Ensemble("ovo", cache_dir=cache, **settings).fit(out=tmp_path / "full")
     assert full.config.training.member_data == "own"
     real_save = Checkpointer.save
@@ -161,7 +161,7 @@ def test_stacked_own_stopped_after_an_epoch_resumes_to_the_uninterrupted_run(tmp
 @pytest.mark.slow
 def test_ovo_stopped_between_members_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
     cache = str(tmp_path / "tfds")
-    full = Ensemble("ovo", cache_dir=cache, **TINY).fit(out=tmp_path / "full")
+    full = Ensemble("ovo", cache_dir=cache, **MEMBER_DATA).fit(out=tmp_path / "full")
     real_fit, calls = members_lib.fit, []
 
     def stop_at_second_member(*args, **kw):
@@ -174,8 +174,8 @@ def test_ovo_stopped_between_members_resumes_to_the_uninterrupted_run(tmp_path, 
     with monkeypatch.context() as patch:
         patch.setattr(members_lib, "fit", stop_at_second_member)
         with pytest.raises(KeyboardInterrupt):
-            Ensemble("ovo", cache_dir=cache, **TINY).fit(out=out)
-    resumed = Ensemble("ovo", cache_dir=cache, **TINY).fit(out=out, resume=True)
+            Ensemble("ovo", cache_dir=cache, **MEMBER_DATA).fit(out=out)
+    resumed = Ensemble("ovo", cache_dir=cache, **MEMBER_DATA).fit(out=out, resume=True)
     assert resumed.metrics_ == full.metrics_
     chex.assert_trees_all_equal(resumed.bundle_.variables, full.bundle_.variables)
     # the members differ: each learned its own pair
