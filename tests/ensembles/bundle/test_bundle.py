@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from settings import TINY
 
 from data_pipeline.datasets import load_dataset
 from data_pipeline.decode import decode_image

@@ -9,6 +9,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from settings import TINY
 from test_loader import PRE, SOURCE, SPLIT
 
 from backbones.training.checkpoint import Checkpointer
