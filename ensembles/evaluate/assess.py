@@ -18,7 +18,9 @@ import numpy as np
 
 from data_pipeline import leakage, quality_filter
 from data_pipeline.datasets import Dataset
+from data_pipeline.image_source import DataError
 from ensembles.bundle import Bundle, Predictions, StackBundle
+from ensembles.config import ConfigError
 from ensembles.evaluate.metrics import (
     chance_level,
     classes_present,
@@ -82,17 +84,17 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
     ("without_duplicates"; None when every example is a duplicate)."""
     match = match_classes(bundle.class_names, dataset.class_names)
     if not match["mapping"]:
-        raise ValueError(f"no class in common: model {list(bundle.class_names)}, data "
+        raise DataError(f"no class in common: model {list(bundle.class_names)}, data "
                          f"{list(dataset.class_names)}")
     if bundle.needs_shipped_masks and not dataset.has_masks:
-        raise ValueError(f"{bundle.run_dir} was trained on the lung masks its dataset ships; "
+        raise ConfigError(f"{bundle.run_dir} was trained on the lung masks its dataset ships; "
                          f"{dataset.name} ships none: give --segmenter RUN (a run of python "
                          f"-m experiments.segment) to mask its images")
     indices, quality = quality_filter.filter_indices(
         dataset, indices, quality_max=quality_max, drop_worst=quality_drop_worst,
         progress=progress)
     if not len(indices):
-        raise ValueError(f"the quality filter dropped every image ({quality['count']})")
+        raise DataError(f"the quality filter dropped every image ({quality['count']})")
     p = bundle.predict(dataset.source, indices, batch_size=batch_size, use_meta=use_meta,
                        label_names=dataset.class_names)
     known = p.labels >= 0
@@ -105,7 +107,7 @@ def evaluate_bundle(bundle: Bundle | StackBundle, dataset: Dataset, indices: np.
             unknown[name] = {"count": int(rows.sum()),
                              "predicted_as": dict(zip(bundle.class_names, counts.tolist()))}
     if not known.any():
-        raise ValueError("no example of a class the model knows")
+        raise DataError("no example of a class the model knows")
     y, ids = p.labels[known], dataset.patient_ids[p.indices[known]]
     metrics = evaluate_predictions(y, p.proba[known], bundle.class_names, patient_ids=ids,
                                    seed=seed, y_pred=p.decisions[known],

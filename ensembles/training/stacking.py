@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ensembles import bundle as bundle_lib
+from ensembles.bundle.schema import BundleError
 from ensembles.combine.meta import MetaClassifier, make_features
+from ensembles.config import ConfigError
 from ensembles.evaluate.metrics import evaluate_predictions
 from ensembles.report.write import write_report
 from ensembles.training.runs import read_config, write_json_atomic
@@ -36,30 +38,30 @@ def load_outputs(run: Path) -> dict:
     """The held-out member outputs a run saved (outputs.npz), with its strategy/backbone."""
     path = Path(run) / "outputs.npz"
     if not path.is_file():
-        raise ValueError(f"{run} has no outputs.npz: not an ensemble run of this project, or "
+        raise BundleError(f"{run} has no outputs.npz: not an ensemble run of this project, or "
                          f"incomplete")
     config = read_config(Path(run))
     try:
         with np.load(path, allow_pickle=False) as saved:
             z = {k: saved[k] for k in saved.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path} is not a readable outputs file ({error})") from None
+        raise BundleError(f"{path} is not a readable outputs file ({error})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{run}/config.json must hold a JSON object")
+        raise BundleError(f"{run}/config.json must hold a JSON object")
     members = sorted(int(k.split("_")[-1]) for k in z if k.startswith("val_member_"))
     if not members:
-        raise ValueError(f"{run} saved no member outputs (a stack run?): stack ensemble runs")
+        raise BundleError(f"{run} saved no member outputs (a stack run?): stack ensemble runs")
     if "config" not in config:
-        raise ValueError(f"{run}/config.json holds no run config (a run of an older version "
+        raise BundleError(f"{run}/config.json holds no run config (a run of an older version "
                          f"of this project): retrain it to stack it")
     missing = sorted(set(OUTPUT_KEYS) - set(z))
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: not an ensemble run's outputs")
+        raise BundleError(f"{path} lacks {', '.join(missing)}: not an ensemble run's outputs")
     try:
         strategy = str(config["config"]["ensemble"]["strategy"])
         backbone = str(config["config"]["model"]["backbone"])
     except (KeyError, TypeError):
-        raise ValueError(f"{run}/config.json: its run config names no ensemble.strategy and "
+        raise BundleError(f"{run}/config.json: its run config names no ensemble.strategy and "
                          f"model.backbone") from None
     return {"name": f"{strategy}/{backbone}", "backbone": backbone, **z,
             "val": [z[f"val_member_{m}"] for m in members],
@@ -72,7 +74,7 @@ def check_compatible(outputs: list[dict]) -> None:
     for o in outputs[1:]:
         for key in ("class_names", "val_index", "test_index"):
             if not np.array_equal(o[key], first[key]):
-                raise ValueError(f"runs {first['name']} and {o['name']} differ in {key}: stack "
+                raise BundleError(f"runs {first['name']} and {o['name']} differ in {key}: stack "
                                  f"runs trained on the same data split (--seed, --split-recipe)")
 
 
@@ -83,7 +85,7 @@ def stack_runs(runs: list[Path], out: Path, *, model: str = "logistic", seed: in
     check_compatible(outputs)
     pieces = [bundle_lib.bundle_pieces(r) for r in runs]
     if (out / bundle_lib.COMPONENTS_DIR).exists():
-        raise ValueError(f"{out} already holds a stack bundle; choose another output folder")
+        raise ConfigError(f"{out} already holds a stack bundle; choose another output folder")
     names = [o["name"] for o in outputs]
     if len(set(names)) != len(names):
         names = [f"{n}#{i}" for i, n in enumerate(names)]
