@@ -7,7 +7,7 @@ Rows:
           own train step (JAX) beside a PyTorch twin on the same device, set up as a user
           would (torch.compile, channels_last, cuDNN autotuning, AMP bf16 autocast for the bf16
           rows, plain fp32 for the fp32 rows).
-  ova     one-vs-all with K = 4 members of simple_cnn and of ResNet50: the vmapped stack vs the
+  ova     one-vs-all with K = 4 members of simple_cnn and of ResNet50: the vmapped member group (`--members stacked`) vs the
           same members one after another (one image = one image through all K members).
   input   the Grain loader reading the decode-once array store (uint8 out), when it exists.
 Each figure is the median images/s over repeats after a warm-up step; the first step minus
@@ -265,7 +265,7 @@ def _ova_setup(p: dict):
 
 
 def ova_stacked(p: dict, deadline: float) -> Result:
-    """K members as one vmapped stack (`ensembles.members.stacked_train_step`)."""
+    """K members as one vmapped member group (`ensembles.training.members.stacked_train_step`)."""
     from backbones import training
     from ensembles.training import members
     make, table, weights, keys, images, labels = _ova_setup(p)
@@ -278,7 +278,7 @@ def ova_stacked(p: dict, deadline: float) -> Result:
 
 def ova_sequential(p: dict, deadline: float) -> Result:
     """The same K members one after another with the plain step (`--members sequential`):
-    one step here is one step of every member, so images/s compares with the stack."""
+    one step here is one step of every member, so images/s compares with the stacked mode."""
     from backbones import training
     from ensembles.training import members
     make, table, weights, keys, images, labels = _ova_setup(p)

@@ -13,12 +13,10 @@ Working in the image's own range makes the transform independent of the normaliz
 (unit, caffe, tf, torch, ...) that preprocessing applied before it. Horizontal flip is off
 by default: chest anatomy is not left-right symmetric (heart on the left).
 
-Default place: on device (`augment_batch` under jit; `DEFAULT_ON_DEVICE`). Measured with
-benchmarks/input_pipeline.py on a shared 2-core CPU, batch 32, images/s: augment_batch (JAX on
-CPU) 11181 at 128 px / 3809 at 224 px vs augment_image (scipy) 838 / 320; host augmentation
-about halves the Grain loader (254 -> 124 at 128 px, 167 -> 66 at 224 px, 0 workers, machine
-under load). On an accelerator the device transform is cheaper still and leaves the host
-cores to decoding.
+Default place: on device (`augment_batch` under jit; `DEFAULT_ON_DEVICE`): on CPU an order of
+magnitude faster than the scipy host path, which would also about halve the Grain loader
+(`benchmarks/input_pipeline.py`; figures in docs/measured.md). On an accelerator the device
+transform is cheaper still and leaves the host cores to decoding.
 """
 
 from __future__ import annotations

@@ -31,7 +31,6 @@ from data_pipeline import dicom
 # Re-exported: callers import these from here (one definition, in the leaf module that
 # `dicom` builds on too).
 from data_pipeline.image_source import (  # noqa: F401
-    DEFAULT_MAX_PIXELS,
     DICOM_EXTENSIONS,
     IMAGE_EXTENSIONS,
     MAX_PIXELS_ENV,

@@ -11,14 +11,9 @@ have trained on many of its images. Two hashes per decoded image (uint8 HxWx1) t
   few bits of the original: a *near* duplicate when the Hamming distance is <= `max_distance`
   (default `MAX_DISTANCE`).
 
-Why a 256-bit phash and 20 bits, measured on 2,880 real images of ../shared/data (cxr-mini
-and cxr-kermany, 4.1 M pairs of different images): the 64-bit phash put 60 pairs of
-different X-rays within 4 bits and 521 within 6, while JPEG (quality 50) and contrast-changed
-copies reached 4-6 bits, so no threshold separated them; 64-bit dhash was worse (different
-images from 0 bits). With 256 bits, copies (halved, resized to 224 px, JPEG quality 50-90,
-resized + JPEG, brightness +10, contrast x1.2) stayed within 18 bits (95% within 12; a
-clipping -20 brightness shift reached 24), and different images were never closer than 42
-bits (0.01% under 64, median 120). 20 bits sits between the two; different 32 px synthetic
+Why a 256-bit phash and 20 bits: on real X-rays, resized, re-encoded or brightened copies stay
+well under 20 bits and different images well over it, where a 64-bit phash (or dhash)
+separated neither (docs/measured.md, perceptual-hash threshold). Different 32 px synthetic
 phantoms, which share one anatomy, come no closer than 26.
 
 `find_duplicates` compares every query with every reference (numpy: XOR of the words and

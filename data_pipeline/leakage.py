@@ -7,7 +7,7 @@ their paths and split. It is an optional bundle piece, listed in the manifest; a
 before it loads as before and its check says NO_HASHES.
 
 `check` compares evaluated images with those hashes: exact duplicates (same pixels) and near
-ones (resized / re-encoded copies, `hashing.MAX_DISTANCE`). `ensembles.assess.evaluate_bundle`
+ones (resized / re-encoded copies, `hashing.MAX_DISTANCE`). `ensembles.evaluate.assess.evaluate_bundle`
 adds its result, with the metrics without the duplicates, to metrics.json as "leakage";
 `section` and `summary` render it for the report and the CLI's summary line.
 """

@@ -236,13 +236,13 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     returns the bundle (in memory, as `load_bundle` would read it back) and the metrics."""
     cfg, data, tasks = plan.config, plan.data, plan.tasks
     e, strategy, backbone = cfg.ensemble, cfg.ensemble.strategy, cfg.model.backbone
-    stacks = bundle_lib.save_members(out, [t.stack for t in trained.stacks],   # every
-                                     [t.variables for t in trained.stacks])   # process: orbax
+    stacks = bundle_lib.save_members(out, [t.group for t in trained.groups],   # every
+                                     [t.variables for t in trained.groups])   # process: orbax
     model = build.model_options(cfg)
     bundle = bundle_lib.Bundle(
         run_dir=out, backbone=backbone, class_names=data.class_names,
-        preprocess=data.preprocess, tasks=tasks, stacks=[t.stack for t in trained.stacks],
-        variables=[t.variables for t in trained.stacks],
+        preprocess=data.preprocess, tasks=tasks, groups=[t.group for t in trained.groups],
+        variables=[t.variables for t in trained.groups],
         combiner=rules_lib.rule_combiner(tasks, ovo_decision=e.ovo_decision), meta=None,
         temperature=None, kind="ensemble", model_options=model, segmenter=data.segmenter)
     batch = cfg.training.batch_size
@@ -274,8 +274,8 @@ def _finish(plan: fitting.Plan, out: Path, trained: fitting.Trained, facts: dict
     metrics.update(temperature_scaling=calib, variants=variants, strategy=strategy,
                    operating_point=point,
                    backbone=backbone,
-                   best_epoch_per_member=fitting.best_epochs(tasks, trained.stacks),
-                   epochs_trained=max((r["epoch"] for t in trained.stacks for r in t.records),
+                   best_epoch_per_member=fitting.best_epochs(tasks, trained.groups),
+                   epochs_trained=max((r["epoch"] for t in trained.groups for r in t.records),
                                       default=0))
     if trained.head is not None:
         metrics["head_phase"] = {"epochs": cfg.model.head_epochs, "freeze": "head",
@@ -395,7 +395,7 @@ def _sections(cfg: RunConfig, tasks, variants: list[dict], calib: dict) -> dict[
                f"{t.early_stopping_patience})")
     if t.member_data == "own":
         members += ("; each member trained only on the classes it separates, the same steps "
-                    "per epoch for every member of a stack")
+                    "per epoch for every member of a member group")
     if m.head_epochs:
         members += (f", in two phases: the head alone for {m.head_epochs} epoch(s) (logs in "
                     f"head/), then freeze {m.freeze} for up to {t.epochs} epoch(s) from each "

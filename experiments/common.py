@@ -127,6 +127,16 @@ class RunTarget:
     overwrite: bool
 
 
+def names_flag(text: str, what: str) -> list[str]:
+    """A comma-separated flag of distinct names (--strategies, --backbones, --runs)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--{what}: give at least one name")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--{what}: {', '.join(names)} repeats a name")
+    return names
+
+
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(c.strip() for c in text.split(",") if c.strip())
 

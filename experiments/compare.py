@@ -56,15 +56,6 @@ def plan(strategies, backbones, seeds: int, out: Path, flags: list[str]) -> list
     return library.plan(strategies, bases, seeds, out)
 
 
-def _names(text: str, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError(f"--{what}: give at least one name")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--{what}: {', '.join(names)} repeats a name")
-    return names
-
-
 def _option(text: str) -> tuple[str, int | float | str]:
     """KEY=VALUE of --cross-option, the value as int, float or text."""
     key, sep, value = text.partition("=")
@@ -111,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             [n.strip() for n in args.strategies.split(",") if n.strip()])
         if args.seeds < 1:
             raise ConfigError("--seeds must be >= 1")
-        backbones = _names(args.backbones, "backbones")
+        backbones = common.names_flag(args.backbones, "backbones")
         out = (Path(args.compare_out) if args.compare_out else
                runs_lib.default_run_dir("compare", "all"))
         planned = plan(strategies, backbones, args.seeds, out, flags)

@@ -20,7 +20,7 @@ summary on stderr counts them ("unknown" for a run saved without training hashes
 
 --gradcam DIR writes one Grad-CAM overlay PNG per predicted image into DIR (created if
 missing): the map of the ensemble's decision over the image as the model saw it, with the
-class and its probability in the corner (ensembles.overlay; not for stack runs or --meta,
+class and its probability in the corner (ensembles.report.overlay; not for stack runs or --meta,
 whose meta-classifier is not differentiable). Each PNG is named after its input's stem (plus
 a hash of its path where stems repeat) and written whole or not at all.
 
@@ -52,11 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ensembles.inference import files as library
-from ensembles.inference.files import find_images  # noqa: F401  (tests/test_gradcam.py)
 from experiments import common
-
-# tests/test_dicom.py's name for the decoded-files step before it moved into the library
-predict_files = library.predict_images
 
 
 def main(argv: Sequence[str] | None = None) -> int:

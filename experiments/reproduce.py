@@ -2,7 +2,7 @@
 --data-dir PATH [--scale tiny|cpu|full]`: a published study's protocol, run and set beside
 its figure.
 
-Each recipe (experiments/recipes/NAME.toml: the protocol as data, see ensembles.reproduce)
+Each recipe (experiments/recipes/NAME.toml: the protocol as data, see ensembles.research.recipes)
 trains its runs into OUT/<run>/ and writes OUT/reproduction.md (the published figure with its
 test-set size, ours with 95% CIs, the protocol differences and the settings not applied, the
 patient-grouping and source-confounding caveats) and OUT/reproduction.json. `--scale full` is

@@ -1,5 +1,5 @@
 """`python -m experiments.segment --dataset NAME [--data-dir DIR] --out RUN [flags]`: train the
-lung segmenter (a small U-Net, `ensembles.segmenter`) on the masks a dataset ships (Kaggle
+lung segmenter (a small U-Net, `ensembles.training.segmenter`) on the masks a dataset ships (Kaggle
 COVID-19 Radiography v4's masks/, or the synthetic phantoms), report its Dice on the held-out
 patient-grouped test split next to the trivial masks', and save it as a bundle in RUN.
 

@@ -7,12 +7,12 @@ Without --runs, every strategy x backbone is first trained (`ensembles.Ensemble`
 backbone takes its family's defaults for flags not given, and --resume / --overwrite apply
 to every run). Every setting and run folder is checked before the first run trains.
 
-The meta-classifier (ensembles.meta, logistic regression by default) is fitted on the members'
+The meta-classifier (ensembles.combine.meta, logistic regression by default) is fitted on the members'
 validation outputs only, with the leakage guard checking them against every run's training
 indices, and evaluated on the shared test split. All runs must share the dataset split (same
 data, --seed and --split-recipe): the command checks the example indices and refuses others.
 
-The output folder is a self-contained stack bundle (ensembles/bundle.py, written by
+The output folder is a self-contained stack bundle (ensembles/bundle/, written by
 `ensembles.Stack`): every stacked run's bundle pieces are hard-linked (else copied) into
 components/<i>/, the meta-classifier is saved beside them (meta.json, or meta.skops for
 gradient boosting), and `experiments.evaluate` / `experiments.predict --run OUT` rebuild each
@@ -36,15 +36,6 @@ from ensembles.training import runs as runs_lib
 from experiments import common
 
 DESCRIPTION = "Stack finished runs (or train them first) under a meta-classifier."
-
-
-def _names(text: str, what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError(f"--{what}: give at least one name")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--{what}: {', '.join(names)} repeats a name")
-    return names
 
 
 def plan_members(strategies: Sequence[str], backbones: Sequence[str], flags: Sequence[str],
@@ -93,8 +84,8 @@ def run(argv: Sequence[str] | None = None) -> Stack:
             raise ConfigError(f"training flags ({' '.join(flags)}) apply only without --runs, "
                              f"when the stack trains its runs itself")
         return stacks.stack(args.runs, out, meta=args.meta_model)
-    planned, target = plan_members(_names(args.strategies, "strategies"),
-                                   _names(args.backbones, "backbones"), flags, out)
+    planned, target = plan_members(common.names_flag(args.strategies, "strategies"),
+                                   common.names_flag(args.backbones, "backbones"), flags, out)
     return stacks.train_and_stack(planned, out, meta=args.meta_model, resume=target.resume,
                                   overwrite=target.overwrite)
 

@@ -60,7 +60,7 @@ def checkpointable(iterator: Any) -> bool:
 
 
 class Checkpointer:
-    """The per-epoch checkpoints of one training (a stack of members, or one member)."""
+    """The per-epoch checkpoints of one training (a member group, or one member)."""
 
     def __init__(self, directory: str | Path, *, keep: int = 2):
         if keep < 1:

@@ -1,6 +1,6 @@
-"""The one training loop: a stack of M >= 1 members, per-member early stopping, resume.
+"""The one training loop: a member group of M >= 1 members, per-member early stopping, resume.
 
-A single model is a stack of one member. The caller hands in the wrapped step and predict
+A single model is a group of one member. The caller hands in the wrapped step and predict
 functions (`DataParallel.train` / `.predict`, vmapped over members or not) and a validation
 metrics callback (per member, from the members' logits and the loader's labels; the loop
 knows nothing of what the labels mean to a member). The loop owns the Python-side concerns,
@@ -81,7 +81,7 @@ class FitResult:
 @dataclasses.dataclass
 class EarlyStopping:
     """Per-member early stopping on a monitor; a stopped member's best snapshot is frozen
-    while the others train on, so a stack selects what each member alone would select."""
+    while the others train on, so a member group selects what each member alone would select."""
 
     mode: str                    # "min" | "max"
     patience: int | None

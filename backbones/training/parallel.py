@@ -24,10 +24,9 @@ AXIS = "batch"
 
 # XLA:CPU hands convolutions to YNNPACK, which computes a filter gradient (a convolution whose
 # window is the whole feature map) 2-5x slower than XLA's own (Eigen) convolution. These options
-# keep YNNPACK for dots and reductions only, and are the CPU default: train steps 2.21x
-# (simple_cnn), 1.77x (cnn16) and 1.25x (ResNet50) faster, 64 px, on 2026-12-03's Xeon
-# (`benchmarks/throughput.py --levers`); the same numbers within float tolerance
-# (tests/test_cpu_fast_path.py).
+# keep YNNPACK for dots and reductions only, and are the CPU default: Eigen's convolutions train
+# faster on CPU (`benchmarks/throughput.py --levers`; figures in docs/measured.md) and give the
+# same numbers within float tolerance (tests/backbones/test_cpu_fast_path.py).
 EIGEN_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                       "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 

@@ -7,12 +7,12 @@ Rooms: `runtime` (Bundle, StackBundle, Predictions), `schema` (the JSON types of
     RUN/config.json           every flag, plus "bundle": {"format_version", "kind":
                               "ensemble", "strategy", "backbone", "model", "class_names",
                               "preprocess", "tasks", "stacks", "combiner", "meta"}
-    RUN/members/stack-<s>/    orbax checkpoint of stack s's variables (member axis first)
+    RUN/members/stack-<s>/    orbax checkpoint of member group s's variables (member axis first)
     RUN/combiner.json         the fitted rule combiner (and temperature)
-    RUN/meta.json | meta.skops  optional meta-classifier (ensembles.meta: JSON for logistic,
+    RUN/meta.json | meta.skops  optional meta-classifier (ensembles.combine.meta: JSON for logistic,
                               allowlisted skops for gradient boosting; never pickle)
     RUN/train_hashes.npz      optional (runs since the leakage check): hashes of the training
-                              and validation images (ensembles.leakage), read on demand
+                              and validation images (data_pipeline.leakage), read on demand
 
 A run trained with `--lung-mask auto` records its segmenter in the section ("segmenter":
 {"path": its absolute run folder, "sha256": the digest of its config.json}); loading the
@@ -52,11 +52,11 @@ Integrity: a bundle loads only what it contains, intact.
   only regular files, exactly those the manifest lists, each with its recorded digest.
 - Schema: config.json must be a JSON object whose "bundle" section has exactly the keys and
   types of `ENSEMBLE_SCHEMA` / `STACK_SCHEMA`; preprocess must build a PreprocessConfig, the
-  tasks must equal make_tasks', the stacks must hold every member once, and each checkpoint's
+  tasks must equal make_tasks', the member groups (`stacks`) must hold every member once, and each checkpoint's
   array shapes (read from its metadata before any array is) must be those of the backbone
   built with the bundle's model options, image size, channels and class count. An ensemble's
   run config ("config", which Ensemble.load rebuilds) must parse and agree with the section.
-  combiner.json (`COMBINER_SCHEMA`) and the meta file (ensembles.meta) are validated too.
+  combiner.json (`COMBINER_SCHEMA`) and the meta file (ensembles.combine.meta) are validated too.
 
 Anything else -- a missing piece, another format version, a meta file that fails the skops
 type check, any of the above -- is refused with a one-line BundleError naming the file, which
@@ -80,7 +80,6 @@ from ensembles.bundle.runtime import (
     Predictions,
     StackBundle,
     concat_predictions,
-    feature_layout,
     model_order,
 )
 from ensembles.bundle.save import bundle_section, save_members, stack_section
@@ -88,5 +87,5 @@ from ensembles.bundle.schema import BundleError
 
 __all__ = ["COMBINER_FILE", "COMPONENTS_DIR", "CONFIG_FILE", "Bundle", "BundleError",
            "Predictions", "StackBundle", "add_manifest", "bundle_pieces", "bundle_section",
-           "concat_predictions", "copy_bundle", "feature_layout", "load_bundle", "manifest",
+           "concat_predictions", "copy_bundle", "load_bundle", "manifest",
            "model_order", "save_members", "stack_section"]

@@ -202,7 +202,7 @@ def _check_ensemble(run_dir: Path, config: dict, section: dict) -> _Checked:
                                                                   strict=True)]
         point = doc.get("operating_point") or {}
         return Bundle(run_dir=run_dir, backbone=backbone, class_names=class_names,
-                      preprocess=preprocess, tasks=tasks, stacks=stacks, variables=variables,
+                      preprocess=preprocess, tasks=tasks, groups=stacks, variables=variables,
                       combiner=combiner, meta=meta, temperature=doc.get("temperature"),
                       kind="ensemble", model_options=options,
                       operating_point=point.get("target"),
@@ -259,7 +259,7 @@ def _tasks(path: Path, section: dict) -> Tasks:
 
 
 def _stacks(path: Path, section: dict, tasks: Tasks) -> list[MemberGroup]:
-    """The members' stacks; each member exactly once, with its task's class count."""
+    """The member groups (bundle.stacks in config.json): each member once, with its class count."""
     m, stacks, seen = tasks.num_members, [], []
     for i, entry in enumerate(section["stacks"]):
         idx, c = entry["members"], entry["num_classes"]
@@ -274,7 +274,7 @@ def _stacks(path: Path, section: dict, tasks: Tasks) -> list[MemberGroup]:
         stacks.append(MemberGroup(tuple(idx), c, tasks.table[idx], np.ones((len(idx), c),
                                                                      np.float32)))
     if sorted(seen) != list(range(m)):
-        raise BundleError(f"{path}: bundle.stacks hold members {sorted(seen)}; the tasks have "
+        raise BundleError(f"{path}: bundle.groups hold members {sorted(seen)}; the tasks have "
                           f"{m} members, each to be held once")
     return stacks
 

@@ -34,7 +34,7 @@ class Predictions:
     decisions: np.ndarray   # [N] class decisions (the combiner's rule or argmax)
     labels: np.ndarray      # [N] the source's labels in the model's order; -1: unknown class
     indices: np.ndarray     # [N] positions in the source
-    # per-row columns saying how each decision was reached (ensembles.explain)
+    # per-row columns saying how each decision was reached (ensembles.combine.explain)
     explanation: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     thresholds: list[float | None] | None = None   # per class, when the operating point applies
     flags: np.ndarray | None = None                 # [N, K] p_k >= thresholds[k]
@@ -96,7 +96,7 @@ class Bundle:
     class_names: tuple[str, ...]
     preprocess: PreprocessConfig
     tasks: Tasks
-    stacks: list[MemberGroup]
+    groups: list[MemberGroup]   # config.json's "stacks"
     variables: list[dict]
     combiner: Any
     meta: MetaClassifier | None
@@ -107,10 +107,10 @@ class Bundle:
     operating_point: str | None = None          # what the thresholds aim for, e.g. "youden"
     thresholds: list[float | None] | None = None  # per class, on the rule's probabilities
     hashes_file: Path | None = None     # the train_hashes piece, None for older runs
-    segmenter: Any = None               # ensembles.segmenter.Segmenter (lung_mask auto)
+    segmenter: Any = None               # ensembles.bundle.segmenter.Segmenter (lung_mask auto)
 
     def __post_init__(self):
-        self._apply = member_applies(self.backbone, self.model_options, self.stacks)
+        self._apply = member_applies(self.backbone, self.model_options, self.groups)
 
     def with_masks(self, source):
         """`source` as this bundle's preprocessing needs it: with the segmenter's masks when
@@ -156,7 +156,7 @@ class Bundle:
     def member_outputs(self, batches: Iterable[dict]
                        ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """Per-member probabilities [N, C_m], labels and indices over preprocessed batches."""
-        return member_probabilities(self._apply, self.variables, self.stacks, batches)
+        return member_probabilities(self._apply, self.variables, self.groups, batches)
 
     def combine(self, member_probs: list[np.ndarray], *, use_meta: bool = False) -> np.ndarray:
         """K-class probabilities from member probabilities (the rule, or the meta-classifier)."""
@@ -235,12 +235,3 @@ class StackBundle:
         """Every component's training hashes together; None if a component has none."""
         parts = [c.training_hashes() for c in self.components]
         return None if any(p is None for p in parts) else leakage.concatenate(parts)
-
-
-def feature_layout(names: Sequence[str], components: Sequence[Bundle]) -> list[dict]:
-    """The make_features layout of the components' member probabilities, in member order."""
-    return [{"block": n, "member": m, "columns": int(c)}
-            for n, b in zip(names, components, strict=True)
-            for m, c in enumerate(b.tasks.num_classes)]
-
-

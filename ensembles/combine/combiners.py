@@ -1,7 +1,7 @@
 """Combiners: member probabilities -> K-class probabilities and decisions.
 
 Member outputs are per-member probability arrays, a sequence of [N, C_m] or one [N, M, C]
-array, in the member order of `ensembles.tasks.make_tasks`. The combiners are scikit-learn
+array, in the member order of `ensembles.combine.tasks.make_tasks`. The combiners are scikit-learn
 style (`fit`, `predict_proba`, `predict`); only the thresholded cascade learns anything
 (its stage-1 threshold, from validation outputs).
 

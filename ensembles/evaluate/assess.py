@@ -3,7 +3,7 @@
 Classes are matched by canonical name: examples of a class the model does not know are left
 out of the metrics (counted, and where the model put them is reported); classes the model
 knows but the data lacks get no recall / ROC-AUC. The BRISQUE quality filter
-(`ensembles.quality_filter`) can drop images first; which lung masks the model's inputs were
+(`data_pipeline.quality_filter`) can drop images first; which lung masks the model's inputs were
 given is recorded (`lung_masks_note`).
 """
 

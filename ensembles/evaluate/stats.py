@@ -1,7 +1,7 @@
 """Paired significance tests for two predictors scored on the same test examples.
 
 McNemar's test compares error rates through the discordant pairs; the paired bootstrap compares
-any metric of `ensembles.evaluation.bootstrap_metrics` (accuracy, macro F1, macro ROC-AUC)
+any metric of `ensembles.evaluate.metrics.bootstrap_metrics` (accuracy, macro F1, macro ROC-AUC)
 by resampling examples, or whole patients when patient ids are known, with the same draws for
 both predictors so their correlation is kept. Across seeds, `sign_flip_test` is an exact paired
 permutation test of per-seed differences; `holm` adjusts a family of p-values.

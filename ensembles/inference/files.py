@@ -2,7 +2,7 @@
 prediction through the loaded bundle, the CSV table, Grad-CAM overlays and the HTML page.
 
     from ensembles.inference.files import predict_files
-    result = predict_files("runs/ova-simple_cnn-...", ["scans/"], csv="pred.csv",
+    result = predict_files("runs/ova-simple_cnn-...", ["scans/"], csv_path="pred.csv",
                            gradcam="overlays/")
     result.table        # the CSV's rows (header first), result.skipped: [{"path", "reason"}]
 
@@ -123,7 +123,7 @@ def predict_images(bundle: Bundle | StackBundle, files: Sequence[Path], *,
     """(decoded files, their Predictions, skipped [{"path", "reason"}]).
 
     With `on_overlay` (a Bundle only) each decoded file's Grad-CAM overlay (uint8 RGB,
-    `ensembles.overlay.bundle_overlays`) is passed to it with the file, in order.
+    `ensembles.report.overlay.bundle_overlays`) is passed to it with the file, in order.
 
     The predictions' rows follow the decoded files (`indices` index them; there are no
     labels: -1); probability columns and decisions index `class_names`, the model's classes.
@@ -132,7 +132,7 @@ def predict_images(bundle: Bundle | StackBundle, files: Sequence[Path], *,
     views are skipped (see `data_pipeline.dicom`). At most CHUNK decoded images
     (and about CHUNK_PIXELS pixels) are held at once. `on_image` sees each decoded image
     that is kept, in order. `gate` sees each decoded image first and returns None to keep
-    it or the reason it is skipped (`ensembles.quality_filter.QualityGate`)."""
+    it or the reason it is skipped (`data_pipeline.quality_filter.QualityGate`)."""
     kept, skipped, chunks = [], [], []
     source: list[dict] = []
     pixels = 0

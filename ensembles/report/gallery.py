@@ -3,7 +3,7 @@
 Which images: up to `per_group` wrong and `per_group` right decisions, taken in turn from each
 true class so that every class shows, the most confident first within a class (the most
 alarming errors, the clearest successes). Each tile is the ensemble's Grad-CAM overlay
-(`ensembles.overlay.bundle_overlays`: the map of the rule's decision over the image as the
+(`ensembles.report.overlay.bundle_overlays`: the map of the rule's decision over the image as the
 model saw it) with the true class, the decision and its probability.
 """
 
@@ -57,7 +57,7 @@ def gallery(bundle: Bundle, source, indices: np.ndarray, y: np.ndarray, decision
     tiles = [Tile(o, tile_caption(names[y[r]], names[decisions[r]], float(proba[r, decisions[r]])),
                   bool(y[r] == decisions[r])) for r, o in zip(rows, overlays, strict=True)]
     note = (f"Grad-CAM of the ensemble's decision ({METHODS[bundle.tasks.strategy]} method, "
-            f"see ensembles/saliency.py) over each image as the model saw it: red areas "
+            f"see ensembles/report/saliency.py) over each image as the model saw it: red areas "
             f"weighed most for the decided class. Red borders: wrong decisions, the most "
             f"confident first; green: right ones. Up to {per_group} of each, taken in turn "
             f"from every true class.")

@@ -2,7 +2,7 @@
 probability in the top-left corner.
 
 `bundle_overlays` takes raw uint8 images (as decoded), preprocesses them as the bundle does,
-computes `ensembles.saliency.ensemble_gradcam` and renders each image's combined map (the
+computes `ensembles.report.saliency.ensemble_gradcam` and renders each image's combined map (the
 ensemble's decision) over the image as the model saw it: resized to a square with the
 bundle's resize mode ("pad" letterboxes, "crop" takes the centred square), so map and image
 share one geometry; shown at `size` px (default max(model input, 256)), the map upsampled

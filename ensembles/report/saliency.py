@@ -66,7 +66,7 @@ def member_columns(tasks: Tasks) -> np.ndarray:
 def combined_proba(strategy: str, probs: list[jax.Array], *, healthy: int | None = None,
                    threshold: float = 0.5) -> jax.Array:
     """The rule combiner's [B, K] probabilities in jnp, from member probabilities in member
-    order (OvA and cascade; the same arithmetic as ensembles.combiners)."""
+    order (OvA and cascade; the same arithmetic as ensembles.combine.combiners)."""
     if strategy == "ova":
         s = jnp.stack([p[:, 1] for p in probs], axis=1)
         total = s.sum(axis=1, keepdims=True)
@@ -96,7 +96,7 @@ def _class_pass(model, layer: str):
 @functools.lru_cache(maxsize=16)
 def _gradient_pass(models: tuple, layer: str, members: tuple[tuple[int, ...], ...],
                    strategy: str, healthy: int | None, threshold: float):
-    """jit of (variables per stack, images, features per stack, decisions [B]) -> (ReLU of
+    """jit of (variables per member group, images, features per member group, decisions [B]) -> (ReLU of
     the members' summed contributions to dP(decision)/dA [B, h, w], P [B, K])."""
 
     def run(variables, images, features, decisions):
@@ -127,13 +127,13 @@ def ensemble_gradcam(bundle: Bundle, images: np.ndarray) -> EnsembleCams:
                          "(its meta-classifier is not differentiable)")
     layer = backbones.gradcam_layer(bundle.backbone)
     models = [backbones.create(bundle.backbone, num_classes=s.num_classes,
-                               **bundle.model_options) for s in bundle.stacks]
+                               **bundle.model_options) for s in bundle.groups]
     x = jnp.asarray(images, jnp.float32)
     b, m_total = x.shape[0], bundle.tasks.num_members
     columns = member_columns(bundle.tasks)
     maps, classes = [None] * m_total, [None] * m_total
     logits, features = [None] * m_total, []
-    for model, stack, v in zip(models, bundle.stacks, bundle.variables, strict=True):
+    for model, stack, v in zip(models, bundle.groups, bundle.variables, strict=True):
         c = jnp.asarray(np.repeat(columns[list(stack.members), None], b, axis=1))
         out = _member_pass(model, layer)(v, x, c)
         features.append(out[3])
@@ -146,7 +146,7 @@ def ensemble_gradcam(bundle: Bundle, images: np.ndarray) -> EnsembleCams:
         combined = np.asarray(_class_pass(models[0], layer)(
             bundle.variables[0], x, features[0], jnp.asarray(decisions[None], jnp.int32))[0])
     elif method == "gradient":
-        run = _gradient_pass(tuple(models), layer, tuple(s.members for s in bundle.stacks),
+        run = _gradient_pass(tuple(models), layer, tuple(s.members for s in bundle.groups),
                              bundle.tasks.strategy, bundle.tasks.healthy,
                              float(getattr(bundle.combiner, "threshold_", 0.5)))
         combined = np.asarray(run(bundle.variables, x, features,
@@ -164,7 +164,7 @@ def _weighted_members(bundle: Bundle, models, layer: str, x, features, probs, de
     weight = np.where(column >= 0, np.take_along_axis(
         np.stack(probs), np.maximum(column, 0)[..., None], axis=2)[..., 0], 0.0)
     combined = np.zeros((x.shape[0], *features[0].shape[2:4]))
-    for model, stack, v, f in zip(models, bundle.stacks, bundle.variables, features,
+    for model, stack, v, f in zip(models, bundle.groups, bundle.variables, features,
                                   strict=True):
         idx = list(stack.members)
         cams = np.asarray(_class_pass(model, layer)(v, x, f, jnp.asarray(

@@ -106,7 +106,7 @@ def reuse_differences(run_dir: Path, expected: RunConfig) -> list[str]:
     """`section.name: saved vs expected` for each setting of the run in `run_dir` that
     differs from `expected`, apart from those that say how a run executes, not what it
     computes (RunConfig.differences skips them; and stacked and sequential members train the
-    same members: tests/test_members.py). A setting the saved config lacks takes its default."""
+    same members: tests/ensembles/training/test_members.py). A setting the saved config lacks takes its default."""
     doc = runs_lib.read_config(run_dir)
     if "config" not in doc:
         raise ConfigError(f"--reuse: {run_dir}/config.json holds no run config (an older "
@@ -165,7 +165,6 @@ def train(planned: list[Planned], *, reuse: bool = False,
     return actions
 
 
-run_all = train   # the name before the comparison moved into the library
 
 
 def analyse(planned: list[Planned], cross: Dataset | None = None, *,

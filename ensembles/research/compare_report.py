@@ -107,7 +107,7 @@ def _cross_markdown(cross: list[dict]) -> list[str]:
     lines = [f"## Cross-set macro-F1 ({cross[0]['dataset']}, every image of a class the "
              "model knows; each run's own rule)", "",
              "Duplicates: images of the cross set that are exact or near (perceptual hash) "
-             "copies of a run's training / validation images (`ensembles.leakage`); these two "
+             "copies of a run's training / validation images (`data_pipeline.leakage`); these two "
              "columns list each seed.", "",
              "| strategy | backbone | images | macro-F1 | duplicated images | macro-F1 "
              "without duplicates |", "|---|---|---|---|---|---|"]

@@ -262,7 +262,7 @@ def summarise(rows: list[dict], metrics: Sequence[str]) -> list[dict]:
 def cross_set(run_dir: Path, dataset: Dataset, *, seed: int, batch_size: int = 32,
               n_bootstrap: int = 1000) -> dict:
     """The run's bundle (its own rule) on every image of `dataset` whose class it knows
-    (`ensembles.assess.evaluate_bundle`): macro-F1 with its 95% CI, and the images that
+    (`ensembles.evaluate.assess.evaluate_bundle`): macro-F1 with its 95% CI, and the images that
     duplicate one of the run's training / validation images (exact or perceptual-hash near),
     and the macro-F1 without them (None when every image is one)."""
     m = evaluate_bundle(load_bundle(run_dir), dataset, np.arange(len(dataset.source)),

@@ -49,7 +49,7 @@ class Plan:
     config: RunConfig
     data: build.Data
     tasks: Tasks
-    stacks: list[MemberGroup]
+    groups: list[MemberGroup]
     layouts: list[Layout]      # per group, on data.train_indices
 
 
@@ -58,7 +58,7 @@ class Trained:
     """The members one training produced, and with head_epochs those of its head phase;
     `train_indices`: the ids their loaders drew from."""
 
-    stacks: list[members_lib.TrainedGroup]
+    groups: list[members_lib.TrainedGroup]
     head: list[members_lib.TrainedGroup] | None = None
     train_indices: np.ndarray | None = None
 
@@ -70,7 +70,7 @@ def phases(config: RunConfig) -> list[RunConfig]:
 
 
 def plan_run(config: RunConfig, data: build.Data) -> Plan:
-    """Tasks and stacks of the strategy on `data`; every bad input raises here."""
+    """Tasks and member groups of the strategy on `data`; every bad input raises here."""
     e = config.ensemble
     build.check_weights(config)
     if e.meta != "none" and len(data.splits["val"]) == 0:
@@ -87,12 +87,12 @@ def plan_run(config: RunConfig, data: build.Data) -> Plan:
     model, params = build.param_shapes(config)
     for phase in phases(config):   # each phase's freeze policy fits the model
         training.trainable_modules(params, phase.model.freeze, model)
-    layouts = stack_layouts(config, data, stacks, data.train_indices)
+    layouts = group_layouts(config, data, stacks, data.train_indices)
     check_memory(config, stacks)
     return Plan(config, data, tasks, stacks, layouts)
 
 
-def stack_layouts(config: RunConfig, data: build.Data, stacks: Sequence[MemberGroup],
+def group_layouts(config: RunConfig, data: build.Data, stacks: Sequence[MemberGroup],
                   indices: np.ndarray) -> list[Layout]:
     """Each group's layout on training ids `indices`; every phase's schedule is built here
     once (a bad schedule raises before anything trains)."""
@@ -125,10 +125,10 @@ def check_memory(config: RunConfig, stacks: Sequence[MemberGroup]) -> None:
 
 
 def train_members(plan: Plan, out: Path, train_indices: np.ndarray | None = None) -> Trained:
-    """Train every stack of the plan on `train_indices` (default: the training split).
+    """Train every member group of the plan on `train_indices` (default: the training split).
 
     With head_epochs N, phase 1 (freeze "head", N epochs) trains into out/head/, and phase 2
-    starts each stack from phase 1's best variables with a fresh optimizer and trains into
+    starts each member group from phase 1's best variables with a fresh optimizer and trains into
     `out`; a rerun over the same folder resumes either phase exactly (a finished phase only
     restores its checkpoints).
     """
@@ -136,7 +136,7 @@ def train_members(plan: Plan, out: Path, train_indices: np.ndarray | None = None
         indices, layouts = plan.data.train_indices, plan.layouts
     else:
         indices = np.asarray(train_indices)
-        layouts = stack_layouts(plan.config, plan.data, plan.stacks, indices)
+        layouts = group_layouts(plan.config, plan.data, plan.groups, indices)
     head = head_phase(plan.config)
     if head is None:
         return Trained(_train_phase(plan, plan.config, out, indices, layouts, 0),
@@ -159,7 +159,7 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, indices: np.ndarray,
     parallel.check_batch_size(t.batch_size)
     trained = []
     with MetricWriter(out) as writer:
-        for s, (stack, layout) in enumerate(zip(plan.stacks, layouts, strict=True)):
+        for s, (stack, layout) in enumerate(zip(plan.groups, layouts, strict=True)):
             steps, shared, own = _stack_data(config, data, stack, indices, layout)
             trained.append(members_lib.train_group(
                 stack, make_state=build.make_state_fn(config, optim=layout.optims[phase],
@@ -173,7 +173,7 @@ def _train_phase(plan: Plan, config: RunConfig, out: Path, indices: np.ndarray,
                 checkpoint_dir=out / "checkpoints" / f"stack-{s}",
                 on_record=writer.write, init_variables=None if init is None else init[s]))
         writer.rewrite([r for ts in trained for r in ts.records])
-    members = sum(len(t.stack.members) for t in trained)
+    members = sum(len(t.group.members) for t in trained)
     if distributed.is_primary():
         plot_curves(mean_history(trained), out / "curves.png",
                     subtitle=f"{config.ensemble.strategy}, {config.model.backbone}: mean over "
@@ -221,7 +221,7 @@ def mean_history(trained: Sequence[members_lib.TrainedGroup]) -> list[dict]:
 def best_epochs(tasks: Tasks, trained: Sequence[members_lib.TrainedGroup]) -> dict[str, int]:
     """Each member's best epoch (1-based; 0: never improved) by member name."""
     return {tasks.names[m]: int(e) for t in trained
-            for m, e in zip(t.stack.members, t.best_epoch, strict=True)}
+            for m, e in zip(t.group.members, t.best_epoch, strict=True)}
 
 
 @dataclasses.dataclass
@@ -253,7 +253,7 @@ def out_of_fold_outputs(plan: Plan, out: Path) -> OutOfFold:
     for f, (fit, held) in enumerate(folds):
         say(f"out-of-fold members: fold {f + 1} of {len(folds)}")
         trained = train_members(plan, out / "oof" / f"fold-{f}", train[fit])
-        probs, y, idx = fold_outputs(plan, trained.stacks,
+        probs, y, idx = fold_outputs(plan, trained.groups,
                                      data.loader(train[held], config.training.batch_size))
         outputs.append(probs)
         labels.append(y)
@@ -269,7 +269,7 @@ def fold_outputs(plan: Plan, trained: Sequence[members_lib.TrainedGroup], loader
                  ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Member probabilities of freshly trained members over `loader`, through the models a
     bundle of this run rebuilds (`bundle.runtime`)."""
-    stacks = [t.stack for t in trained]
+    stacks = [t.group for t in trained]
     applies = runtime.member_applies(plan.config.model.backbone,
                                      build.model_options(plan.config), stacks)
     return runtime.member_probabilities(applies, [t.variables for t in trained], stacks,

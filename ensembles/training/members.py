@@ -7,8 +7,8 @@ and weighted by its own class weights. The engine's pure per-shard `train_step` 
 shard_map, checkpoints and resume work on the stacked state as on a single model.
 
 Members with different class counts (a cascade: stage 1 has 2 classes, stage 2 has K-1)
-train as separate stacks, one per class count: no padded head, no masked logits, and a
-K=3 cascade (2 and 2 classes) still trains as one stack.
+train as separate member groups, one per class count: no padded head, no masked logits, and a
+K=3 cascade (2 and 2 classes) still trains as one member group.
 
 `--members sequential` trains the same members one after another with the plain,
 un-vmapped step (for backbones too big to hold M copies); it uses the same keys, batches and
@@ -16,7 +16,7 @@ per-member early stopping, so both modes give the same members within float tole
 
 With `member_data` "own" each member trains on its own examples, the classes its table row
 does not mask (an OvO member on its pair), for the same number of steps per epoch as every
-member of its stack (`own_examples`): one optimiser schedule, one compiled step, and no
+member of its group (`own_examples`): one optimiser schedule, one compiled step, and no
 compute spent on examples weighted 0. Sequential members each iterate their own loader;
 stacked members get one batch from each loader per step, stacked on axis 1 (`MemberBatches`:
 image [B, M, ...], label [B, M]) so the data axis stays first for the parallel wrappers, and
@@ -136,9 +136,9 @@ def member_keys(key: jax.Array, members: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.fold_in(key, m) for m in members])
 
 
-def own_examples(stack: MemberGroup, indices: np.ndarray, labels: np.ndarray, batch_size: int
+def own_examples(group: MemberGroup, indices: np.ndarray, labels: np.ndarray, batch_size: int
                  ) -> tuple[list[np.ndarray], int]:
-    """Each member's own training examples and the stack's common steps per epoch.
+    """Each member's own training examples and the group's common steps per epoch.
 
     Member i keeps the entries of `indices` (duplicates from oversampling included) whose
     class `labels[indices]` it does not mask; every member runs round(mean own count /
@@ -147,11 +147,11 @@ def own_examples(stack: MemberGroup, indices: np.ndarray, labels: np.ndarray, ba
     """
     indices = np.asarray(indices)
     classes = np.asarray(labels)[indices]
-    mine = relabel(stack.table, classes) >= 0                          # [M, N]
-    own = [indices[mine[i]] for i in range(stack.size)]
+    mine = relabel(group.table, classes) >= 0                          # [M, N]
+    own = [indices[mine[i]] for i in range(group.size)]
     empty = [i for i, o in enumerate(own) if not len(o)]
     if empty:
-        raise ValueError(f"member(s) {[stack.members[i] for i in empty]} have no training "
+        raise ValueError(f"member(s) {[group.members[i] for i in empty]} have no training "
                          "examples of their own")
     steps = max(1, round(float(np.mean([len(o) for o in own])) / batch_size))
     return own, steps
@@ -203,7 +203,7 @@ class CheckpointableStackedIterator(StackedIterator):
         states = json.loads(state.decode())
         if len(states) != len(self._iterators):
             raise ValueError(f"the saved data position holds {len(states)} member iterators; "
-                             f"this stack has {len(self._iterators)}")
+                             f"this member group has {len(self._iterators)}")
         for it, member_state in zip(self._iterators, states, strict=True):
             it.set_state(member_state.encode())
 
@@ -250,23 +250,23 @@ def start_from(state, variables: dict, *, stacked: bool):
 
 @dataclass
 class TrainedGroup:
-    """What one stack's training produced: best variables [M_s, ...], its records and each
+    """What one member group's training produced: best variables [M_s, ...], its records and each
     member's best epoch (1-based; 0: never improved)."""
 
-    stack: MemberGroup
+    group: MemberGroup
     variables: dict
     records: list[dict]
     best_epoch: np.ndarray
 
 
-def train_group(stack: MemberGroup, *, make_state: Callable, train_step: Callable,
+def train_group(group: MemberGroup, *, make_state: Callable, train_step: Callable,
                 eval_step: Callable, parallel, train_data: Iterable[dict] | None,
                 val_data: Iterable[dict] | None, config: FitConfig, key: jax.Array,
                 member_names: Sequence[str], mode: str = "stacked",
                 member_data: Sequence[Iterable[dict]] | None = None,
                 checkpoint_dir: Path | None = None, on_record: Callable | None = None,
                 init_variables: dict | None = None) -> TrainedGroup:
-    """Train the members of `stack` together (vmapped) or one after another (sequential),
+    """Train the members of `group` together (vmapped) or one after another (sequential),
     through the one loop (`backbones.training.fit`).
 
     make_state(num_classes, key) -> TrainState of one member; `train_data` yields all
@@ -280,7 +280,7 @@ def train_group(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
     TrainedGroup.variables holds) replace the fresh initialisation (start_from; member i's
     slice in sequential mode); a checkpoint being resumed takes precedence over them.
 
-    member_data: one loader per member of the stack, each member's own batches
+    member_data: one loader per member of the group, each member's own batches
     (`own_examples`), in place of the shared `train_data`: iterated by its member when
     sequential, all together (`MemberBatches`) when stacked.
     """
@@ -288,48 +288,48 @@ def train_group(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
         raise ValueError(f"unknown member mode {mode!r}; choose one of {', '.join(MEMBER_MODES)}")
     if init_variables is not None:
         sizes = {np.shape(x)[:1] for x in jax.tree.leaves(init_variables)}
-        if sizes != {(stack.size,)}:
-            raise ValueError(f"init_variables need a leading member axis of {stack.size} (the "
-                             f"stack's members); got leading shapes {sorted(sizes)}")
-    if member_data is not None and len(member_data) != stack.size:
-        raise ValueError(f"member_data needs one loader per member ({stack.size}); got "
+        if sizes != {(group.size,)}:
+            raise ValueError(f"init_variables need a leading member axis of {group.size} (the "
+                             f"group's members); got leading shapes {sorted(sizes)}")
+    if member_data is not None and len(member_data) != group.size:
+        raise ValueError(f"member_data needs one loader per member ({group.size}); got "
                          f"{len(member_data)}")
-    keys = member_keys(key, stack.members)
-    names = [member_names[m] for m in stack.members]
+    keys = member_keys(key, group.members)
+    names = [member_names[m] for m in group.members]
     common = {"parallel": parallel, "train_data": train_data, "val_data": val_data,
               "config": config, "on_record": on_record}
     say = printer(config.progress)
     start = time.perf_counter()
     if mode == "stacked":
-        numbers = ", ".join(str(m + 1) for m in stack.members)
+        numbers = ", ".join(str(m + 1) for m in group.members)
         say(f"members {numbers} of {len(member_names)} ({', '.join(names)}), trained together"
             if len(names) > 1 else f"member {numbers} of {len(member_names)}: {names[0]}")
         # XLA's Eigen convolutions (the CPU default) compute vmapped convolutions ~3e-3 off
         # YNNPACK's after 4 steps, where plain ones agree to 3e-7: stacked members keep YNNPACK.
         ynnpack = ()
-        state = jax.jit(jax.vmap(lambda k: make_state(stack.num_classes, k)))(keys)
+        state = jax.jit(jax.vmap(lambda k: make_state(group.num_classes, k)))(keys)
         if init_variables is not None:
             state = start_from(state, init_variables, stacked=True)
         if member_data is not None:
             common["train_data"] = MemberBatches(member_data)
         result = fit(state, step=parallel.train(stacked_train_step(
-                         train_step, stack.table, stack.class_weight,
+                         train_step, group.table, group.class_weight,
                          own_batches=member_data is not None), compiler_options=ynnpack),
                      predict=parallel.predict(stacked_eval_step(eval_step), out_axis=1,
                                               compiler_options=ynnpack),
-                     val_metrics=relabel_metrics(stack.table), stacked=True,
+                     val_metrics=relabel_metrics(group.table), stacked=True,
                      member_names=names, checkpoint_dir=checkpoint_dir,
                      desc=f"{len(names)} members ({', '.join(names)})", **common)
         seconds = time.perf_counter() - start
-        for i, m in enumerate(stack.members):
+        for i, m in enumerate(group.members):
             say(member_done(names[i], m, len(member_names), result.records, i,
                             int(result.best_epoch[i]), config.monitor, seconds))
-        return TrainedGroup(stack, result.variables, result.records, result.best_epoch)
+        return TrainedGroup(group, result.variables, result.records, result.best_epoch)
     parts, all_records, best_epochs = [], [], []
     plain = parallel.train(train_step)
     one = parallel.predict(eval_step)
-    init = jax.jit(lambda k: make_state(stack.num_classes, k))   # one trace: one apply_fn
-    for i, m in enumerate(stack.members):
+    init = jax.jit(lambda k: make_state(group.num_classes, k))   # one trace: one apply_fn
+    for i, m in enumerate(group.members):
         say(f"member {m + 1} of {len(member_names)}: {names[i]}")
         start = time.perf_counter()
         state = init(keys[i])
@@ -337,9 +337,9 @@ def train_group(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
             state = start_from(state, unstack_tree(init_variables, i), stacked=False)
         if member_data is not None:
             common["train_data"] = member_data[i]
-        result = fit(state, step=relabel_for_member(plain, stack.table[i], stack.class_weight[i]),
+        result = fit(state, step=relabel_for_member(plain, group.table[i], group.class_weight[i]),
                      predict=lambda s, b: one(s, b)[None],
-                     val_metrics=relabel_metrics(stack.table[i:i + 1]),
+                     val_metrics=relabel_metrics(group.table[i:i + 1]),
                      stacked=False, member_names=[names[i]],
                      checkpoint_dir=(Path(checkpoint_dir) / f"member-{m}"
                                      if checkpoint_dir else None),
@@ -351,7 +351,7 @@ def train_group(stack: MemberGroup, *, make_state: Callable, train_step: Callabl
         all_records.extend(result.records)
         best_epochs.append(result.best_epoch[0])
     variables = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-    return TrainedGroup(stack, variables, all_records, np.asarray(best_epochs))
+    return TrainedGroup(group, variables, all_records, np.asarray(best_epochs))
 
 
 def printer(progress: bool) -> Callable[[str], None]:

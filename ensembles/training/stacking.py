@@ -1,11 +1,11 @@
 """Stacking finished runs: a meta-classifier over the members of several runs, as a bundle.
 
-The meta-classifier (ensembles.meta, logistic regression by default) is fitted on the members'
+The meta-classifier (ensembles.combine.meta, logistic regression by default) is fitted on the members'
 validation outputs only, with the leakage guard checking them against every run's training
 indices, and evaluated on the shared test split. All runs must share the dataset split (same
 data, --seed and --split-recipe): the example indices are checked and others refused.
 
-The output folder is a self-contained stack bundle (ensembles/bundle.py): every stacked run's
+The output folder is a self-contained stack bundle (ensembles/bundle/): every stacked run's
 bundle pieces are checked (schema, paths, SHA-256 digests) and hard-linked (else copied) into
 components/<i>/, where each copy is checked again; the meta-classifier is saved beside them
 (meta.json, or meta.skops for gradient boosting); config.json, written last, holds the SHA-256

@@ -34,6 +34,7 @@ from data_pipeline.synthetic import generate_phantoms
 from ensembles.bundle import Bundle, load_bundle
 from ensembles.combine.groups import plan
 from ensembles.combine.rules import rule_combiner
+from ensembles.inference import files as inference_files
 from ensembles.report.overlay import MIN_DISPLAY, bundle_overlays, overlay_names, render
 from ensembles.report.saliency import ensemble_gradcam
 from experiments import predict
@@ -247,7 +248,7 @@ def _images(n=5, seed=3):
 
 def _member(bundle, m):
     """(model, variables) of member m."""
-    for s, v in zip(bundle.stacks, bundle.variables, strict=True):
+    for s, v in zip(bundle.groups, bundle.variables, strict=True):
         if m in s.members:
             i = s.members.index(m)
             model = backbones.create("simple_cnn", num_classes=s.num_classes,
@@ -418,7 +419,7 @@ def test_predict_writes_one_overlay_per_image(ova_run, folder, tmp_path, capsys)
     assert "4 Grad-CAM overlay(s)" in capsys.readouterr().err
     # the overlay equals the library's for that image
     bundle = load_bundle(ova_run)
-    files, _ = predict.find_images([folder])
+    files, _ = inference_files.find_images([folder])
     images = [np.asarray(Image.open(f))[..., None] for f in files]
     _, overlays = bundle_overlays(bundle, images)
     name = overlay_names(files)[0]

@@ -33,6 +33,7 @@ from data_pipeline.decode import DecodeError, decode_for_storage, decode_image
 from data_pipeline.splits import split_indices
 from data_pipeline.synthetic import generate_phantoms
 from ensembles.bundle import load_bundle
+from ensembles.inference import files as inference_files
 from experiments import evaluate, predict
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
@@ -352,7 +353,7 @@ def test_predict_on_a_folder_of_dicom_writes_predictions(run, tmp_path, capsys):
         png.parent.mkdir(exist_ok=True)
         Image.fromarray(decode_image(r[0])[..., 0]).save(png)
         pngs.append(png)
-    _, p, skipped = predict.predict_files(load_bundle(run), pngs)
+    _, p, skipped = inference_files.predict_images(load_bundle(run), pngs)
     assert not skipped
     np.testing.assert_allclose(p.proba, probs, atol=2e-6)
 

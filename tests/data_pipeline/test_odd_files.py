@@ -40,6 +40,7 @@ from data_pipeline import inspect as inspect_cli
 from data_pipeline.datasets import load_dataset
 from data_pipeline.decode import DecodeError, decode_image, pixel_budget
 from ensembles.bundle import load_bundle
+from ensembles.inference import files as inference_files
 from experiments import evaluate as evaluate_cli
 from experiments import predict as predict_cli
 from experiments.ensemble_cli import main as ensemble_main
@@ -625,7 +626,7 @@ def test_predict_csv_is_whole_or_untouched(run, corpus, tmp_path, capsys, monkey
 def test_predict_stat_kinds_are_never_opened(tmp_path):
     """find_images classifies by stat: a FIFO among the inputs would block an open()."""
     os.mkfifo(tmp_path / "pipe.png")
-    files, skipped = predict_cli.find_images([tmp_path])
+    files, skipped = inference_files.find_images([tmp_path])
     assert files == [] and skipped == [{"path": str(tmp_path / "pipe.png"),
                                         "reason": "not a regular file (FIFO)"}]
     assert stat.S_ISFIFO((tmp_path / "pipe.png").stat().st_mode)
@@ -643,7 +644,7 @@ def test_predict_holds_a_bounded_number_of_decoded_pixels(run, corpus, monkeypat
     monkeypatch.setattr(type(bundle), "predict", spy)
     monkeypatch.setattr(predict_cli, "CHUNK_PIXELS", 3 * 256)  # three 16x16 images
     files = sorted((corpus / "Normal").glob("*.png"))
-    kept, p, skipped = predict_cli.predict_files(bundle, files)
+    kept, p, skipped = inference_files.predict_images(bundle, files)
     assert sizes == [3] * 8 and len(kept) == 24 and skipped == []
     assert p.proba.shape == (24, 2)
 

@@ -142,7 +142,7 @@ def test_head_epochs_trains_the_head_then_everything(tmp_path, cache, monkeypatc
     config = common.parse("ova", [*ARGS, "--seed", "3", "--cache-dir", str(cache)])[0]
     data = build.build_data(config)
     make_state = build.make_state_fn(config, len(data.train_indices) // 16)
-    keys = fitting.members_lib.member_keys(jax.random.PRNGKey(3), head.stack.members)
+    keys = fitting.members_lib.member_keys(jax.random.PRNGKey(3), head.group.members)
     fresh = [make_state(2, k).params for k in keys]
     for m, params in enumerate(fresh):
         for name in params:

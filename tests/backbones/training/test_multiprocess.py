@@ -1,7 +1,7 @@
 """Training across processes: 2 CPU processes (1 device each, gloo collectives, a coordinator
 on 127.0.0.1) give the parameters and metrics of 1 process with 2 devices.
 
-Each run is a subprocess started from this file (`python tests/test_multiprocess.py ...`,
+Each run is a subprocess started from this file (`python tests/backbones/training/test_multiprocess.py ...`,
 the worker at the bottom) with a timeout, so a process that hangs fails the test instead of
 the suite.
 """

@@ -96,7 +96,7 @@ def test_each_member_loader_yields_its_pair_for_the_common_steps(tmp_path):
     config = make_config("ovo", cache_dir=str(tmp_path), **MEMBER_DATA)
     data = build.build_data(config)
     plan = fitting.plan_run(config, data)
-    (stack,) = plan.stacks
+    (stack,) = plan.groups
     steps, shared, loaders = fitting._stack_data(config, data, stack, data.train_indices)
     assert shared is None and len(loaders) == 3
     labels = data.dataset.labels
