@@ -71,10 +71,11 @@ def predict_logits(predict: Callable, state: Any, batches: Iterable[dict], *,
     of all processes come back on every process with the padding dropped, so the result is
     one process's."""
     def forward(images: np.ndarray, n: int) -> np.ndarray:
+        size = len(images)                   # this process's padded share, before going global
         if sharding is not None and not sharding.is_fully_addressable:
             images = to_global(images, sharding)
         out = distributed.gather(predict(state, {"image": images}))
-        return out[:, :n] if n < len(images) else out    # several processes: always full
+        return out[:, :n] if n < size else out    # several processes: always full
 
     result = predict_batches(forward, batches, progress=progress)
     if result is None:

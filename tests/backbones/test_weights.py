@@ -25,7 +25,7 @@ from test_pretrained import abstract_variables, random_like, write_legacy_h5
 from backbones import load_pretrained, pretrained, weights
 from backbones.__main__ import main
 from backbones.weights import WeightsDownloadError, fetch, list_cached
-from ensembles.config import make_config
+from ensembles.config import ConfigError, make_config
 from ensembles.training import build
 
 NAME = "vgg16"
@@ -143,7 +143,7 @@ def test_check_weights_downloads_imagenet_but_refuses_a_missing_path(env, tmp_pa
     assert build.weights_path(config) == target and target.is_file()
     assert len(behaviour.requests) == 1
     missing = make_config("ova", backbone=NAME, pretrained=str(tmp_path / "nope.h5"))
-    with pytest.raises(FileNotFoundError, match="nope.h5 is not a file"):
+    with pytest.raises(ConfigError, match="nope.h5 is not a file"):
         build.check_weights(missing)
     assert len(behaviour.requests) == 1
 

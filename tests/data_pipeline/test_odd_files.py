@@ -642,7 +642,7 @@ def test_predict_holds_a_bounded_number_of_decoded_pixels(run, corpus, monkeypat
         return real(self, source, indices, **kwargs)
 
     monkeypatch.setattr(type(bundle), "predict", spy)
-    monkeypatch.setattr(predict_cli, "CHUNK_PIXELS", 3 * 256)  # three 16x16 images
+    monkeypatch.setattr(inference_files, "CHUNK_PIXELS", 3 * 256)  # three 16x16 images
     files = sorted((corpus / "Normal").glob("*.png"))
     kept, p, skipped = inference_files.predict_images(bundle, files)
     assert sizes == [3] * 8 and len(kept) == 24 and skipped == []

@@ -19,7 +19,8 @@ from ensembles.research import compare as library
 from ensembles.research import comparison
 from experiments import compare
 
-ARGS = [*TINY_ARGS, "--n-bootstrap", "1000"]   # the metrics carry CIs
+# the comparison sets the backbone per run; the metrics carry CIs
+ARGS = [*(a for a in TINY_ARGS if a not in ("--backbone", "simple_cnn")), "--n-bootstrap", "1000"]
 
 
 def _config(run_dir) -> RunConfig:
