@@ -118,6 +118,7 @@ def test_train_step_matches_plain_path(monkeypatch):
                  fast, plain)
 
 
+@pytest.mark.slow
 def test_eigen_convolutions_are_the_cpu_default_and_train_like_ynnpack():
     """The engine compiles its CPU steps with XLA's Eigen convolutions (parallel.
     EIGEN_CONV_OPTIONS, 1.3-2.2x faster there); a BatchNorm CNN's train steps under them give

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_pretrained import abstract_variables, random_like, write_legacy_h5
+from keras_files import abstract_variables, random_like, write_legacy_h5
 
 from backbones import load_pretrained, pretrained, weights
 from backbones.__main__ import main

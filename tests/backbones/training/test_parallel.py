@@ -96,6 +96,7 @@ def test_parallel_modes_match_one_device(two_devices, mode):
     np.testing.assert_allclose(other["logits"], single["logits"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmapped_member_step_equals_members_alone(two_devices):
     np.testing.assert_allclose(two_devices["vmapped"]["loss"], two_devices["vmapped"]["alone"],
                                rtol=1e-5)

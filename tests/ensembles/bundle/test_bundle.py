@@ -234,6 +234,7 @@ def test_incomplete_and_foreign_runs_are_refused(run, tmp_path, capsys):
     assert "error: " in err and "format version 99" in err
 
 
+@pytest.mark.slow
 def test_single_run_is_an_ensemble_bundle(tmp_path, capsys):
     """A run of experiments.single is a one-member ensemble bundle; it (and its copied
     pieces) loads and predicts its test split as the run did in-process."""

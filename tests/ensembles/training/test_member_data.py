@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from settings import TINY
-from test_loader import PRE, SOURCE, SPLIT
+from tiny_source import PRE, SOURCE, SPLIT
 
 from backbones.training.checkpoint import Checkpointer
 from data_pipeline.loader import EpochShuffleSampler, make_loader
@@ -130,7 +130,7 @@ def test_member_batches_stack_each_members_batch_and_resume_exactly():
     assert len(rest) == len(resumed) == 3
     for a, b in zip(rest, resumed, strict=True):
         np.testing.assert_array_equal(a["index"], b["index"])
-    with pytest.raises(ValueError, match="holds 2 member iterators; this stack has 1"):
+    with pytest.raises(ValueError, match="holds 2 member iterators; this member group has 1"):
         iter(members_lib.MemberBatches(loaders[:1])).set_state(state)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
-from test_pretrained import write_legacy_h5
+from keras_files import write_legacy_h5
 
 import backbones
 from backbones import layers, training
@@ -130,6 +130,7 @@ def test_last1_frozen_stages_use_running_statistics(name, size, width):
             assert same == (module in frozen), (collection, module)
 
 
+@pytest.mark.slow
 def test_head_policy_trunk_in_inference_mode_and_dropout_on():
     # Linear head: the train step's loss is exactly the inference-mode loss.
     _, state, _, dp, step = _setup("cnn_bn3x2", "head", size=16, width=0.25)
