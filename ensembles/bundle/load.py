@@ -274,7 +274,7 @@ def _stacks(path: Path, section: dict, tasks: Tasks) -> list[MemberGroup]:
         stacks.append(MemberGroup(tuple(idx), c, tasks.table[idx], np.ones((len(idx), c),
                                                                      np.float32)))
     if sorted(seen) != list(range(m)):
-        raise BundleError(f"{path}: bundle.groups hold members {sorted(seen)}; the tasks have "
+        raise BundleError(f"{path}: bundle.stacks hold members {sorted(seen)}; the tasks have "
                           f"{m} members, each to be held once")
     return stacks
 

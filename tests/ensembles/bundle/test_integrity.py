@@ -267,9 +267,9 @@ CASES: list[tuple[str, Callable, Callable]] = [
     ("no-tasks", _edit(lambda c: c["bundle"].pop("tasks")),
      lambda d, o, f: f"{d}/config.json: bundle.tasks is missing"),
     ("no-stacks", _edit(lambda c: c["bundle"].pop("stacks")),
-     lambda d, o, f: f"{d}/config.json: bundle.groups is missing"),
+     lambda d, o, f: f"{d}/config.json: bundle.stacks is missing"),
     ("stacks-empty", _edit(lambda c: c["bundle"].update(stacks=[])),
-     lambda d, o, f: f"{d}/config.json: bundle.groups is empty"),
+     lambda d, o, f: f"{d}/config.json: bundle.stacks is empty"),
     ("unknown-bundle-key", _edit(lambda c: c["bundle"].update(weights="elsewhere")),
      lambda d, o, f: f"{d}/config.json: bundle has unknown key 'weights' (known: "
                      f"format_version, kind, strategy, backbone, model, class_names, "
