@@ -17,10 +17,9 @@ import numpy as np
 
 from data_pipeline import leakage, quality_filter
 from data_pipeline.datasets import load_dataset
-from data_pipeline.image_source import DataError
 from ensembles.bundle import Bundle, StackBundle, load_bundle
 from ensembles.config import ConfigError
-from ensembles.evaluate.assess import evaluate_bundle, match_classes, skipped_section
+from ensembles.evaluate.assess import evaluate_bundle, skipped_section
 from ensembles.evaluate.operating_points import markdown as operating_points_markdown
 from ensembles.inference.files import with_segmenter
 from ensembles.report.gallery import gallery
@@ -72,14 +71,6 @@ def evaluate_run(run: str | Path | Bundle | StackBundle, dataset: str, *,
     options = {"skip_lateral": False} if keep_lateral else {}
     data = load_dataset(dataset, data_dir=data_dir, cache_dir=cache_dir, progress=progress,
                         **options)
-    # the user's refusals, typed before `evaluate_bundle` (which refuses them too)
-    if not match_classes(bundle.class_names, data.class_names)["mapping"]:
-        raise DataError(f"no class in common: model {list(bundle.class_names)}, data "
-                        f"{list(data.class_names)}")
-    if bundle.needs_shipped_masks and not data.has_masks:
-        raise ConfigError(f"{bundle.run_dir} was trained on the lung masks its dataset ships; "
-                          f"{data.name} ships none: give --segmenter RUN (a run of python "
-                          f"-m experiments.segment) to mask its images")
     metrics, y, proba, known = evaluate_bundle(
         bundle, data, np.arange(len(data.source)), batch_size=batch_size, use_meta=use_meta,
         seed=seed, n_bootstrap=n_bootstrap, quality_max=quality_max,
