@@ -22,6 +22,7 @@ from ensembles.combine.groups import MemberGroup
 from ensembles.combine.meta import MetaClassifier
 from ensembles.combine.operating_points import flag
 from ensembles.combine.tasks import Tasks
+from ensembles.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,23 +125,23 @@ class Bundle:
 
     def with_segmenter(self, segmenter: Segmenter) -> Bundle:
         """This bundle masking every image with `segmenter`'s masks in place of the dataset's
-        or the recorded segmenter's; ValueError for a run trained on unmasked images (masking
+        or the recorded segmenter's; ConfigError for a run trained on unmasked images (masking
         would change the input distribution it was trained on)."""
         if not self.preprocess.lung_mask:
-            raise ValueError(f"--segmenter: {self.run_dir} was trained on unmasked images; "
+            raise ConfigError(f"--segmenter: {self.run_dir} was trained on unmasked images; "
                              f"masking them would change the input it was trained on")
         return dataclasses.replace(self, segmenter=segmenter)
 
     def lung_masks(self, images: Sequence[np.ndarray],
                    masks: Sequence[np.ndarray | None] | None = None) -> list | None:
         """The masks `preprocess` needs for raw images: None when the model masks nothing,
-        the segmenter's, else `masks` (ValueError when one is missing)."""
+        the segmenter's, else `masks` (ConfigError when one is missing)."""
         if not self.preprocess.lung_mask:
             return None
         if self.segmenter is not None:
             return self.segmenter.masks(images)
         if masks is None or any(m is None for m in masks):
-            raise ValueError(f"{self.run_dir} was trained on lung-masked images with the "
+            raise ConfigError(f"{self.run_dir} was trained on lung-masked images with the "
                              f"dataset's masks: every image needs its mask")
         return list(masks)
 
@@ -222,10 +223,10 @@ class StackBundle:
         return any(c.needs_shipped_masks for c in self.components)
 
     def with_segmenter(self, segmenter: Segmenter) -> StackBundle:
-        """Every component trained on masked images masks with `segmenter`; ValueError when
+        """Every component trained on masked images masks with `segmenter`; ConfigError when
         none was (see `Bundle.with_segmenter`)."""
         if not any(c.preprocess.lung_mask for c in self.components):
-            raise ValueError(f"--segmenter: no component of {self.run_dir} was trained on "
+            raise ConfigError(f"--segmenter: no component of {self.run_dir} was trained on "
                              f"masked images; masking them would change their input")
         return dataclasses.replace(self, components=[
             c.with_segmenter(segmenter) if c.preprocess.lung_mask else c

@@ -231,11 +231,7 @@ def duplicates_note(column: Sequence[str]) -> str:
 def with_segmenter(bundle: Bundle | StackBundle, segmenter: str | Path) -> Bundle | StackBundle:
     """`bundle` masking with the masks of the segmenter run `segmenter` (--segmenter);
     ConfigError for a bundle trained on unmasked images."""
-    seg = load_segmenter(segmenter)
-    try:
-        return bundle.with_segmenter(seg)
-    except ValueError as error:   # the runtime's refusal (ensembles/bundle/runtime.py)
-        raise ConfigError(str(error)) from None
+    return bundle.with_segmenter(load_segmenter(segmenter))
 
 
 def check_gradcam_target(path: Path | None, use_meta: bool, flag: str) -> None:
